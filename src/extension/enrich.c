@@ -1,0 +1,47 @@
+/*-------------------------------------------------------------------------
+ *
+ * enrich.c
+ *		Entry point of the enrich extension: _PG_init only calls the
+ *		subsystems' init functions.
+ *
+ * The library must be in shared_preload_libraries: the dispatcher worker
+ * and its shared memory can only be set up by the postmaster.  Loaded any
+ * other way (a plain LOAD, or a backend that found it through
+ * module_pathname) the settings are still defined so that the SQL functions
+ * that need no worker keep working, and the functions that do need it say
+ * so with a hint.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+
+#include "enrich.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+/* True in every process of a server that preloaded the library. */
+bool		enrich_is_preloaded = false;
+
+/* Set up settings, shared memory and the dispatcher worker. */
+void
+_PG_init(void)
+{
+	enrich_guc_init();
+	enrich_submit_init();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	/* pg_upgrade starts the server only to move catalogs: no worker then. */
+	if (IsBinaryUpgrade)
+		return;
+
+	enrich_is_preloaded = true;
+	enrich_dispatch_shmem_init();
+	enrich_dispatch_register();
+}

@@ -1,0 +1,43 @@
+/*-------------------------------------------------------------------------
+ *
+ * enrich.h
+ *		Declarations shared by the parts of the enrich extension.
+ *
+ * The extension has four subsystems, each in its own files:
+ *	guc_*		settings (GUCs) and the API key
+ *	submit_*	validation of contacts and the commit-time dispatcher wakeup
+ *	dispatch_*	the dispatcher background worker and its shared memory
+ *	ingest_*	webhook signature checks used by enrich.ingest_webhook()
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef ENRICH_H
+#define ENRICH_H
+
+#include "postgres.h"
+
+/* enrich.c */
+extern bool enrich_is_preloaded;
+
+/* guc.c */
+extern char *enrich_api_url;
+extern char *enrich_api_key;
+extern char *enrich_api_key_file;
+extern char *enrich_database_name;
+extern char *enrich_webhook_base_url;
+
+extern void enrich_guc_init(void);
+extern char *enrich_read_api_key(const char **source);
+
+/* submit.c */
+extern void enrich_submit_init(void);
+extern void enrich_wake_dispatcher_at_commit(void);
+
+/* dispatch_shmem.c */
+extern void enrich_dispatch_shmem_init(void);
+extern void enrich_dispatch_wake(void);
+
+/* dispatch_worker.c */
+extern void enrich_dispatch_register(void);
+
+#endif							/* ENRICH_H */

@@ -1,0 +1,167 @@
+\echo Use "CREATE EXTENSION enrich" to load this file. \quit
+
+-- enrich install script.  Built by the Makefile from the fragments in
+-- src/extension/sql/, in file-name order:
+--   00_schema      roles, tables and their states
+--   10_submit      validation and the submission API
+--   20_dispatch    functions the dispatcher worker calls
+--   30_ingest      enrich.ingest_webhook() and the delivery inbox
+--   80_views       status and reporting views
+--   90_privileges  what each role may do (nothing for PUBLIC)
+
+------------------------------------------------------------------------
+-- Roles.  Cluster-wide, so created only when absent and left in place by
+-- DROP EXTENSION (other databases may use them).  All are NOLOGIN: grant
+-- them to the login roles that need them.
+--   enrich_submitter  may submit contacts and read the queue
+--   enrich_reader     may read results and status views
+--   enrich_receiver   may only call enrich.ingest_webhook()
+------------------------------------------------------------------------
+DO $roles$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['enrich_submitter', 'enrich_reader', 'enrich_receiver'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$roles$;
+
+------------------------------------------------------------------------
+-- Batches: one per API job (a POST of 1-100 contacts).
+--
+-- state      meaning                                              terminal
+-- sending    claimed by the dispatcher, POST not yet answered     no
+-- sent       accepted by the API (enrichment_id known)            no
+-- finished   the API reported FINISHED                            yes
+-- credits_insufficient  the workspace ran out of credits          yes
+-- canceled   the API reported CANCELED                            yes
+-- rate_limit the API reported RATE_LIMIT (undocumented status)    yes
+-- unknown    the API reported UNKNOWN (undocumented status)       yes
+-- rejected   the API refused the POST (4xx); see error_code       yes
+-- abandoned  never accepted and given up on (see error_message)   yes
+------------------------------------------------------------------------
+CREATE TABLE enrich.batches (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- Unguessable; part of this batch's webhook URLs.
+    token           text NOT NULL UNIQUE
+                    DEFAULT pg_catalog.replace(pg_catalog.gen_random_uuid()::text
+                                               || pg_catalog.gen_random_uuid()::text, '-', ''),
+    state           text NOT NULL DEFAULT 'sending'
+                    CHECK (state IN ('sending', 'sent', 'finished', 'credits_insufficient',
+                                     'canceled', 'rate_limit', 'unknown', 'rejected',
+                                     'abandoned')),
+    enrichment_id   text UNIQUE,            -- the API's job id
+    name            text NOT NULL,          -- job name sent to the API
+    contact_count   integer NOT NULL CHECK (contact_count BETWEEN 1 AND 100),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    sent_at         timestamptz,            -- POST answered with an enrichment_id
+    finished_at     timestamptz,            -- terminal state reached
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    last_polled_at  timestamptz,
+    next_poll_at    timestamptz,
+    http_status     integer,                -- last HTTP status seen for this batch
+    api_status      text,                   -- job status as the API spells it
+    credits_used    numeric,                -- cost.credits as last reported
+    error_code      text,                   -- API error code or local reason
+    error_message   text
+);
+CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
+    WHERE state IN ('sending', 'sent');
+
+COMMENT ON TABLE enrich.batches IS 'One row per FullEnrich job (a POST of 1-100 contacts).';
+
+------------------------------------------------------------------------
+-- Requests: one row per contact asked for.
+--
+-- state      meaning                                              terminal
+-- queued     waiting for the dispatcher (next_attempt_at: backoff) no
+-- sending    packed into a batch whose POST is not yet answered   no
+-- in_flight  the API accepted its batch; waiting for the result   no
+-- done       a result row exists in enrich.results                yes
+-- failed     no result will come; error_code/error_message say why yes
+------------------------------------------------------------------------
+CREATE TABLE enrich.requests (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    state           text NOT NULL DEFAULT 'queued'
+                    CHECK (state IN ('queued', 'sending', 'in_flight', 'done', 'failed')),
+    batch_id        bigint REFERENCES enrich.batches (id),
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    submitted_by    name NOT NULL DEFAULT CURRENT_USER,
+    -- The contact, as validated by enrich.submit().
+    first_name      text,
+    last_name       text,
+    domain          text,
+    company_name    text,
+    linkedin_url    text,
+    -- Sorted, distinct subset of work_email, personal_email, phone.
+    fields          text[] NOT NULL,
+    -- Caller's metadata, echoed back by the API (enrich_request_id is added
+    -- by the dispatcher, never stored here).
+    custom          jsonb,
+    -- Normalised identity (lower-cased, trimmed); equal keys mean identical
+    -- input for the freshness check.
+    input_key       text NOT NULL,
+    -- Where the contact came from, when submitted as a table row.
+    source_table    regclass,
+    source_id       text,
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz,
+    error_code      text,
+    error_message   text,
+    -- Set when the result was served from an earlier request's result.
+    reused_from     bigint,
+    CHECK (state <> 'failed' OR error_code IS NOT NULL),
+    CHECK (state NOT IN ('sending', 'in_flight') OR batch_id IS NOT NULL)
+);
+CREATE INDEX requests_queued_idx ON enrich.requests (id) WHERE state = 'queued';
+CREATE INDEX requests_batch_idx ON enrich.requests (batch_id) WHERE batch_id IS NOT NULL;
+CREATE INDEX requests_input_key_idx ON enrich.requests (input_key);
+CREATE INDEX requests_source_idx ON enrich.requests (source_table, source_id)
+    WHERE source_table IS NOT NULL;
+
+COMMENT ON TABLE enrich.requests IS 'One row per contact asked for; state says where it is.';
+
+------------------------------------------------------------------------
+-- Results: one row per enriched contact, upserted idempotently by ingest.
+--
+-- outcome    found (everything asked for), partial (some of it),
+--            not_found (nothing), and the job-level reasons
+--            credits_insufficient, canceled when a record arrives empty
+--            because of them.
+------------------------------------------------------------------------
+CREATE TABLE enrich.results (
+    request_id      bigint PRIMARY KEY REFERENCES enrich.requests (id) ON DELETE CASCADE,
+    batch_id        bigint REFERENCES enrich.batches (id),
+    enrichment_id   text,
+    received_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    outcome         text NOT NULL
+                    CHECK (outcome IN ('found', 'partial', 'not_found',
+                                       'credits_insufficient', 'canceled')),
+    work_email          text,
+    work_email_status   text,
+    personal_email      text,
+    personal_email_status text,
+    phone               text,
+    phone_region        text,
+    contact_info    jsonb,
+    profile         jsonb,
+    input           jsonb,                  -- the API's echo of the input
+    reused_from     bigint                  -- request whose result was copied
+);
+CREATE INDEX results_received_idx ON enrich.results (received_at);
+CREATE INDEX results_batch_idx ON enrich.results (batch_id);
+
+COMMENT ON TABLE enrich.results IS 'One row per enriched contact; contact_info and profile as the API sent them.';
+
+-- pg_dump keeps user data of extension tables only when asked.
+SELECT pg_catalog.pg_extension_config_dump('enrich.batches', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.requests', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.results', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.batches_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.requests_id_seq', '');
