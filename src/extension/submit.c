@@ -1,26 +1,44 @@
 /*-------------------------------------------------------------------------
  *
  * submit.c
- *		Commit-time wakeup of the dispatcher.
+ *		The submission API: enrich.submit() in its three forms, and the
+ *		commit-time wakeup of the dispatcher.
  *
- * The submission functions insert request rows and then call
- * enrich._wake_dispatcher(), which only raises a flag in this backend.  The
- * transaction callback sets the dispatcher's latch when (and only when) the
- * transaction commits, so nothing touches the worker, let alone the network,
+ *	enrich.submit(contact jsonb, fields text[], custom jsonb) -> bigint
+ *	enrich.submit(contact record, fields text[], custom jsonb) -> bigint
+ *	enrich.submit_bulk(contacts jsonb, fields text[]) -> bigint[]
+ *
+ * Each validates its input (submit_validate.c), inserts one request row per
+ * contact (submit_insert.c) and raises a flag in this backend.  The
+ * transaction callback sets the dispatcher's latch when, and only when, the
+ * transaction commits: nothing touches the worker, let alone the network,
  * inside the caller's transaction, and a rollback wakes nobody.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "fmgr.h"
+#include "funcapi.h"
 #include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "parser/parse_type.h"
+#include "utils/typcache.h"
 
 #include "enrich.h"
+#include "submit.h"
 
 PG_FUNCTION_INFO_V1(enrich_wake_dispatcher);
 PG_FUNCTION_INFO_V1(enrich_preloaded);
+PG_FUNCTION_INFO_V1(enrich_submit_jsonb);
+PG_FUNCTION_INFO_V1(enrich_submit_record);
+PG_FUNCTION_INFO_V1(enrich_submit_bulk);
 
 static bool wake_pending = false;
 
@@ -81,4 +99,342 @@ Datum
 enrich_preloaded(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(enrich_is_preloaded);
+}
+
+/* Warn once per backend when requests are queued but no worker can run. */
+static void
+submit_check_preloaded(void)
+{
+	static bool warned = false;
+
+	if (enrich_is_preloaded || warned)
+		return;
+	warned = true;
+	ereport(WARNING,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("enrich is not in shared_preload_libraries, so no dispatcher will send these requests"),
+			 errhint("Add enrich to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+/* Row-type mapping for enrich.submit(record). */
+typedef struct RowMap
+{
+	Oid			typid;
+	int32		typmod;
+	Oid			relid;			/* table whose row type it is, or 0 */
+	int			col[CF_COUNT + 1];	/* 1-based attribute, 0 when absent;
+									 * the last one is the "id" column */
+	FmgrInfo	out[CF_COUNT + 1];	/* their output functions */
+} RowMap;
+
+/* What a call site keeps for the duration of its query (fn_extra). */
+typedef struct SubmitCache
+{
+	RequestInserter *ins;
+	RowMap	   *map;
+} SubmitCache;
+
+/* This call site's cache, with the request inserter open. */
+static SubmitCache *
+submit_cache(FunctionCallInfo fcinfo)
+{
+	SubmitCache *cache = fcinfo->flinfo->fn_extra;
+
+	if (cache == NULL)
+	{
+		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(SubmitCache));
+		fcinfo->flinfo->fn_extra = cache;
+	}
+	request_inserter_get(fcinfo->flinfo->fn_mcxt, &cache->ins);
+	return cache;
+}
+
+/* The text[] argument at position argno, validated, or the default. */
+static ArrayType *
+arg_fields(FunctionCallInfo fcinfo, int argno)
+{
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return fields_normalise(NULL);
+	return fields_normalise(PG_GETARG_ARRAYTYPE_P(argno));
+}
+
+/* The custom jsonb argument at position argno, validated, or NULL. */
+static Jsonb *
+arg_custom(FunctionCallInfo fcinfo, int argno)
+{
+	JsonbValue	v;
+	Jsonb	   *j;
+
+	if (PG_NARGS() <= argno || PG_ARGISNULL(argno))
+		return NULL;
+	j = PG_GETARG_JSONB_P(argno);
+	if (JB_ROOT_IS_SCALAR(j))
+	{
+		if (!JsonbExtractScalar(&j->root, &v))
+			elog(ERROR, "could not read scalar jsonb");
+	}
+	else
+	{
+		v.type = jbvBinary;
+		v.val.binary.data = &j->root;
+		v.val.binary.len = VARSIZE(j) - VARHDRSZ;
+	}
+	return custom_validate(&v);
+}
+
+/* Refuse a NULL contact with a clear message. */
+static void
+check_contact_not_null(FunctionCallInfo fcinfo)
+{
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("contact must not be null")));
+}
+
+/*
+ * enrich.submit(contact jsonb, fields text[], custom jsonb) RETURNS bigint
+ *		Queue one contact given as a JSON object.
+ */
+Datum
+enrich_submit_jsonb(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *contact;
+	Contact		c;
+	ArrayType  *fields;
+	Jsonb	   *custom;
+	int64		id;
+
+	check_contact_not_null(fcinfo);
+	contact = PG_GETARG_JSONB_P(0);
+	if (JB_ROOT_IS_SCALAR(contact) || !JB_ROOT_IS_OBJECT(contact))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("contact must be a JSON object"),
+				 errhint("To submit several contacts at once, use enrich.submit_bulk().")));
+	contact_from_jsonb(&contact->root, &c, NULL, NULL);
+	fields = arg_fields(fcinfo, 1);
+	custom = arg_custom(fcinfo, 2);
+
+	id = request_insert(submit_cache(fcinfo)->ins, &c, fields, custom,
+						InvalidOid, NULL);
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * Column names a table row may use for each contact field, in order of
+ * preference; matching ignores case.  The last entry names the column kept
+ * as the request's source_id.
+ */
+static const char *const row_aliases[CF_COUNT + 1][8] = {
+	{"first_name", "firstname", "given_name", "first", "fname", NULL},
+	{"last_name", "lastname", "surname", "family_name", "last", "lname", NULL},
+	{"domain", "company_domain", "website", "company_website", "email_domain", NULL},
+	{"company_name", "company", "organization", "organisation", "account_name", "employer", NULL},
+	{"linkedin_url", "linkedin", "linkedin_profile", "linkedin_profile_url", "professional_network_url", NULL},
+	{"id", NULL},
+};
+
+/* The attribute best matching one of the names (1-based), or 0. */
+static int
+row_find(TupleDesc desc, const char *const *names)
+{
+	for (int n = 0; names[n] != NULL; n++)
+		for (int a = 0; a < desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, a);
+
+			if (!att->attisdropped && pg_strcasecmp(NameStr(att->attname), names[n]) == 0)
+				return a + 1;
+		}
+	return 0;
+}
+
+/* Build, or reuse, the column mapping for this row type. */
+static RowMap *
+row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
+			int32 typmod, TupleDesc desc)
+{
+	RowMap	   *map = cache->map;
+
+	if (map != NULL && map->typid == typid && map->typmod == typmod)
+		return map;
+	if (map == NULL)
+		map = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(RowMap));
+	map->typid = typid;
+	map->typmod = typmod;
+	map->relid = typid == RECORDOID ? InvalidOid : typeidTypeRelid(typid);
+	for (int f = 0; f <= CF_COUNT; f++)
+	{
+		map->col[f] = row_find(desc, row_aliases[f]);
+		if (map->col[f] > 0)
+		{
+			Oid			outfn;
+			bool		varlena;
+
+			getTypeOutputInfo(TupleDescAttr(desc, map->col[f] - 1)->atttypid, &outfn, &varlena);
+			fmgr_info_cxt(outfn, &map->out[f], fcinfo->flinfo->fn_mcxt);
+		}
+	}
+	cache->map = map;
+	return map;
+}
+
+/*
+ * enrich.submit(contact record, fields text[], custom jsonb) RETURNS bigint
+ *		Queue one contact given as a table row; columns are matched by name
+ *		(see row_aliases), other columns are ignored.
+ */
+Datum
+enrich_submit_record(PG_FUNCTION_ARGS)
+{
+	HeapTupleHeader row;
+	HeapTupleData tuple;
+	Oid			typid;
+	int32		typmod;
+	TupleDesc	desc;
+	SubmitCache *cache;
+	RowMap	   *map;
+	Contact		c;
+	char	   *source_id = NULL;
+	ArrayType  *fields;
+	Jsonb	   *custom;
+	int64		id;
+
+	check_contact_not_null(fcinfo);
+	row = PG_GETARG_HEAPTUPLEHEADER(0);
+	typid = HeapTupleHeaderGetTypeId(row);
+	typmod = HeapTupleHeaderGetTypMod(row);
+	desc = lookup_rowtype_tupdesc(typid, typmod);
+	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
+	ItemPointerSetInvalid(&tuple.t_self);
+	tuple.t_tableOid = InvalidOid;
+	tuple.t_data = row;
+
+	cache = submit_cache(fcinfo);
+	map = row_map_get(fcinfo, cache, typid, typmod, desc);
+	if (map->col[CF_LINKEDIN_URL] == 0 &&
+		(map->col[CF_FIRST_NAME] == 0 || map->col[CF_LAST_NAME] == 0 ||
+		 (map->col[CF_DOMAIN] == 0 && map->col[CF_COMPANY_NAME] == 0)))
+	{
+		ReleaseTupleDesc(desc);
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("row has no columns for a contact's identity"),
+				 errdetail("A row needs first_name, last_name and domain or company_name columns, or a linkedin_url column."),
+				 errhint("Rename or alias the columns, for example SELECT enrich.submit(t) FROM (SELECT given AS first_name, ...) t.")));
+	}
+
+	memset(&c, 0, sizeof(c));
+	for (int f = 0; f <= CF_COUNT; f++)
+	{
+		bool		isnull;
+		Datum		d;
+		char	   *s;
+
+		if (map->col[f] == 0)
+			continue;
+		d = heap_getattr(&tuple, map->col[f], desc, &isnull);
+		if (isnull)
+			continue;
+		s = OutputFunctionCall(&map->out[f], d);
+		if (f == CF_COUNT)
+			source_id = s;
+		else
+			contact_set(&c, f, s);
+	}
+	ReleaseTupleDesc(desc);
+	contact_check_identity(&c);
+	fields = arg_fields(fcinfo, 1);
+	custom = arg_custom(fcinfo, 2);
+
+	id = request_insert(cache->ins, &c, fields, custom, map->relid, source_id);
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_INT64(id);
+}
+
+/* Error context for bulk submission: which element is at fault. */
+static void
+bulk_error_context(void *arg)
+{
+	errcontext("contact %d of the array (counting from 1)", *(int *) arg);
+}
+
+/*
+ * enrich.submit_bulk(contacts jsonb, fields text[]) RETURNS bigint[]
+ *		Queue every contact of a JSON array; each element may carry its own
+ *		"custom" object and "fields" array.  All or nothing: one bad contact
+ *		rejects the call, and the error names its position.
+ */
+Datum
+enrich_submit_bulk(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *arr;
+	int			n;
+	ArrayType  *default_fields;
+	Datum	   *ids;
+	SubmitCache *cache;
+	JsonbIterator *it;
+	JsonbValue	e;
+	JsonbIteratorToken tok;
+	int			pos = 0;
+	ErrorContextCallback errcb;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("contacts must not be null")));
+	arr = PG_GETARG_JSONB_P(0);
+	if (JB_ROOT_IS_SCALAR(arr) || !JB_ROOT_IS_ARRAY(arr))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("contacts must be a JSON array of contact objects"),
+				 errhint("To submit one contact, use enrich.submit().")));
+	n = JB_ROOT_COUNT(arr);
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("contacts must not be empty")));
+	if (n > SUBMIT_MAX_BULK)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("bulk submission has %d contacts, at most %d are allowed", n, SUBMIT_MAX_BULK),
+				 errhint("Split the array into several calls, or submit table rows with SELECT enrich.submit(t) FROM t.")));
+	default_fields = arg_fields(fcinfo, 1);
+	cache = submit_cache(fcinfo);
+	ids = palloc(sizeof(Datum) * n);
+
+	errcb.callback = bulk_error_context;
+	errcb.arg = &pos;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+
+	it = JsonbIteratorInit(&arr->root);
+	while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+	{
+		Contact		c;
+		JsonbValue	custom;
+		JsonbValue	fields;
+
+		if (tok != WJB_ELEM)
+			continue;
+		pos++;
+		if (e.type != jbvBinary || !JsonContainerIsObject(e.val.binary.data))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("contact must be a JSON object")));
+		contact_from_jsonb(e.val.binary.data, &c, &custom, &fields);
+		ids[pos - 1] = Int64GetDatum(request_insert(cache->ins, &c,
+													fields.type == jbvNull ? default_fields : fields_from_jsonb(&fields),
+													custom_validate(&custom),
+													InvalidOid, NULL));
+	}
+	error_context_stack = errcb.previous;
+
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_ARRAYTYPE_P(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 }

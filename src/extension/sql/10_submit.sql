@@ -1,0 +1,62 @@
+
+------------------------------------------------------------------------
+-- Submission.  Written in C (submit*.c): validation names the field at
+-- fault and inserts nothing; rows go into enrich.requests COPY-style; the
+-- dispatcher is woken when the transaction commits.  No network here.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.submit(contact jsonb,
+                              fields text[] DEFAULT '{work_email}',
+                              custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_jsonb'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit(jsonb, text[], jsonb) IS
+'Queue one contact ({first_name, last_name, domain, company_name, linkedin_url}); returns the request id.';
+
+CREATE FUNCTION enrich.submit(contact record,
+                              fields text[] DEFAULT '{work_email}',
+                              custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_record'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit(record, text[], jsonb) IS
+'Queue one contact given as a table row (columns matched by name, common aliases accepted); returns the request id.';
+
+-- A quoted literal (type unknown) would fit both forms above; this text
+-- form takes it, so enrich.submit('{"linkedin_url": "..."}') just works.
+CREATE FUNCTION enrich.submit(contact text,
+                              fields text[] DEFAULT '{work_email}',
+                              custom jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE PARALLEL UNSAFE
+RETURN enrich.submit(contact::jsonb, fields, custom);
+
+COMMENT ON FUNCTION enrich.submit(text, text[], jsonb) IS
+'Queue one contact given as JSON text; same as enrich.submit(contact::jsonb, ...).';
+
+CREATE FUNCTION enrich.submit_bulk(contacts jsonb,
+                                   fields text[] DEFAULT '{work_email}')
+RETURNS bigint[]
+AS 'MODULE_PATHNAME', 'enrich_submit_bulk'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_bulk(jsonb, text[]) IS
+'Queue every contact of a JSON array (each may carry custom and fields); all or nothing; returns the request ids in order.';
+
+CREATE FUNCTION enrich.preloaded()
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'enrich_preloaded'
+LANGUAGE C STABLE PARALLEL SAFE;
+
+COMMENT ON FUNCTION enrich.preloaded() IS
+'True when enrich is in shared_preload_libraries, so the dispatcher can run.';
+
+GRANT EXECUTE ON FUNCTION enrich.submit(jsonb, text[], jsonb),
+                          enrich.submit(text, text[], jsonb),
+                          enrich.submit(record, text[], jsonb),
+                          enrich.submit_bulk(jsonb, text[]),
+                          enrich.preloaded()
+    TO enrich_submitter;
+GRANT EXECUTE ON FUNCTION enrich.preloaded() TO enrich_reader;
