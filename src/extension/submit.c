@@ -31,6 +31,7 @@
 #include "parser/parse_type.h"
 #include "utils/typcache.h"
 
+#include "dispatch.h"
 #include "enrich.h"
 #include "submit.h"
 
@@ -437,4 +438,25 @@ enrich_submit_bulk(PG_FUNCTION_ARGS)
 	submit_check_preloaded();
 	enrich_wake_dispatcher_at_commit();
 	PG_RETURN_ARRAYTYPE_P(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+PG_FUNCTION_INFO_V1(enrich_wakeup_count);
+
+/*
+ * enrich._wakeup_count() RETURNS bigint
+ *		How many committed transactions have asked for the dispatcher since
+ *		the server started (NULL when not preloaded).  For tests and
+ *		monitoring of the commit-time wakeup.
+ */
+Datum
+enrich_wakeup_count(PG_FUNCTION_ARGS)
+{
+	uint64		n;
+
+	if (enrich_shared == NULL)
+		PG_RETURN_NULL();
+	SpinLockAcquire(&enrich_shared->mutex);
+	n = enrich_shared->wakeups;
+	SpinLockRelease(&enrich_shared->mutex);
+	PG_RETURN_INT64((int64) n);
 }

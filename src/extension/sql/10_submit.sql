@@ -53,6 +53,14 @@ LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION enrich.preloaded() IS
 'True when enrich is in shared_preload_libraries, so the dispatcher can run.';
 
+CREATE FUNCTION enrich._wakeup_count()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_wakeup_count'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+
+COMMENT ON FUNCTION enrich._wakeup_count() IS
+'Committed transactions that woke the dispatcher since server start (for tests and monitoring).';
+
 GRANT EXECUTE ON FUNCTION enrich.submit(jsonb, text[], jsonb),
                           enrich.submit(text, text[], jsonb),
                           enrich.submit(record, text[], jsonb),

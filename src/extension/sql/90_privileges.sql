@@ -10,3 +10,13 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA enrich FROM PUBLIC;
 REVOKE ALL ON SCHEMA enrich FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA enrich TO enrich_submitter, enrich_reader, enrich_receiver;
+
+-- Submitters queue contacts (functions granted in 10_submit) and watch the
+-- queue; they see states and reasons, not enrichment data.
+GRANT SELECT ON enrich.queue, enrich.request_status, enrich.failures TO enrich_submitter;
+
+-- Readers see everything that was found, and all status views.
+GRANT SELECT ON enrich.requests, enrich.batches, enrich.results,
+                enrich.queue, enrich.request_status, enrich.batch_status,
+                enrich.failures, enrich.enriched_contacts
+    TO enrich_reader;
