@@ -55,8 +55,8 @@ SELECT enrich.submit_bulk((SELECT jsonb_agg(jsonb_build_object('linkedin_url', '
 CREATE TABLE public.no_identity (id int, email text);
 INSERT INTO public.no_identity VALUES (1, 'x@example.com');
 SELECT enrich.submit(n) FROM public.no_identity n;
-CREATE TABLE public.half_rows (first_name text, last_name text, company text);
-INSERT INTO public.half_rows VALUES ('A', 'B', 'C'), ('D', NULL, 'F');
+CREATE TABLE public.half_rows (id int, first_name text, last_name text, company text);
+INSERT INTO public.half_rows VALUES (1, 'A', 'B', 'C'), (2, 'D', NULL, 'F');
 SELECT enrich.submit(h) FROM public.half_rows h;
 -- nothing was inserted by any of the above
 SELECT count(*) - :before AS inserted FROM enrich.requests;

@@ -283,6 +283,39 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
 	return map;
 }
 
+/* Column f of the row as text, or NULL when absent or null. */
+static char *
+row_column(HeapTuple tuple, TupleDesc desc, RowMap *map, int f)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (map->col[f] == 0)
+		return NULL;
+	d = heap_getattr(tuple, map->col[f], desc, &isnull);
+	return isnull ? NULL : OutputFunctionCall(&map->out[f], d);
+}
+
+/* Which row a validation error is about, when the row says. */
+typedef struct RowErrorContext
+{
+	Oid			relid;
+	const char *source_id;
+} RowErrorContext;
+
+/* Error context for row submission: name the table and the row's id. */
+static void
+row_error_context(void *arg)
+{
+	RowErrorContext *ctx = arg;
+
+	if (ctx->source_id != NULL && OidIsValid(ctx->relid))
+		errcontext("row with id %s of table %s", ctx->source_id,
+				   get_rel_name(ctx->relid));
+	else if (ctx->source_id != NULL)
+		errcontext("row with id %s", ctx->source_id);
+}
+
 /*
  * enrich.submit(contact record, fields text[], custom jsonb) RETURNS bigint
  *		Queue one contact given as a table row; columns are matched by name
@@ -299,10 +332,12 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 	SubmitCache *cache;
 	RowMap	   *map;
 	Contact		c;
-	char	   *source_id = NULL;
+	char	   *source_id;
 	ArrayType  *fields;
 	Jsonb	   *custom;
 	int64		id;
+	RowErrorContext rowctx;
+	ErrorContextCallback errcb;
 
 	check_contact_not_null(fcinfo);
 	row = PG_GETARG_HEAPTUPLEHEADER(0);
@@ -329,25 +364,18 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 	}
 
 	memset(&c, 0, sizeof(c));
-	for (int f = 0; f <= CF_COUNT; f++)
-	{
-		bool		isnull;
-		Datum		d;
-		char	   *s;
-
-		if (map->col[f] == 0)
-			continue;
-		d = heap_getattr(&tuple, map->col[f], desc, &isnull);
-		if (isnull)
-			continue;
-		s = OutputFunctionCall(&map->out[f], d);
-		if (f == CF_COUNT)
-			source_id = s;
-		else
-			contact_set(&c, f, s);
-	}
-	ReleaseTupleDesc(desc);
+	source_id = row_column(&tuple, desc, map, CF_COUNT);
+	rowctx.relid = map->relid;
+	rowctx.source_id = source_id;
+	errcb.callback = row_error_context;
+	errcb.arg = &rowctx;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+	for (int f = 0; f < CF_COUNT; f++)
+		contact_set(&c, f, row_column(&tuple, desc, map, f));
 	contact_check_identity(&c);
+	error_context_stack = errcb.previous;
+	ReleaseTupleDesc(desc);
 	fields = arg_fields(fcinfo, 1);
 	custom = arg_custom(fcinfo, 2);
 
