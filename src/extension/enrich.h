@@ -23,11 +23,14 @@ extern bool enrich_is_preloaded;
 extern char *enrich_api_url;
 extern char *enrich_api_key;
 extern char *enrich_api_key_file;
+extern char *enrich_api_key_previous;
+extern char *enrich_api_key_previous_file;
 extern char *enrich_database_name;
 extern char *enrich_webhook_base_url;
 
 extern void enrich_guc_init(void);
 extern char *enrich_read_api_key(const char **source);
+extern char *enrich_read_api_key_previous(void);
 
 /* submit.c */
 extern void enrich_submit_init(void);

@@ -25,6 +25,8 @@
 char	   *enrich_api_url = NULL;
 char	   *enrich_api_key = NULL;
 char	   *enrich_api_key_file = NULL;
+char	   *enrich_api_key_previous = NULL;
+char	   *enrich_api_key_previous_file = NULL;
 char	   *enrich_database_name = NULL;
 char	   *enrich_webhook_base_url = NULL;
 
@@ -99,6 +101,28 @@ enrich_guc_init(void)
 							   GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
+	/*
+	 * The previous key only verifies webhook signatures during a key change:
+	 * deliveries (and their retries) signed before the switch keep landing.
+	 */
+	DefineCustomStringVariable("enrich.api_key_previous",
+							   "Previous FullEnrich API key, still accepted for webhook signatures.",
+							   "Set it to the old key while rotating; empty it once old deliveries are done.",
+							   &enrich_api_key_previous,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("enrich.api_key_previous_file",
+							   "File holding the previous API key, used when enrich.api_key_previous is empty.",
+							   "The file must be readable by the server and by nobody else.",
+							   &enrich_api_key_previous_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
 	DefineCustomStringVariable("enrich.database_name",
 							   "Database in which the dispatcher worker runs.",
 							   NULL,
@@ -121,39 +145,26 @@ enrich_guc_init(void)
 }
 
 /*
- * Return the API key (palloc'd, surrounding white space trimmed), or NULL
- * when none is configured or the file cannot be read.  *source, if given,
- * is set to a short description for status messages (never the key).
- * Reading failures are reported as WARNING without the file's content.
+ * Read a key from a file: palloc'd, surrounding white space trimmed, or
+ * NULL when the file is empty or unreadable.  Reading failures are reported
+ * as WARNING without the file's content.
  */
-char *
-enrich_read_api_key(const char **source)
+static char *
+read_key_file(const char *path)
 {
 	FILE	   *f;
 	char		buf[API_KEY_FILE_MAX + 1];
 	size_t		n;
 	char	   *start;
 	char	   *end;
+	char	   *result;
 
-	if (enrich_api_key != NULL && enrich_api_key[0] != '\0')
-	{
-		if (source)
-			*source = "enrich.api_key";
-		return pstrdup(enrich_api_key);
-	}
-	if (source)
-		*source = "none";
-	if (enrich_api_key_file == NULL || enrich_api_key_file[0] == '\0')
-		return NULL;
-	if (source)
-		*source = "enrich.api_key_file";
-
-	f = AllocateFile(enrich_api_key_file, "r");
+	f = AllocateFile(path, "r");
 	if (f == NULL)
 	{
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("could not open API key file \"%s\": %m", enrich_api_key_file)));
+				 errmsg("could not open API key file \"%s\": %m", path)));
 		return NULL;
 	}
 	n = fread(buf, 1, API_KEY_FILE_MAX, f);
@@ -166,7 +177,45 @@ enrich_read_api_key(const char **source)
 	end = start + strlen(start);
 	while (end > start && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
 		*--end = '\0';
-	if (*start == '\0')
+	result = (*start == '\0') ? NULL : pstrdup(start);
+	explicit_bzero(buf, sizeof(buf));
+	return result;
+}
+
+/*
+ * Return the API key (palloc'd, surrounding white space trimmed), or NULL
+ * when none is configured or the file cannot be read.  *source, if given,
+ * is set to a short description for status messages (never the key).
+ */
+char *
+enrich_read_api_key(const char **source)
+{
+	if (enrich_api_key != NULL && enrich_api_key[0] != '\0')
+	{
+		if (source)
+			*source = "enrich.api_key";
+		return pstrdup(enrich_api_key);
+	}
+	if (source)
+		*source = "none";
+	if (enrich_api_key_file == NULL || enrich_api_key_file[0] == '\0')
 		return NULL;
-	return pstrdup(start);
+	if (source)
+		*source = "enrich.api_key_file";
+	return read_key_file(enrich_api_key_file);
+}
+
+/*
+ * Return the previous API key (enrich.api_key_previous, else the file named
+ * by enrich.api_key_previous_file), palloc'd, or NULL when none is set.
+ * Only webhook signature checks use it.
+ */
+char *
+enrich_read_api_key_previous(void)
+{
+	if (enrich_api_key_previous != NULL && enrich_api_key_previous[0] != '\0')
+		return pstrdup(enrich_api_key_previous);
+	if (enrich_api_key_previous_file == NULL || enrich_api_key_previous_file[0] == '\0')
+		return NULL;
+	return read_key_file(enrich_api_key_previous_file);
 }

@@ -1,0 +1,583 @@
+------------------------------------------------------------------------
+-- Webhook ingest.
+--
+-- enrich-receiver hands every POST it gets to enrich.ingest_webhook(body,
+-- signature, path) in its own transaction and answers the HTTP status this
+-- returns once the transaction committed.  In order:
+--
+--   1. X-Signature-SHA1 is checked in C (enrich._signature_valid) against
+--      enrich.api_key and, during a key change, enrich.api_key_previous.  A
+--      failure is answered 401 and recorded as metadata only (size, time,
+--      reason): unauthenticated junk cannot fill the disk.
+--   2. A body whose SHA-256 was already stored with a final outcome is a
+--      retry or duplicate: it is recorded without its body and answered like
+--      the first copy, and nothing else happens.
+--   3. Otherwise the raw body is stored in enrich.deliveries with its digest
+--      before anything is parsed, so whatever happens next it can be
+--      replayed (enrich.replay_delivery).
+--   4. The body is decoded (UTF-8), parsed (jsonb) and checked to be a
+--      result envelope; any failure is answered 400 with the reason.  A valid
+--      envelope for a token this database does not know is quarantined and
+--      answered 200.  An unexpected error is caught, recorded, answered 500
+--      (the vendor retries) and the body stays.
+--   5. enrich._ingest_envelope() upserts one enrich.results row per record,
+--      keyed by custom.enrich_request_id, and moves requests and the batch
+--      on.  The polling path (enrich.ingest_result) shares it.
+--
+-- Idempotency: results are upserted only when their content changes and
+-- never downgraded (a record with fewer findings does not replace one with
+-- more; an empty record of a CREDITS_INSUFFICIENT or CANCELED job does not
+-- replace a not_found from a per-contact delivery), so deliveries may come
+-- in any order and any number of times.  Only deliveries to a .../job URL
+-- and polled results apply the job status to the batch: a per-contact
+-- delivery never ends a batch, whatever status it carries.
+------------------------------------------------------------------------
+
+------------------------------------------------------------------------
+-- Deliveries: every POST the receiver passed on, one row each.
+--
+-- outcome       http  meaning
+-- received      -     being processed (never visible after commit)
+-- accepted      200   parsed and applied (reason notes skipped records)
+-- duplicate     as the first copy: same body already stored (duplicate_of)
+-- quarantined   200   authentic, but for a batch this database does not know
+-- invalid       400   not UTF-8, not JSON, \u0000, or not a result envelope
+-- unauthorized  401   signature missing, malformed or wrong (no body kept)
+-- error         500   no API key configured (no body kept), or an
+--                     unexpected error while applying it (body kept)
+------------------------------------------------------------------------
+CREATE TABLE enrich.deliveries (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    received_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    path            text,                   -- request path (first 300 characters)
+    kind            text CHECK (kind IN ('contact', 'job')),
+    batch_id        bigint,                 -- batch the path's token names, if known
+    body_size       integer NOT NULL,
+    body_sha256     bytea,                  -- NULL when not authenticated
+    body            bytea,                  -- NULL when not authenticated or a duplicate
+    signed_with     text CHECK (signed_with IN ('current', 'previous')),
+    duplicate_of    bigint,
+    outcome         text NOT NULL
+                    CHECK (outcome IN ('received', 'accepted', 'duplicate', 'quarantined',
+                                       'invalid', 'unauthorized', 'error')),
+    http_status     integer,
+    reason          text,
+    enrichment_id   text,                   -- envelope id, when it parsed
+    api_status      text,                   -- envelope status, when it parsed
+    record_count    integer,                -- records in data[]
+    result_count    integer                 -- results inserted or changed
+) WITH (fillfactor = 90);
+-- Only authenticated bodies are looked up by digest (duplicates).
+CREATE INDEX deliveries_sha256_idx ON enrich.deliveries (body_sha256)
+    WHERE body_sha256 IS NOT NULL;
+-- Stored bodies without a known batch: quarantined ones (and bad bodies
+-- sent to unknown tokens).  Neither column changes after the insert, so
+-- the final update of a delivery stays HOT.
+CREATE INDEX deliveries_unbatched_idx ON enrich.deliveries (id)
+    WHERE batch_id IS NULL AND body IS NOT NULL;
+
+COMMENT ON TABLE enrich.deliveries IS 'Every webhook delivery the receiver passed on: raw body (when authentic), digest, outcome.';
+
+SELECT pg_catalog.pg_extension_config_dump('enrich.deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.deliveries_id_seq', '');
+
+------------------------------------------------------------------------
+-- C helpers.
+------------------------------------------------------------------------
+
+-- Which configured key signed body: current, previous, missing, malformed,
+-- mismatch or nokey.  The key itself never reaches SQL.
+CREATE FUNCTION enrich._signature_valid(body bytea, signature text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'enrich_signature_valid'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+-- Ask for a dispatcher wakeup when the current transaction commits (the
+-- submission functions use it too).
+CREATE FUNCTION enrich._wake_dispatcher()
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_wake_dispatcher'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+------------------------------------------------------------------------
+-- Why env is not a result envelope, or NULL when it is one.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._envelope_problem(env jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(env) IS DISTINCT FROM 'object'
+            THEN 'the body is not a JSON object'
+        WHEN jsonb_typeof(env -> 'id') IS DISTINCT FROM 'string'
+            THEN 'not a result envelope: no "id" string'
+        WHEN jsonb_typeof(env -> 'status') IS DISTINCT FROM 'string'
+            THEN 'not a result envelope: no "status" string'
+        WHEN jsonb_typeof(env -> 'data') NOT IN ('array', 'null')
+            THEN 'not a result envelope: "data" is not an array'
+        WHEN jsonb_typeof(env -> 'cost') NOT IN ('object', 'null')
+            THEN 'not a result envelope: "cost" is not an object'
+        WHEN jsonb_typeof(env -> 'data') = 'array'
+             AND jsonb_path_exists(env, 'strict $.data[*] ? (@.type() != "object")')
+            THEN 'not a result envelope: a "data" element is not an object'
+    END
+$$;
+
+------------------------------------------------------------------------
+-- Apply a result envelope (already checked by _envelope_problem) to batch
+-- p_batch_id: upsert the records that belong to its requests, mark those
+-- requests done, and when p_final (a .../job delivery or a polled result)
+-- and the status is terminal, end the batch and fail its requests that got
+-- no record.  Returns a note on what was skipped (or NULL), the number of
+-- records and the request ids whose result was inserted or changed (each
+-- also announced with NOTIFY enrich_result).
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env jsonb, p_final boolean,
+                                        OUT note text, OUT record_count integer,
+                                        OUT changed bigint[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status    text := upper(p_env ->> 'status');
+    v_env_id    text := p_env ->> 'id';
+    v_data      jsonb := p_env -> 'data';
+    v_credits   numeric;
+    v_state     text;
+    v_batch_eid text;
+    v_matched   integer;
+    v_done      integer;
+    v_failed    integer := 0;
+BEGIN
+    IF jsonb_typeof(v_data) = 'array' THEN
+        record_count := jsonb_array_length(v_data);
+    ELSE
+        record_count := 0;
+    END IF;
+
+    IF record_count > 0 THEN
+        WITH rec AS (
+            -- One record per request of this batch (the last one wins when
+            -- data[] repeats a contact); others are counted as skipped.
+            SELECT DISTINCT ON (q.id) q.id AS request_id, q.fields, e.r,
+                   e.r -> 'contact_info' AS ci
+              FROM jsonb_array_elements(v_data) WITH ORDINALITY AS e(r, n)
+              JOIN enrich.requests q
+                ON q.id = CASE WHEN (e.r -> 'custom' ->> 'enrich_request_id') ~ '^[0-9]{1,18}$'
+                               THEN (e.r -> 'custom' ->> 'enrich_request_id')::bigint END
+             WHERE q.batch_id = p_batch_id
+             ORDER BY q.id, e.n DESC
+        ), ext AS (
+            -- most_probable_* may be null, lack their key, or hold "".
+            SELECT request_id, fields, r, x.we, x.pe, x.ph,
+                   CASE WHEN x.we IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_work_email' ->> 'status', '') END AS wes,
+                   CASE WHEN x.pe IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_personal_email' ->> 'status', '') END AS pes,
+                   CASE WHEN x.ph IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_phone' ->> 'region', '') END AS phr,
+                   NULLIF(r -> 'profile', 'null'::jsonb) AS pr,
+                   ('work_email' = ANY (fields) AND x.we IS NOT NULL)::int
+                   + ('personal_email' = ANY (fields) AND x.pe IS NOT NULL)::int
+                   + ('phone' = ANY (fields) AND x.ph IS NOT NULL)::int AS nfound
+              FROM rec,
+                   LATERAL (SELECT NULLIF(ci -> 'most_probable_work_email' ->> 'email', '') AS we,
+                                   NULLIF(ci -> 'most_probable_personal_email' ->> 'email', '') AS pe,
+                                   NULLIF(ci -> 'most_probable_phone' ->> 'number', '') AS ph) x
+        ), res AS (
+            SELECT ext.*,
+                   CASE WHEN nfound > 0 AND nfound = cardinality(fields) THEN 'found'
+                        WHEN nfound > 0 THEN 'partial'
+                        WHEN cardinality(fields) = 0 AND pr IS NOT NULL THEN 'found'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CANCELED' THEN 'canceled'
+                        ELSE 'not_found' END AS outcome
+              FROM ext
+             -- An empty record of a throttled or failed job is no answer:
+             -- its request fails with the job's reason instead.
+             WHERE NOT (we IS NULL AND pe IS NULL AND ph IS NULL AND pr IS NULL
+                        AND v_status IN ('RATE_LIMIT', 'UNKNOWN'))
+        ), up AS (
+            INSERT INTO enrich.results AS t
+                   (request_id, batch_id, enrichment_id, outcome,
+                    work_email, work_email_status, personal_email, personal_email_status,
+                    phone, phone_region, contact_info, profile, input)
+            SELECT request_id, p_batch_id, v_env_id, outcome,
+                   we, wes, pe, pes, ph, phr,
+                   NULLIF(r -> 'contact_info', 'null'::jsonb), pr,
+                   NULLIF(r -> 'input', 'null'::jsonb)
+              FROM res
+            ON CONFLICT (request_id) DO UPDATE
+               SET batch_id = EXCLUDED.batch_id,
+                   enrichment_id = EXCLUDED.enrichment_id,
+                   outcome = EXCLUDED.outcome,
+                   work_email = EXCLUDED.work_email,
+                   work_email_status = EXCLUDED.work_email_status,
+                   personal_email = EXCLUDED.personal_email,
+                   personal_email_status = EXCLUDED.personal_email_status,
+                   phone = EXCLUDED.phone,
+                   phone_region = EXCLUDED.phone_region,
+                   contact_info = EXCLUDED.contact_info,
+                   profile = EXCLUDED.profile,
+                   input = EXCLUDED.input,
+                   updated_at = now()
+             WHERE (t.outcome, t.work_email, t.work_email_status, t.personal_email,
+                    t.personal_email_status, t.phone, t.phone_region,
+                    t.contact_info, t.profile, t.input)
+                   IS DISTINCT FROM
+                   (EXCLUDED.outcome, EXCLUDED.work_email, EXCLUDED.work_email_status,
+                    EXCLUDED.personal_email, EXCLUDED.personal_email_status,
+                    EXCLUDED.phone, EXCLUDED.phone_region,
+                    EXCLUDED.contact_info, EXCLUDED.profile, EXCLUDED.input)
+               AND (EXCLUDED.work_email IS NOT NULL)::int + (EXCLUDED.personal_email IS NOT NULL)::int
+                   + (EXCLUDED.phone IS NOT NULL)::int + (EXCLUDED.profile IS NOT NULL)::int
+                   >= (t.work_email IS NOT NULL)::int + (t.personal_email IS NOT NULL)::int
+                   + (t.phone IS NOT NULL)::int + (t.profile IS NOT NULL)::int
+               AND NOT (t.outcome = 'not_found'
+                        AND EXCLUDED.outcome IN ('credits_insufficient', 'canceled'))
+            RETURNING t.request_id
+        ), dn AS (
+            UPDATE enrich.requests q
+               SET state = 'done', updated_at = now(), error_code = NULL, error_message = NULL
+              FROM res
+             WHERE q.id = res.request_id AND q.state <> 'done'
+            RETURNING q.id
+        )
+        SELECT (SELECT count(*) FROM rec),
+               (SELECT array_agg(request_id ORDER BY request_id) FROM up),
+               (SELECT count(*) FROM dn)
+          INTO v_matched, changed, v_done;
+
+        IF v_matched < record_count THEN
+            note := format('%s of %s record(s) skipped: no enrich_request_id of this batch',
+                           record_count - v_matched, record_count);
+        END IF;
+        IF changed IS NOT NULL THEN
+            PERFORM pg_notify('enrich_result', c::text) FROM unnest(changed) AS c;
+        END IF;
+    ELSE
+        v_done := 0;
+    END IF;
+
+    IF p_final THEN
+        v_state := CASE v_status
+                       WHEN 'FINISHED' THEN 'finished'
+                       WHEN 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                       WHEN 'CANCELED' THEN 'canceled'
+                       WHEN 'RATE_LIMIT' THEN 'rate_limit'
+                       WHEN 'UNKNOWN' THEN 'unknown'
+                   END;
+        IF jsonb_typeof(p_env -> 'cost' -> 'credits') = 'number' THEN
+            v_credits := (p_env -> 'cost' ->> 'credits')::numeric;
+        END IF;
+        SELECT b.enrichment_id INTO v_batch_eid FROM enrich.batches b WHERE b.id = p_batch_id;
+        IF v_batch_eid IS NOT NULL AND v_batch_eid <> v_env_id THEN
+            -- Results of another job of ours (say, a resent POST): keep the
+            -- records, but that job's status is not this batch's.
+            note := concat_ws('; ', note,
+                              format('job %s is not this batch''s job %s: status ignored',
+                                     v_env_id, v_batch_eid));
+        ELSIF v_state IS NOT NULL THEN
+            UPDATE enrich.batches b
+               SET state = v_state, api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used),
+                   enrichment_id = coalesce(b.enrichment_id, v_env_id),
+                   finished_at = coalesce(b.finished_at, now())
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent');
+            IF FOUND THEN
+                UPDATE enrich.requests q
+                   SET state = 'failed', updated_at = now(),
+                       error_code = CASE v_state WHEN 'finished' THEN 'no_result' ELSE v_state END,
+                       error_message = format('the job ended %s without a record for this contact',
+                                              p_env ->> 'status')
+                 WHERE q.batch_id = p_batch_id AND q.state IN ('sending', 'in_flight')
+                   AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+                GET DIAGNOSTICS v_failed = ROW_COUNT;
+            END IF;
+        ELSE
+            -- Not terminal (a polled running job): only the running figures.
+            UPDATE enrich.batches b
+               SET api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used)
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent')
+               AND (b.api_status, b.credits_used)
+                   IS DISTINCT FROM (p_env ->> 'status', coalesce(v_credits, b.credits_used));
+        END IF;
+    END IF;
+
+    -- Requests that left sending/in_flight free the dispatcher's capacity.
+    IF v_done > 0 OR v_failed > 0 THEN
+        PERFORM enrich._wake_dispatcher();
+    END IF;
+END
+$$;
+
+------------------------------------------------------------------------
+-- Process a stored delivery (steps 4-5 of the header): decode, parse,
+-- check, apply, and record the outcome on its row.  Returns the HTTP status
+-- and message for the sender.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._process_delivery(p_id bigint, p_body bytea, p_batch_id bigint,
+                                         p_kind text,
+                                         OUT http_status integer, OUT message text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_stage     text := 'utf8';
+    v_text      text;
+    v_env       jsonb;
+    v_outcome   text;
+    v_reason    text;
+    v_records   integer;
+    v_changed   bigint[];
+    v_state     text;
+    v_detail    text;
+BEGIN
+    BEGIN
+        v_text := convert_from(p_body, 'UTF8');
+        v_stage := 'json';
+        v_env := v_text::jsonb;
+        v_stage := 'shape';
+        v_reason := enrich._envelope_problem(v_env);
+        IF v_reason IS NOT NULL THEN
+            v_outcome := 'invalid';
+            http_status := 400;
+            message := v_reason;
+        ELSIF p_batch_id IS NULL THEN
+            v_outcome := 'quarantined';
+            http_status := 200;
+            message := 'quarantined: no batch of this database has this token';
+            v_reason := CASE WHEN p_kind IS NULL THEN 'the path has no batch token'
+                             ELSE 'unknown batch token' END;
+            IF jsonb_typeof(v_env -> 'data') = 'array' THEN
+                v_records := jsonb_array_length(v_env -> 'data');
+            END IF;
+        ELSE
+            v_stage := 'apply';
+            SELECT e.note, e.record_count, e.changed
+              INTO v_reason, v_records, v_changed
+              FROM enrich._ingest_envelope(p_batch_id, v_env, p_kind = 'job') e;
+            v_outcome := 'accepted';
+            http_status := 200;
+            message := format('accepted: %s record(s), %s result(s) changed',
+                              v_records, coalesce(cardinality(v_changed), 0));
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_detail = PG_EXCEPTION_DETAIL;
+        IF v_stage = 'utf8' THEN
+            v_outcome := 'invalid';
+            http_status := 400;
+            message := CASE WHEN v_state = '22021' THEN 'the body is not valid UTF-8'
+                            ELSE 'the body cannot be stored in this database''s encoding' END;
+            v_reason := message;
+        ELSIF v_stage = 'json' THEN
+            v_outcome := 'invalid';
+            http_status := 400;
+            message := CASE WHEN v_state = '22P05'
+                            THEN 'the body holds a Unicode escape jsonb cannot store (\u0000)'
+                            WHEN v_state = '54001' THEN 'the body nests too deeply'
+                            ELSE 'the body is not valid JSON' END;
+            v_reason := concat_ws(': ', message, NULLIF(v_detail, ''));
+        ELSE
+            -- A bug or a transient failure (deadlock, ...): the body stays
+            -- and the vendor retries.
+            v_outcome := 'error';
+            http_status := 500;
+            message := format('internal error; delivery %s kept for replay', p_id);
+            v_reason := format('%s: %s', v_state, SQLERRM);
+        END IF;
+    END;
+
+    UPDATE enrich.deliveries d
+       SET outcome = v_outcome, http_status = _process_delivery.http_status,
+           reason = v_reason, enrichment_id = v_env ->> 'id',
+           api_status = v_env ->> 'status', record_count = v_records,
+           result_count = coalesce(cardinality(v_changed), 0)
+     WHERE d.id = p_id;
+END
+$$;
+
+------------------------------------------------------------------------
+-- The receiver's entry point (see the header).  Executable by
+-- enrich_receiver only.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.ingest_webhook(body bytea, signature text, path text)
+RETURNS TABLE (http_status integer, message text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_body      bytea := coalesce(ingest_webhook.body, ''::bytea);
+    v_size      integer := octet_length(v_body);
+    v_path      text := left(ingest_webhook.path, 300);
+    v_sig       text;
+    v_sha       bytea;
+    v_m         text[];
+    v_kind      text;
+    v_batch_id  bigint;
+    v_dup       record;
+    v_id        bigint;
+    v_status    integer;
+    v_message   text;
+BEGIN
+    v_sig := enrich._signature_valid(v_body, signature);
+    IF v_sig NOT IN ('current', 'previous') THEN
+        v_status := CASE WHEN v_sig = 'nokey' THEN 500 ELSE 401 END;
+        v_message := CASE v_sig
+                         WHEN 'missing' THEN 'missing X-Signature-SHA1'
+                         WHEN 'malformed' THEN 'malformed X-Signature-SHA1'
+                         WHEN 'nokey' THEN 'no API key configured to verify signatures'
+                         ELSE 'invalid X-Signature-SHA1' END;
+        INSERT INTO enrich.deliveries (path, body_size, outcome, http_status, reason)
+        VALUES (v_path, v_size, CASE WHEN v_sig = 'nokey' THEN 'error' ELSE 'unauthorized' END,
+                v_status, v_message);
+        RETURN QUERY SELECT v_status, v_message;
+        RETURN;
+    END IF;
+
+    -- A retry or duplicate of a body already handled: answer the same.
+    v_sha := sha256(v_body);
+    SELECT d.id, d.http_status, d.outcome INTO v_dup
+      FROM enrich.deliveries d
+     WHERE d.body_sha256 = v_sha
+       AND d.outcome IN ('accepted', 'quarantined', 'invalid')
+     ORDER BY d.id
+     LIMIT 1;
+    IF FOUND THEN
+        INSERT INTO enrich.deliveries (path, body_size, body_sha256, signed_with, duplicate_of,
+                                       outcome, http_status, reason)
+        VALUES (v_path, v_size, v_sha, v_sig, v_dup.id, 'duplicate', v_dup.http_status,
+                format('same body as delivery %s (%s)', v_dup.id, v_dup.outcome));
+        RETURN QUERY SELECT v_dup.http_status,
+                            format('duplicate of delivery %s (%s)', v_dup.id, v_dup.outcome);
+        RETURN;
+    END IF;
+
+    -- .../<64 hex token>/<contact|job>, whatever comes before.
+    v_m := regexp_match(ingest_webhook.path, '/([0-9A-Fa-f]{64})/(contact|job)/?([?#].*)?$');
+    IF v_m IS NOT NULL THEN
+        v_kind := v_m[2];
+        SELECT b.id INTO v_batch_id FROM enrich.batches b WHERE b.token = lower(v_m[1]);
+    END IF;
+
+    -- Keep the raw delivery before anything else.
+    INSERT INTO enrich.deliveries (path, kind, batch_id, body_size, body_sha256, body,
+                                   signed_with, outcome)
+    VALUES (v_path, v_kind, v_batch_id, v_size, v_sha, v_body, v_sig, 'received')
+    RETURNING id INTO v_id;
+
+    RETURN QUERY SELECT p.http_status, p.message
+                   FROM enrich._process_delivery(v_id, v_body, v_batch_id, v_kind) p;
+END
+$$;
+
+------------------------------------------------------------------------
+-- Apply a result envelope fetched by polling (GET .../bulk/{id}, the 200 or
+-- 402 body) to a batch, through the same code as webhooks; the job status
+-- applies as for a .../job delivery.  outcome is 'accepted', 'invalid'
+-- (message says why) or 'unknown_batch'.  Polled bodies are not stored in
+-- enrich.deliveries.  For the dispatcher worker; granted to nobody.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.ingest_result(batch_id bigint, envelope jsonb)
+RETURNS TABLE (outcome text, message text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_problem   text := enrich._envelope_problem(envelope);
+    v_r         record;
+BEGIN
+    IF v_problem IS NOT NULL THEN
+        RETURN QUERY SELECT 'invalid'::text, v_problem;
+        RETURN;
+    END IF;
+    PERFORM FROM enrich.batches b WHERE b.id = ingest_result.batch_id;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'unknown_batch'::text, format('no batch %s', ingest_result.batch_id);
+        RETURN;
+    END IF;
+    SELECT * INTO v_r FROM enrich._ingest_envelope(ingest_result.batch_id, envelope, true);
+    RETURN QUERY SELECT 'accepted'::text,
+                        concat_ws('; ', format('%s record(s), %s result(s) changed',
+                                               v_r.record_count,
+                                               coalesce(cardinality(v_r.changed), 0)),
+                                  v_r.note);
+END
+$$;
+
+------------------------------------------------------------------------
+-- Process a stored delivery again (after a fix, or once the batch of a
+-- quarantined delivery is known), as if it had just arrived; its row gets
+-- the new outcome.  Superuser only.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.replay_delivery(delivery_id bigint)
+RETURNS TABLE (http_status integer, message text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_d         record;
+    v_m         text[];
+    v_batch_id  bigint;
+BEGIN
+    SELECT d.id, d.path, d.kind, d.body INTO v_d
+      FROM enrich.deliveries d WHERE d.id = replay_delivery.delivery_id FOR UPDATE;
+    IF NOT FOUND OR v_d.body IS NULL THEN
+        RAISE EXCEPTION 'delivery % has no stored body', replay_delivery.delivery_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'Only authenticated deliveries keep their body; duplicates point to the first copy (duplicate_of).';
+    END IF;
+    v_m := regexp_match(v_d.path, '/([0-9A-Fa-f]{64})/(contact|job)/?([?#].*)?$');
+    IF v_m IS NOT NULL THEN
+        SELECT b.id INTO v_batch_id FROM enrich.batches b WHERE b.token = lower(v_m[1]);
+    END IF;
+    UPDATE enrich.deliveries d SET batch_id = v_batch_id WHERE d.id = v_d.id;
+    RETURN QUERY SELECT p.http_status, p.message
+                   FROM enrich._process_delivery(v_d.id, v_d.body, v_batch_id, v_m[2]) p;
+END
+$$;
+
+------------------------------------------------------------------------
+-- Delete deliveries older than keep, except those that may still need a
+-- look (quarantined, invalid, error).  Returns how many went.  Superuser
+-- only; run it from cron or by hand.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.purge_deliveries(keep interval DEFAULT '30 days')
+RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM enrich.deliveries d
+         WHERE d.received_at < now() - keep
+           AND d.outcome IN ('accepted', 'duplicate', 'unauthorized')
+        RETURNING 1
+    )
+    SELECT count(*) FROM gone
+$$;
+
+------------------------------------------------------------------------
+-- Views (no bodies): the delivery log and the quarantine.
+------------------------------------------------------------------------
+CREATE VIEW enrich.webhook_deliveries AS
+    SELECT d.id, d.received_at, d.kind, d.batch_id, d.body_size, d.signed_with,
+           d.duplicate_of, d.outcome, d.http_status, d.reason, d.enrichment_id,
+           d.api_status, d.record_count, d.result_count
+      FROM enrich.deliveries d;
+
+COMMENT ON VIEW enrich.webhook_deliveries IS 'Webhook deliveries and what became of them (bodies left out).';
+
+CREATE VIEW enrich.quarantined_deliveries AS
+    SELECT d.id, d.received_at, d.path, d.body_size, d.enrichment_id, d.api_status,
+           d.record_count, d.reason
+      FROM enrich.deliveries d
+     WHERE d.batch_id IS NULL AND d.body IS NOT NULL AND d.outcome = 'quarantined';
+
+COMMENT ON VIEW enrich.quarantined_deliveries IS 'Authentic deliveries for batches this database does not know; replay with enrich.replay_delivery(id).';
+
+GRANT EXECUTE ON FUNCTION enrich.ingest_webhook(bytea, text, text) TO enrich_receiver;
+GRANT SELECT ON enrich.webhook_deliveries, enrich.quarantined_deliveries TO enrich_reader;

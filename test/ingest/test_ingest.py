@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""Integration tests of enrich.ingest_webhook() against a real cluster.
+
+Deliveries are signed here with Python's hmac (HMAC-SHA1 of the exact body
+bytes, as FullEnrich does) and passed to the function as the receiver role
+would, through psql.  Batches and requests are inserted directly as
+superuser.  Covers: per-contact and batch deliveries, idempotency (same body
+three times, same content re-serialised, any order), signatures (wrong,
+missing, previous key during rotation), bad bodies (invalid JSON, invalid
+UTF-8, \\u0000, wrong shape), quarantine and replay, terminal job statuses,
+errors kept for replay, NOTIFY, privileges, the polling entry point, and
+concurrent duplicates.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from enrichtest import Cluster, Results  # noqa: E402
+
+KEY = "test-key-current-0123456789"
+OLD_KEY = "test-key-previous-9876543210"
+
+R = Results("ingest")
+C = Cluster("ingest", conf={
+    "enrich.api_key": "'%s'" % KEY,
+    # Nothing here must reach a network: a dead loopback port.
+    "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
+})
+
+
+def sign(body, key=KEY):
+    return hmac.new(key.encode(), body, hashlib.sha1).hexdigest()
+
+
+def lit(s):
+    """SQL literal (or NULL) for a Python string."""
+    if s is None:
+        return "NULL"
+    return "'" + s.replace("'", "''") + "'"
+
+
+def deliver(body, sig="auto", path=None, token=None, kind="contact", user="recv"):
+    """Call ingest_webhook as the receiver; return (status, message)."""
+    if isinstance(body, str):
+        body = body.encode()
+    if sig == "auto":
+        sig = sign(body)
+    if path is None:
+        path = "/webhooks/%s/%s" % (token, kind)
+    out = C.psql("SELECT http_status, message FROM enrich.ingest_webhook("
+                 "decode('%s', 'hex'), %s, %s)" % (body.hex(), lit(sig), lit(path)),
+                 user=user)
+    status, _, message = out.partition("|")
+    return int(status), message
+
+
+def q(sql, **kw):
+    return C.scalar(sql, **kw)
+
+
+def make_batch(n, fields="{work_email,phone}", state="sent"):
+    """A batch in flight with n requests; returns (batch_id, token, [request ids])."""
+    eid = str(uuid.uuid4())
+    out = C.psql("""
+        WITH b AS (
+            INSERT INTO enrich.batches (state, enrichment_id, name, contact_count, sent_at,
+                                        next_poll_at)
+            VALUES ('%s', '%s', 'test', %d, now(), now() + interval '1 day')
+            RETURNING id, token)
+        SELECT b.id, b.token FROM b""" % (state, eid, n))
+    bid, token = out.split("|")
+    ids = C.psql("""
+        INSERT INTO enrich.requests (state, batch_id, fields, input_key, first_name)
+        SELECT 'in_flight', %s, '%s', 'k' || g, 'P' || g FROM generate_series(1, %d) g
+        RETURNING id""" % (bid, fields, n)).split("\n")
+    return int(bid), token, [int(i) for i in ids], eid
+
+
+def record(rid, we=None, pe=None, ph=None, profile=None, extra=None):
+    ci = {
+        "most_probable_work_email": {"email": we, "status": "DELIVERABLE"} if we else None,
+        "most_probable_personal_email": {"email": pe, "status": "CATCH_ALL"} if pe else None,
+        "most_probable_phone": {"number": ph, "region": "FR"} if ph else None,
+        "work_emails": [{"email": we, "status": "DELIVERABLE"}] if we else [],
+        "personal_emails": [],
+        "phones": [{"number": ph, "region": "FR"}] if ph else None,
+    }
+    rec = {"input": {"first_name": "P%d" % rid, "company_domain": "example.com"},
+           "custom": {"enrich_request_id": str(rid), "user_id": "u%d" % rid},
+           "contact_info": ci}
+    if profile is not None:
+        rec["profile"] = profile
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def envelope(eid, status, records, credits=0):
+    return json.dumps({"id": eid, "name": "test", "status": status,
+                       "cost": {"credits": credits}, "data": records},
+                      separators=(",", ":")).encode()
+
+
+def result_row(rid):
+    return q("SELECT format('%%s,%%s,%%s,%%s,%%s,%%s', outcome, work_email, work_email_status, "
+             "personal_email, phone, phone_region) FROM enrich.results WHERE request_id = %d" % rid)
+
+
+def main():
+    C.start()
+    C.psql("CREATE EXTENSION enrich")
+    C.psql("CREATE ROLE recv LOGIN IN ROLE enrich_receiver; "
+           "CREATE ROLE rdr LOGIN IN ROLE enrich_reader; "
+           "CREATE ROLE nobody LOGIN")
+
+    # --- per-contact delivery -------------------------------------------
+    bid, token, ids, eid = make_batch(3)
+    profile = {"full_name": "P", "employment": {"current": {"title": "CTO"},
+                                                "all": [{"title": "CTO", "start_at": "2024-1-0T00:00:00.000Z"}]}}
+    body1 = envelope(eid, "IN_PROGRESS", [record(ids[0], we="a@example.com", ph="+33 6 12 34 56 78",
+                                                  profile=profile)], credits=11)
+    st, msg = deliver(body1, token=token)
+    R.eq(st, 200, "per-contact delivery answered 200")
+    R.eq(result_row(ids[0]), "found,a@example.com,DELIVERABLE,,+33 6 12 34 56 78,FR",
+         "per-contact delivery extracted values")
+    R.eq(q("SELECT profile #>> '{employment,current,title}' || '|' || (contact_info ? 'phones')::text "
+           "|| '|' || (input ->> 'first_name') FROM enrich.results WHERE request_id = %d" % ids[0]),
+         "CTO|true|P%d" % ids[0], "profile, contact_info and input kept as jsonb")
+    R.eq(q("SELECT state FROM enrich.requests WHERE id = %d" % ids[0]), "done", "request moved to done")
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % bid), "sent",
+         "a per-contact delivery does not end the batch")
+    R.eq(q("SELECT outcome || ',' || (body = decode('%s', 'hex'))::text || ',' || "
+           "(body_sha256 = sha256(body))::text || ',' || kind || ',' || batch_id "
+           "FROM enrich.deliveries ORDER BY id DESC LIMIT 1" % body1.hex()),
+         "accepted,true,true,contact,%d" % bid, "raw body and digest kept")
+
+    # --- same delivery 3 times -------------------------------------------
+    before = q("SELECT updated_at || xmin::text FROM enrich.results WHERE request_id = %d" % ids[0])
+    s2 = deliver(body1, token=token)
+    s3 = deliver(body1, token=token)
+    R.eq((s2[0], s3[0]), (200, 200), "repeated delivery answered 200")
+    R.eq(q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids[0]), "1",
+         "same delivery 3 times: one result row")
+    R.eq(q("SELECT updated_at || xmin::text FROM enrich.results WHERE request_id = %d" % ids[0]),
+         before, "same delivery 3 times: row untouched (updated_at, xmin)")
+    R.eq(q("SELECT string_agg(outcome || ':' || (body IS NULL)::text, ',' ORDER BY id) "
+           "FROM enrich.deliveries WHERE body_sha256 = sha256(decode('%s', 'hex'))" % body1.hex()),
+         "accepted:false,duplicate:true,duplicate:true",
+         "duplicates recorded without a second copy of the body")
+    # Same content, different bytes (re-serialised): digest differs, row does not change.
+    reser = json.dumps(json.loads(body1), indent=1).encode()
+    st, _ = deliver(reser, token=token)
+    R.eq((st, q("SELECT updated_at || xmin::text FROM enrich.results WHERE request_id = %d" % ids[0])),
+         (200, before), "same content re-serialised: row untouched")
+
+    # --- batch delivery: FINISHED with the others -------------------------
+    body_job = envelope(eid, "FINISHED", [
+        record(ids[0], we="a@example.com", ph="+33 6 12 34 56 78", profile=profile),
+        record(ids[1], we="b@example.com")], credits=12)
+    st, msg = deliver(body_job, token=token, kind="job")
+    R.eq(st, 200, "batch delivery answered 200")
+    R.eq(q("SELECT updated_at || xmin::text FROM enrich.results WHERE request_id = %d" % ids[0]),
+         before, "per-contact and batch delivery agree: row untouched")
+    R.eq(result_row(ids[1]), "partial,b@example.com,DELIVERABLE,,,", "batch delivery extracted values")
+    R.eq(q("SELECT concat_ws(',', state, api_status, credits_used, finished_at IS NOT NULL) "
+           "FROM enrich.batches WHERE id = %d" % bid), "finished,FINISHED,12,t",
+         "batch finished with api_status, credits, finished_at")
+    R.eq(q("SELECT string_agg(state || ':' || coalesce(error_code, ''), ',' ORDER BY id) "
+           "FROM enrich.requests WHERE batch_id = %d" % bid), "done:,done:,failed:no_result",
+         "request without a record failed with no_result")
+    R.eq(q("SELECT count(*) FROM enrich.requests WHERE batch_id = %d AND state IN ('sending', 'in_flight')" % bid),
+         "0", "in-flight capacity freed")
+
+    # --- out of order: job before contact --------------------------------
+    bid2, token2, ids2, eid2 = make_batch(2, fields="{personal_email,phone,work_email}")
+    recs = [record(ids2[0], we="c@example.com", pe="c@gmail.com", ph="+1 555"),
+            record(ids2[1])]
+    st, _ = deliver(envelope(eid2, "FINISHED", recs, credits=14), token=token2, kind="job")
+    R.eq(st, 200, "job delivery before the contact deliveries")
+    mark = q("SELECT string_agg(updated_at || xmin::text, ',' ORDER BY request_id) "
+             "FROM enrich.results WHERE batch_id = %d" % bid2)
+    for r in recs:
+        st, _ = deliver(envelope(eid2, "IN_PROGRESS", [r], credits=1), token=token2)
+        R.eq(st, 200, "late contact delivery answered 200")
+    R.eq(q("SELECT string_agg(updated_at || xmin::text, ',' ORDER BY request_id) "
+           "FROM enrich.results WHERE batch_id = %d" % bid2), mark, "late contact deliveries change nothing")
+    R.eq(result_row(ids2[0]), "found,c@example.com,DELIVERABLE,c@gmail.com,+1 555,FR",
+         "three fields found")
+    R.eq(result_row(ids2[1]), "not_found,,,,,", "empty record is not_found")
+    R.eq(q("SELECT concat_ws(',', state, credits_used) FROM enrich.batches WHERE id = %d" % bid2),
+         "finished,14", "late per-contact credits do not lower the job's total")
+
+    # --- quirks of section 6.7 ----------------------------------------
+    bid3, token3, ids3, eid3 = make_batch(4)
+    quirky = [
+        {"custom": {"enrich_request_id": str(ids3[0])}, "contact_info": None, "profile": None},
+        {"custom": {"enrich_request_id": str(ids3[1])},
+         "contact_info": {"most_probable_work_email": {"status": "DELIVERABLE"},
+                          "most_probable_phone": {}, "work_emails": None, "phones": None}},
+        {"custom": {"enrich_request_id": str(ids3[2])}, "input": None,
+         "contact_info": {"most_probable_work_email": {"email": "", "status": ""},
+                          "most_probable_phone": {"number": "+44 20", "region": "GB"}},
+         "profile": {"employment": {"current": {"title": "X"}, "all": None},
+                     "educations": [{"start_at": "2024-1-0T00:00:00.000Z", "end_at": "0000"}]}},
+        {"custom": {"enrich_request_id": "not-a-number"}},
+        {"custom": None},
+    ]
+    st, msg = deliver(envelope(eid3, "IN_PROGRESS", quirky), token=token3)
+    R.eq(st, 200, "quirky records accepted")
+    R.eq(q("SELECT string_agg(request_id || ':' || outcome || ':' || coalesce(phone, '-'), ',' "
+           "ORDER BY request_id) FROM enrich.results WHERE batch_id = %d" % bid3),
+         "%d:not_found:-,%d:not_found:-,%d:partial:+44 20" % tuple(ids3[:3]),
+         "null lists, missing keys, empty strings, odd dates tolerated")
+    R.check("2 of 5 record(s) skipped" in q("SELECT reason FROM enrich.deliveries ORDER BY id DESC LIMIT 1"),
+            "records without a usable enrich_request_id are noted")
+    # A record naming a request of another batch is not applied.
+    st, _ = deliver(envelope(eid3, "IN_PROGRESS", [record(ids2[0], we="evil@example.com")]), token=token3)
+    R.eq((st, result_row(ids2[0]).split(",")[1]), (200, "c@example.com"),
+         "record for a request of another batch ignored")
+
+    # --- signatures -----------------------------------------------------
+    nres = q("SELECT count(*) FROM enrich.results")
+    bad = envelope(eid3, "IN_PROGRESS", [record(ids3[3], we="x@example.com")])
+    st, msg = deliver(bad, sig=sign(bad, "wrong-key"), token=token3)
+    R.eq(st, 401, "wrong signature answered 401")
+    R.eq(q("SELECT count(*) FROM enrich.results"), nres, "wrong signature: no result")
+    R.eq(q("SELECT concat_ws(',', outcome, http_status, body_size, body IS NULL, body_sha256 IS NULL, "
+           "received_at IS NOT NULL, reason) FROM enrich.deliveries ORDER BY id DESC LIMIT 1"),
+         "unauthorized,401,%d,t,t,t,invalid X-Signature-SHA1" % len(bad),
+         "wrong signature: metadata only")
+    st, msg = deliver(bad, sig=None, token=token3)
+    R.eq((st, msg), (401, "missing X-Signature-SHA1"), "missing signature answered 401")
+    st, msg = deliver(bad, sig="sha1=" + sign(bad), token=token3)
+    R.eq(st, 401, "prefixed signature answered 401")
+    st, msg = deliver(bad, sig=" " + sign(bad).upper() + " ", token=token3)
+    R.eq(st, 200, "upper-case signature with spaces verifies")
+
+    # Key rotation: the old key keeps verifying while enrich.api_key_previous holds it.
+    C.write_conf({"enrich.api_key": "'new-key-after-rotation'",
+                  "enrich.api_key_previous": "'%s'" % KEY})
+    C.reload()
+    time.sleep(0.5)
+    old_signed = envelope(eid3, "IN_PROGRESS", [record(ids3[3], we="y@example.com")])
+    st, _ = deliver(old_signed, sig=sign(old_signed, KEY), token=token3)
+    R.eq((st, q("SELECT signed_with FROM enrich.deliveries ORDER BY id DESC LIMIT 1")),
+         (200, "previous"), "previous key verifies during rotation")
+    new_signed = envelope(eid3, "IN_PROGRESS", [record(ids3[3], we="z@example.com")])
+    st, _ = deliver(new_signed, sig=sign(new_signed, "new-key-after-rotation"), token=token3)
+    R.eq((st, q("SELECT signed_with FROM enrich.deliveries ORDER BY id DESC LIMIT 1")),
+         (200, "current"), "new key verifies")
+    keyfile = os.path.join(C.base, "old.key")
+    C._run(["sh", "-c", "umask 077; printf '  %s\\n' > '%s'" % (OLD_KEY, keyfile)])
+    C.write_conf({"enrich.api_key_previous": "''", "enrich.api_key_previous_file": "'%s'" % keyfile})
+    C.reload()
+    time.sleep(0.5)
+    f_signed = envelope(eid3, "IN_PROGRESS", [record(ids3[3], we="f@example.com")])
+    R.eq(deliver(f_signed, sig=sign(f_signed, OLD_KEY), token=token3)[0], 200,
+         "previous key from enrich.api_key_previous_file verifies")
+    k_signed = envelope(eid3, "IN_PROGRESS", [record(ids3[3], we="k@example.com")])
+    R.eq(deliver(k_signed, sig=sign(k_signed, KEY), token=token3)[0], 401,
+         "a key that is neither current nor previous is refused")
+    R.eq(q("SELECT count(*) FROM pg_settings WHERE name LIKE 'enrich.api_key%'", user="rdr"), "0",
+         "key settings hidden from non-superusers")
+    C.write_conf({"enrich.api_key": "'%s'" % KEY, "enrich.api_key_previous_file": "''"})
+    C.reload()
+    time.sleep(0.5)
+
+    # --- bad bodies: 400, body kept -------------------------------------
+    bad_bodies = [
+        ("invalid JSON", b'{"id": "x", "status": ', "not valid JSON"),
+        ("invalid UTF-8", b'{"id": "x", "status": "FINISHED", "name": "\xff\xfe"}', "not valid UTF-8"),
+        ("\\u0000 escape", b'{"id": "x", "status": "FINISHED", "name": "a\\u0000b"}', "\\u0000"),
+        ("wrong shape (array)", b'[1, 2]', "not a JSON object"),
+        ("wrong shape (no status)", b'{"id": "x", "data": []}', "no \"status\""),
+        ("wrong shape (data not array)", b'{"id": "x", "status": "FINISHED", "data": {}}', "\"data\""),
+        ("wrong shape (record not object)", b'{"id": "x", "status": "FINISHED", "data": [1]}', "element"),
+    ]
+    for what, body, needle in bad_bodies:
+        st, msg = deliver(body, token=token3, kind="job")
+        R.check(st == 400 and needle in msg, "%s answered 400 with the reason" % what,
+                "(got %r %r)" % (st, msg))
+        R.eq(q("SELECT outcome || ',' || (body = decode('%s', 'hex'))::text FROM enrich.deliveries "
+               "ORDER BY id DESC LIMIT 1" % body.hex()), "invalid,true", "%s: raw body kept" % what)
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % bid3), "sent", "bad bodies change no state")
+
+    # --- unknown batch: quarantine ----------------------------------------
+    ghost = "ab" * 32
+    rq = make_batch(1, state="sending")
+    qbody = envelope("ghost-job", "IN_PROGRESS", [record(rq[2][0], we="q@example.com")])
+    st, msg = deliver(qbody, path="/some/prefix/webhooks/%s/contact" % ghost)
+    R.eq(st, 200, "unknown batch answered 200")
+    qid = q("SELECT id FROM enrich.quarantined_deliveries ORDER BY id DESC LIMIT 1", user="rdr")
+    R.eq(q("SELECT concat_ws(',', enrichment_id, record_count) FROM enrich.quarantined_deliveries "
+           "WHERE id = %s" % qid, user="rdr"), "ghost-job,1", "quarantined delivery visible to the reader")
+    st, msg = deliver(qbody, path="/webhooks/%s/contact" % ghost)
+    R.eq(q("SELECT count(*) FROM enrich.quarantined_deliveries"), "1", "a retried quarantined body is kept once")
+    st, _ = deliver(qbody, path="/webhooks/not-a-token/contact")
+    st, _ = deliver(b'{"id":"p","status":"FINISHED","data":[]}', path="/webhooks/")
+    R.eq(st, 200, "a path without a token is quarantined too")
+    # The batch turns up (e.g. restored): replay lands the result.
+    C.psql("UPDATE enrich.batches SET token = '%s' WHERE id = %d" % (ghost, rq[0]))
+    out = C.psql("SELECT http_status FROM enrich.replay_delivery(%s)" % qid)
+    R.eq((out, result_row(rq[2][0]).split(",")[1]), ("200", "q@example.com"),
+         "replay of a quarantined delivery lands its result")
+
+    # --- terminal statuses ------------------------------------------------
+    bid4, token4, ids4, eid4 = make_batch(3)
+    deliver(envelope(eid4, "IN_PROGRESS", [record(ids4[0])]), token=token4)   # processed, nothing found
+    st, _ = deliver(envelope(eid4, "CREDITS_INSUFFICIENT",
+                             [record(ids4[0]), record(ids4[1]),
+                              record(ids4[2], extra={"contact_info": {"most_probable_work_email": None,
+                                                                      "work_emails": [], "phones": []}})],
+                             credits=3), token=token4, kind="job")
+    R.eq(st, 200, "CREDITS_INSUFFICIENT job delivery answered 200")
+    R.eq(q("SELECT string_agg(outcome, ',' ORDER BY request_id) FROM enrich.results WHERE batch_id = %d" % bid4),
+         "not_found,credits_insufficient,credits_insufficient",
+         "empty records of a credits-insufficient job (a per-contact not_found stays)")
+    R.eq(q("SELECT concat_ws(',', state, api_status, credits_used) FROM enrich.batches WHERE id = %d" % bid4),
+         "credits_insufficient,CREDITS_INSUFFICIENT,3", "batch credits_insufficient")
+
+    for status, code in (("CANCELED", "canceled"), ("RATE_LIMIT", "rate_limit"),
+                         ("UNKNOWN", "unknown")):
+        b, t, ids5, e = make_batch(3)
+        deliver(envelope(e, "IN_PROGRESS", [record(ids5[0], we="w@example.com")]), token=t)
+        deliver(envelope(e, status, [record(ids5[0], we="w@example.com")]), token=t, kind="job")
+        R.eq(q("SELECT string_agg(state || ':' || coalesce(error_code, ''), ',' ORDER BY id) "
+               "FROM enrich.requests WHERE batch_id = %d" % b),
+             "done:,failed:%s,failed:%s" % (code, code),
+             "%s: remaining requests failed with %s" % (status, code))
+        R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % b), code, "%s: batch state" % status)
+        # A late per-contact delivery still turns a failed request into a result.
+        deliver(envelope(e, "IN_PROGRESS", [record(ids5[1], ph="+49 1")]), token=t)
+        R.eq(q("SELECT state || coalesce(error_code, '') FROM enrich.requests WHERE id = %d" % ids5[1]),
+             "done", "%s: a late result moves the failed request to done" % status)
+
+    # Per-contact deliveries carrying a terminal status never end the batch.
+    b, t, ids6, e = make_batch(2)
+    deliver(envelope(e, "FINISHED", [record(ids6[0], we="l@example.com")]), token=t, kind="contact")
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % b) + "," +
+         q("SELECT state FROM enrich.requests WHERE id = %d" % ids6[1]), "sent,in_flight",
+         "terminal status in a per-contact delivery ignored")
+    # A job delivery of another job id keeps records but not the status.
+    deliver(envelope("other-job", "FINISHED", [record(ids6[1], we="m@example.com")]), token=t, kind="job")
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % b) + "," + result_row(ids6[1]).split(",")[1],
+         "sent,m@example.com", "another job's final status does not end this batch")
+
+    # --- polling entry point -------------------------------------------
+    b, t, ids7, e = make_batch(2)
+    env = envelope(e, "FINISHED", [record(ids7[0], pe="p@gmail.com")], credits=3).decode()
+    out = C.psql("SELECT outcome || '|' || message FROM enrich.ingest_result(%d, %s)" % (b, lit(env)))
+    R.check(out.startswith("accepted|1 record(s), 1 result(s) changed"), "ingest_result applies a polled body", out)
+    out = C.psql("SELECT outcome FROM enrich.ingest_result(%d, %s)" % (b, lit(env)))
+    R.eq((out, q("SELECT string_agg(state, ',' ORDER BY id) FROM enrich.requests WHERE batch_id = %d" % b)),
+         ("accepted", "done,failed"), "ingest_result is idempotent and ends the batch")
+    R.eq(C.psql("SELECT outcome FROM enrich.ingest_result(%d, '[1]')" % b), "invalid",
+         "ingest_result refuses a non-envelope")
+    R.eq(C.psql("SELECT outcome FROM enrich.ingest_result(-1, %s)" % lit(env)), "unknown_batch",
+         "ingest_result reports an unknown batch")
+
+    # --- an unexpected error keeps the body for replay ----------------------
+    b, t, ids8, e = make_batch(1)
+    C.psql("""CREATE FUNCTION public.boom() RETURNS trigger LANGUAGE plpgsql AS
+              $$BEGIN RAISE EXCEPTION 'simulated bug'; END$$;
+              CREATE TRIGGER boom BEFORE INSERT ON enrich.results FOR EACH ROW EXECUTE FUNCTION public.boom()""")
+    body8 = envelope(e, "IN_PROGRESS", [record(ids8[0], we="bug@example.com")])
+    st, msg = deliver(body8, token=t)
+    did = q("SELECT id FROM enrich.deliveries ORDER BY id DESC LIMIT 1")
+    R.eq((st, q("SELECT outcome || ',' || (body IS NOT NULL) FROM enrich.deliveries WHERE id = %s" % did)),
+         (500, "error,true"), "an error while applying: 500, body kept")
+    R.eq(q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids8[0]), "0",
+         "an error while applying leaves no partial result")
+    C.psql("DROP TRIGGER boom ON enrich.results; DROP FUNCTION public.boom()")
+    R.eq(deliver(body8, token=t)[0], 200, "the vendor's retry of an errored body is processed")
+    R.eq(C.psql("SELECT http_status FROM enrich.replay_delivery(%s)" % did), "200",
+         "replay of the errored delivery")
+    R.eq(result_row(ids8[0]).split(",")[1], "bug@example.com", "result there after retry")
+
+    # --- NOTIFY ---------------------------------------------------------
+    b, t, ids9, e = make_batch(2)
+    listener = subprocess.Popen(
+        ["runuser", "-u", "postgres", "--", os.path.join(C.bindir, "psql"), "-X", "-At",
+         "-h", C.sockdir, "-p", str(C.port), "-d", C.dbname] if os.geteuid() == 0 else
+        [os.path.join(C.bindir, "psql"), "-X", "-At", "-h", C.sockdir, "-p", str(C.port), "-d", C.dbname],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener.stdin.write("LISTEN enrich_result;\nSELECT 'listening';\n")
+    listener.stdin.flush()
+    time.sleep(0.5)
+    body9 = envelope(e, "IN_PROGRESS", [record(ids9[0], we="n1@example.com"),
+                                        record(ids9[1], we="n2@example.com")])
+    deliver(body9, token=t)
+    deliver(body9, token=t)           # duplicate: no second notification
+    time.sleep(0.3)
+    out, _ = listener.communicate("SELECT 'done';\n", timeout=20)
+    payloads = sorted(line.split('payload "')[1].split('"')[0]
+                      for line in out.splitlines() if "enrich_result" in line)
+    R.eq(payloads, sorted([str(ids9[0]), str(ids9[1])]), "NOTIFY enrich_result with each new request id")
+
+    # --- privileges -----------------------------------------------------
+    def denied(sql, user):
+        r = C.psql(sql, user=user, check=False)
+        return r.returncode != 0 and "permission denied" in r.stderr
+    R.check(denied("SELECT enrich._signature_valid('x', 'y')", "recv"),
+            "receiver cannot call _signature_valid")
+    R.check(denied("SELECT count(*) FROM enrich.deliveries", "recv"), "receiver cannot read deliveries")
+    R.check(denied("SELECT * FROM enrich.ingest_webhook('x', 'y', 'z')", "rdr"),
+            "reader cannot call ingest_webhook")
+    R.check(denied("SELECT * FROM enrich.ingest_webhook('x', 'y', 'z')", "nobody"),
+            "PUBLIC cannot call ingest_webhook")
+    R.check(denied("SELECT * FROM enrich.ingest_result(1, '{}')", "recv"),
+            "receiver cannot call ingest_result")
+    R.check(denied("SELECT body FROM enrich.deliveries", "rdr"), "reader cannot read raw bodies")
+    R.check(not denied("SELECT count(*) FROM enrich.webhook_deliveries", "rdr"),
+            "reader reads the delivery log")
+
+    # --- concurrent duplicates --------------------------------------------
+    b, t, ids10, e = make_batch(1)
+    body10 = envelope(e, "IN_PROGRESS", [record(ids10[0], we="cc@example.com")])
+    statuses = []
+
+    def worker():
+        statuses.append(deliver(body10, token=t)[0])
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    R.eq((sorted(set(statuses)), q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids10[0])),
+         ([200], "1"), "8 concurrent copies: all 200, one result")
+
+    # --- pg_dump keeps the inbox ------------------------------------------
+    R.eq(q("SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c "
+           "WHERE e.extname = 'enrich' AND c = 'enrich.deliveries'::regclass"), "1",
+         "deliveries registered with pg_extension_config_dump")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:  # a crash is a failure, not a silent pass
+        import traceback
+        traceback.print_exc()
+        R.check(False, "suite ran to the end", repr(exc))
+    finally:
+        C.destroy()
+    R.finish()
