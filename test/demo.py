@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""The enrich demo: a CRM table enriched end to end, offline.
+
+    PostgreSQL (enrich + dispatcher)  --POST bulk-->  enrich-sandbox
+          ^                                               |
+          |  enrich.ingest_webhook()     signed webhooks  v
+          +-------------------------------------  enrich-receiver
+
+Everything runs on loopback ports and is removed at the end (--keep leaves
+the cluster and daemons running and prints how to reach them).
+"""
+import argparse
+import os
+import pwd
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+import enrichtest as et  # noqa: E402
+
+API_KEY = "demo-key-0123456789abcdef"
+
+CRM = """
+CREATE SCHEMA crm;
+CREATE TABLE crm.contacts (
+    id          int PRIMARY KEY,
+    first_name  text,
+    last_name   text,
+    company     text,
+    website     text,
+    linkedin    text,
+    owner       text
+);
+INSERT INTO crm.contacts VALUES
+ (1,  'Ada',       'Lovelace', 'Analytical Engines', 'analytical.example', NULL, 'emma'),
+ (2,  'Grace',     'Hopper',   'Cobol Systems',      'https://www.cobol.example/', NULL, 'emma'),
+ (3,  'Alan',      'Turing',   'Bletchley Labs',     'bletchley.example', 'https://www.linkedin.com/in/alan-turing', 'noah'),
+ (4,  'Katherine', 'Johnson',  'Orbital Mechanics',  NULL, NULL, 'noah'),
+ (5,  'Edsger',    'Dijkstra', 'Shortest Path BV',   'shortestpath.example', NULL, 'emma'),
+ (6,  'Barbara',   'Liskov',   'Substitution Inc',   'liskov.example', 'https://www.linkedin.com/in/barbara-liskov', 'noah'),
+ (7,  'Donald',    'Knuth',    'TeX Works',          'tex.example', NULL, 'emma'),
+ (8,  'Margaret',  'Hamilton', 'Apollo Software',    'apollo.example', NULL, 'noah'),
+ (9,  'Linus',     NULL,       'Kernel Org',         'kernel.example', NULL, 'emma'),
+ (10, 'Frances',   'Allen',    'Optimizing Co',      'optimizing.example', NULL, 'noah');
+"""
+
+
+def say(text):
+    print("\n== %s" % text, flush=True)
+
+
+def show(cluster, sql, db=None):
+    """Print a query's result as psql's aligned table."""
+    out = cluster._run([os.path.join(cluster.bindir, "psql"), "-X", "-q", "-P", "footer=off",
+                        "-h", cluster.sockdir, "-p", str(cluster.port), "-U", et.PG_USER,
+                        "-d", db or cluster.dbname, "-c", sql], check=False)
+    print("   " + sql.strip().replace("\n", "\n   "))
+    text = (out.stdout + out.stderr).rstrip()
+    print("\n".join("   | " + line for line in text.splitlines()), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", action="store_true", help="leave everything running")
+    ap.add_argument("--timeout", type=float, default=180, help="seconds to wait for results")
+    args = ap.parse_args()
+
+    sandbox_port, receiver_port = et.free_port(), et.free_port()
+    cluster = et.Cluster("demo", conf={
+        "enrich.database_name": "'crm_demo'",
+        "enrich.api_url": "'http://127.0.0.1:%d/api/v2'" % sandbox_port,
+        "enrich.webhook_base_url": "'http://127.0.0.1:%d'" % receiver_port,
+        "enrich.batch_delay": "'500ms'",
+    })
+    cluster.dbname = "crm_demo"
+    keyfile = os.path.join(cluster.base, "fullenrich.key")
+    with open(keyfile, "w") as f:
+        f.write(API_KEY + "\n")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(et.PG_USER)
+        os.chown(keyfile, pw.pw_uid, pw.pw_gid)
+    os.chmod(keyfile, 0o600)
+    cluster.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
+
+    sandbox = et.Daemon([et.daemon_path("enrich-sandbox"),
+                         "--listen", "127.0.0.1:%d" % sandbox_port, "--api-key", API_KEY,
+                         "--contact-delay-ms", "400", "--retry-interval-ms", "1000",
+                         "--credits", "500", "--seed", "7"], "sandbox", cluster.base)
+    receiver = et.Daemon([et.daemon_path("enrich-receiver"),
+                          "--listen", "127.0.0.1:%d" % receiver_port,
+                          "--dsn", cluster.dsn(db="crm_demo", user="demo_receiver")],
+                         "receiver", cluster.base)
+    try:
+        say("Starting PostgreSQL with enrich preloaded, enrich-sandbox (the API) "
+            "and enrich-receiver (webhooks)")
+        cluster.start()
+        cluster.psql("""
+CREATE EXTENSION enrich;
+CREATE ROLE demo_receiver LOGIN IN ROLE enrich_receiver;
+CREATE ROLE sales LOGIN IN ROLE enrich_submitter, enrich_reader;
+""" + CRM)
+        sandbox.start()
+        et.wait_port(sandbox_port)
+        receiver.start()
+        et.wait_port(receiver_port)
+        print("   cluster port %d, sandbox %d, receiver %d" % (cluster.port, sandbox_port, receiver_port))
+
+        say("A CRM table that lives in Postgres")
+        show(cluster, "SELECT id, first_name, last_name, company, website, linkedin FROM crm.contacts ORDER BY id")
+
+        say("Bad input is refused in your transaction, with a reason and a hint")
+        show(cluster, "SELECT enrich.submit(c) FROM crm.contacts c WHERE id = 9")
+        show(cluster, """SELECT enrich.submit('{"first_name": "Ada", "last_name": "Lovelace", "domain": "not a domain"}')""")
+
+        say("Queue every complete contact in one statement (nothing touches the network yet)")
+        show(cluster, """SELECT count(enrich.submit(c, '{work_email,personal_email,phone}'))
+FROM crm.contacts c WHERE last_name IS NOT NULL""")
+        show(cluster, "SELECT state, requests FROM enrich.queue")
+
+        say("The dispatcher sends one batch; the sandbox enriches and calls back the receiver")
+        deadline = time.monotonic() + args.timeout
+        last = None
+        while True:
+            line = cluster.scalar("SELECT string_agg(state || '=' || requests, ' ') FROM enrich.queue")
+            if line != last:
+                print("   %5.1fs  %s" % (args.timeout - (deadline - time.monotonic()), line), flush=True)
+                last = line
+            pending = cluster.scalar("SELECT count(*) FROM enrich.requests WHERE state NOT IN ('done','failed')")
+            if pending == "0":
+                break
+            if time.monotonic() > deadline:
+                print("   timed out; see the logs in %s" % cluster.base)
+                return 1
+            time.sleep(0.5)
+
+        say("What came back")
+        show(cluster, """SELECT c.id, c.first_name, c.last_name, e.outcome, e.work_email,
+       e.work_email_status AS status, e.personal_email, e.phone, e.job_title
+FROM crm.contacts c
+JOIN enrich.enriched_contacts e ON e.source_table = 'crm.contacts'::regclass
+                               AND e.source_id = c.id::text
+ORDER BY c.id""")
+        say("The job, as the API reported it")
+        show(cluster, "SELECT batch_id, state, contact_count, done, failed, credits_used FROM enrich.batch_status")
+        show(cluster, "SELECT outcome, count(*) FROM enrich.deliveries GROUP BY 1 ORDER BY 1")
+
+        say("Submitting the same people again costs nothing: fresh results are reused")
+        show(cluster, """SELECT count(enrich.submit(c, '{work_email}')) FROM crm.contacts c
+WHERE id IN (1, 2)""")
+        et.wait_for(lambda: cluster.scalar(
+            "SELECT count(*) FROM enrich.requests WHERE state NOT IN ('done','failed')") == "0",
+            timeout=60, what="reused results")
+        show(cluster, """SELECT request_id, state, reused_from, batch_id FROM enrich.request_status
+ORDER BY request_id DESC LIMIT 2""")
+        say("Done")
+        if args.keep:
+            print("   left running: psql -h %s -p %d crm_demo   (logs in %s)" % (
+                cluster.sockdir, cluster.port, cluster.base))
+        return 0
+    finally:
+        if not args.keep:
+            receiver.stop()
+            sandbox.stop()
+            cluster.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
