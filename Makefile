@@ -29,7 +29,7 @@ NO_INSTALLCHECK = 1
 PG_CONFIG  ?= pg_config
 PKG_CONFIG ?= pkg-config
 
-PG_CPPFLAGS = -Isrc/common $(shell $(PKG_CONFIG) --cflags libcurl json-c)
+PG_CPPFLAGS = -Isrc/common -DENRICH_VERSION=\"$(EXTVERSION)\" $(shell $(PKG_CONFIG) --cflags libcurl json-c)
 PG_CFLAGS   = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK  = $(shell $(PKG_CONFIG) --libs libcurl json-c)
 

@@ -3,20 +3,24 @@
  * dispatch_shmem.c
  *		Shared state between backends and the dispatcher worker.
  *
- * Backends only need one thing from the worker: a latch to set when they
- * commit new requests.  The worker publishes its latch here when it starts
- * and clears it when it exits.
+ * Backends need two things from the worker: a latch to set when they commit
+ * new requests (published when it starts, cleared when it exits), and its
+ * status for enrich.dispatcher_status() (copied here each time round its
+ * loop).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/latch.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
 
 #include "dispatch.h"
 #include "enrich.h"
@@ -78,4 +82,78 @@ enrich_dispatch_wake(void)
 	SpinLockRelease(&enrich_shared->mutex);
 	if (latch)
 		SetLatch(latch);
+}
+
+/* Publish the worker's status (called by the worker only). */
+void
+dispatch_status_update(const DispatchStatus *status)
+{
+	if (enrich_shared == NULL)
+		return;
+	SpinLockAcquire(&enrich_shared->mutex);
+	memcpy(&enrich_shared->status, status, sizeof(DispatchStatus));
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+PG_FUNCTION_INFO_V1(enrich_dispatcher_status);
+
+/*
+ * enrich.dispatcher_status() RETURNS record
+ *		What the dispatcher worker is doing, from shared memory: one row,
+ *		all nulls but state when no worker runs.  Never shows the API key,
+ *		only where it came from.
+ */
+Datum
+enrich_dispatcher_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	DispatchStatus st;
+	pid_t		pid;
+	Datum		values[20];
+	bool		nulls[20];
+	int			i = 0;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	if (enrich_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("enrich is not in shared_preload_libraries, so there is no dispatcher"),
+				 errhint("Add enrich to shared_preload_libraries in postgresql.conf and restart the server.")));
+
+	SpinLockAcquire(&enrich_shared->mutex);
+	memcpy(&st, &enrich_shared->status, sizeof(st));
+	pid = enrich_shared->worker_pid;
+	SpinLockRelease(&enrich_shared->mutex);
+
+	memset(nulls, 0, sizeof(nulls));
+#define TS(t) do { nulls[i] = (t) == 0; values[i++] = TimestampTzGetDatum(t); } while (0)
+#define TXT(s) do { nulls[i] = (s)[0] == '\0'; values[i++] = CStringGetTextDatum(s); } while (0)
+	nulls[i] = pid == 0;
+	values[i++] = Int32GetDatum(pid);
+	if (pid == 0 && st.state[0] == '\0')
+		strlcpy(st.state, "not_running", sizeof(st.state));
+	TXT(st.state);
+	TXT(st.detail);
+	TXT(st.key_source);
+	values[i++] = Int64GetDatum(st.in_flight);
+	values[i++] = Int32GetDatum(st.calls_last_minute);
+	values[i++] = Int32GetDatum(st.calls_running);
+	TS(st.paused_until > st.updated_at ? st.paused_until : 0);
+	TS(st.last_call_at);
+	values[i++] = Int64GetDatum(st.calls);
+	values[i++] = Int64GetDatum(st.calls_failed);
+	values[i++] = Int64GetDatum(st.calls_429);
+	values[i++] = Int64GetDatum(st.batches_sent);
+	values[i++] = Int64GetDatum(st.contacts_sent);
+	values[i++] = Int64GetDatum(st.contacts_reused);
+	values[i++] = Int64GetDatum(st.polls);
+	TXT(st.last_error);
+	TS(st.last_error_at);
+	TS(st.started_at);
+	TS(st.updated_at);
+#undef TS
+#undef TXT
+	Assert(i == tupdesc->natts);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

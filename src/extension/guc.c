@@ -30,6 +30,21 @@ char	   *enrich_api_key_previous_file = NULL;
 char	   *enrich_database_name = NULL;
 char	   *enrich_webhook_base_url = NULL;
 
+/* Dispatcher settings; see enrich_guc_init for their meaning. */
+int			enrich_batch_delay = 2000;
+int			enrich_max_calls_per_minute = 60;
+int			enrich_max_in_flight = 100;
+int			enrich_poll_after = 600;
+int			enrich_poll_interval = 300;
+int			enrich_request_timeout = 30000;
+int			enrich_resend_grace = 600;
+int			enrich_retry_base = 2000;
+int			enrich_retry_max = 600;
+int			enrich_rate_limit_backoff = 60000;
+int			enrich_max_attempts = 10;
+int			enrich_reuse_window = 30 * 86400;
+int			enrich_credits_check_interval = 300;
+
 /* Longest key file we are willing to read; real keys are ~40 bytes. */
 #define API_KEY_FILE_MAX 4096
 
@@ -69,6 +84,8 @@ check_webhook_base_url(char **newval, void **extra, GucSource source)
 	}
 	return true;
 }
+
+static void enrich_guc_init_dispatcher(void);
 
 /* Define every enrich.* setting and reserve the prefix. */
 void
@@ -141,7 +158,121 @@ enrich_guc_init(void)
 							   0,
 							   check_webhook_base_url, NULL, NULL);
 
+	enrich_guc_init_dispatcher();
 	MarkGUCPrefixReserved("enrich");
+}
+
+/*
+ * The dispatcher's limits and timings.  All reload on SIGHUP; the defaults
+ * are the vendor's limits and guidance (60 calls a minute, 100 contacts in
+ * flight, polling no more often than every 5 minutes).
+ */
+static void
+enrich_guc_init_dispatcher(void)
+{
+	DefineCustomIntVariable("enrich.batch_delay",
+							"How long the dispatcher gathers contacts before sending a batch of fewer than 100.",
+							"With 100 or more contacts ready a full batch is sent at once.",
+							&enrich_batch_delay,
+							2000, 0, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.max_calls_per_minute",
+							"API calls the dispatcher makes in any 60 seconds (submits, polls and credit checks together).",
+							"0 lifts the limit (for benchmarks against enrich-sandbox only).",
+							&enrich_max_calls_per_minute,
+							60, 0, 100000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.max_in_flight",
+							"Contacts sent to the API and not yet answered, at most.",
+							"A contact leaves flight when its result or its job's end arrives.",
+							&enrich_max_in_flight,
+							100, 1, 10000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.poll_after",
+							"How long after a job was sent without a terminal webhook the dispatcher starts polling it.",
+							NULL,
+							&enrich_poll_after,
+							600, 1, 30 * 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.poll_interval",
+							"How often a job that is still running is polled again.",
+							"The vendor asks for no more than once every 5 to 10 minutes.",
+							&enrich_poll_interval,
+							300, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.request_timeout",
+							"Time limit of one HTTP call to the API.",
+							NULL,
+							&enrich_request_timeout,
+							30000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.resend_grace",
+							"How long a batch whose POST may have reached the API (5xx, timeout, crash) waits before it is sent again.",
+							"Webhooks that arrive meanwhile prove the job exists and cancel the resend.",
+							&enrich_resend_grace,
+							600, 0, 7 * 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.retry_base",
+							"First delay of the exponential backoff after a failed API call.",
+							"Each further failure doubles it, up to enrich.retry_max; jitter takes off up to half.",
+							&enrich_retry_base,
+							2000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.retry_max",
+							"Longest delay of the exponential backoff.",
+							NULL,
+							&enrich_retry_max,
+							600, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.rate_limit_backoff",
+							"How long every API call pauses after a 429 answer.",
+							"The vendor says to try again in a minute.",
+							&enrich_rate_limit_backoff,
+							60000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.max_attempts",
+							"POSTs of a contact that failed (5xx, timeouts, network errors) before it is given up as failed.",
+							"429 answers do not count.",
+							&enrich_max_attempts,
+							10, 1, 1000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.reuse_window",
+							"A contact whose identical input was enriched this recently is answered from that result, at no cost.",
+							"0 turns reuse off.",
+							&enrich_reuse_window,
+							30 * 86400, 0, 365 * 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.credits_check_interval",
+							"While sending is paused for lack of credits, how often the balance is checked.",
+							NULL,
+							&enrich_credits_check_interval,
+							300, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
 }
 
 /*

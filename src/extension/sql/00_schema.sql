@@ -43,6 +43,12 @@ $roles$;
 -- unknown    the API reported UNKNOWN (undocumented status)       yes
 -- rejected   the API refused the POST (4xx); see error_code       yes
 -- abandoned  never accepted and given up on (see error_message)   yes
+--
+-- While a batch is 'sending', attempts and next_attempt_at say where its
+-- POST stands (the dispatcher relies on this after a crash):
+--   attempts = 0, next_attempt_at NULL   never posted (half of a split batch)
+--   attempts > 0, next_attempt_at NULL   a POST is under way
+--   next_attempt_at set                  (re)sent at that time
 ------------------------------------------------------------------------
 CREATE TABLE enrich.batches (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -121,6 +127,12 @@ CREATE TABLE enrich.requests (
 );
 CREATE INDEX requests_queued_idx ON enrich.requests (id) WHERE state = 'queued';
 CREATE INDEX requests_batch_idx ON enrich.requests (batch_id) WHERE batch_id IS NOT NULL;
+-- Contacts in flight (the dispatcher counts them before every send).
+CREATE INDEX requests_open_idx ON enrich.requests (batch_id)
+    WHERE state IN ('sending', 'in_flight');
+-- Queued requests backing off, by the time they may go again.
+CREATE INDEX requests_retry_idx ON enrich.requests (next_attempt_at)
+    WHERE state = 'queued' AND next_attempt_at IS NOT NULL;
 CREATE INDEX requests_input_key_idx ON enrich.requests (input_key);
 CREATE INDEX requests_source_idx ON enrich.requests (source_table, source_id)
     WHERE source_table IS NOT NULL;

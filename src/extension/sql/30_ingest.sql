@@ -92,13 +92,6 @@ RETURNS text
 AS 'MODULE_PATHNAME', 'enrich_signature_valid'
 LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
--- Ask for a dispatcher wakeup when the current transaction commits (the
--- submission functions use it too).
-CREATE FUNCTION enrich._wake_dispatcher()
-RETURNS void
-AS 'MODULE_PATHNAME', 'enrich_wake_dispatcher'
-LANGUAGE C VOLATILE PARALLEL RESTRICTED;
-
 ------------------------------------------------------------------------
 -- Why env is not a result envelope, or NULL when it is one.
 ------------------------------------------------------------------------
@@ -305,6 +298,27 @@ BEGIN
              WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent')
                AND (b.api_status, b.credits_used)
                    IS DISTINCT FROM (p_env ->> 'status', coalesce(v_credits, b.credits_used));
+        END IF;
+    END IF;
+
+    -- A per-contact delivery proves the API has this batch's job even when
+    -- the dispatcher never saw the answer to its POST (a crash, a timeout):
+    -- the batch is sent, so it is not sent again, and is polled if its
+    -- final delivery never comes.
+    IF NOT p_final THEN
+        UPDATE enrich.batches b
+           SET state = 'sent', enrichment_id = coalesce(b.enrichment_id, v_env_id),
+               sent_at = coalesce(b.sent_at, now()), next_attempt_at = NULL,
+               next_poll_at = coalesce(b.next_poll_at,
+                                       now() + coalesce(current_setting('enrich.poll_after', true),
+                                                        '10min')::interval),
+               error_code = NULL, error_message = NULL
+         WHERE b.id = p_batch_id AND b.state = 'sending';
+        IF FOUND THEN
+            UPDATE enrich.requests q
+               SET state = 'in_flight', next_attempt_at = NULL,
+                   error_code = NULL, error_message = NULL
+             WHERE q.batch_id = p_batch_id AND q.state = 'sending';
         END IF;
     END IF;
 

@@ -1,0 +1,413 @@
+/*-------------------------------------------------------------------------
+ *
+ * dispatch_http.c
+ *		HTTP calls of the dispatcher: one libcurl multi handle, driven from
+ *		the worker's single WaitEventSet.
+ *
+ * libcurl tells us, through its socket callback, which sockets it wants
+ * watched for what, and through its timer callback when it next needs to
+ * run.  Each wait builds a WaitEventSet of the worker's latch, postmaster
+ * death and those sockets, waits until one of them fires or the timer is
+ * due, and hands the events back to curl_multi_socket_action().  So a
+ * SIGTERM, a reload or a submission's commit wakes the worker even while
+ * calls are in flight, and a dead postmaster ends it.
+ *
+ * The multi handle lives as long as the worker, so connections to the API
+ * are reused.  It is created in the worker, never in the postmaster.
+ *
+ * Callbacks run inside libcurl: they neither palloc nor ereport.  The
+ * socket table is a fixed array, answers are malloc'd and capped.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "dispatch.h"
+#include "enrich.h"
+
+/* Largest answer kept: a 100-contact result with profiles is ~1 MB. */
+#define MAX_RESPONSE_BYTES (32 * 1024 * 1024)
+
+/* Sockets libcurl may ask us to watch at once (a few per call). */
+#define MAX_SOCKETS 64
+
+typedef struct WatchedSocket
+{
+	curl_socket_t fd;
+	int			what;			/* CURL_POLL_IN, _OUT, _INOUT */
+} WatchedSocket;
+
+static CURLM *multi = NULL;
+static WatchedSocket sockets[MAX_SOCKETS];
+static int	nsockets = 0;
+static long timer_ms = -1;		/* libcurl's timer: -1 none */
+static TimestampTz timer_set_at = 0;
+static DispatchCall *running = NULL;	/* calls added to the multi handle */
+static int	nrunning = 0;
+static DispatchCall *finished = NULL;	/* ended, not yet handed out */
+
+/* libcurl socket callback: remember what to watch (no palloc here). */
+static int
+socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+	int			i;
+
+	for (i = 0; i < nsockets; i++)
+		if (sockets[i].fd == fd)
+			break;
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (i < nsockets)
+			sockets[i] = sockets[--nsockets];
+		return 0;
+	}
+	if (i == nsockets)
+	{
+		if (nsockets == MAX_SOCKETS)
+			return -1;			/* libcurl fails this transfer */
+		nsockets++;
+	}
+	sockets[i].fd = fd;
+	sockets[i].what = what;
+	return 0;
+}
+
+/* libcurl timer callback: when to call curl_multi_socket_action next. */
+static int
+timer_cb(CURLM *m, long timeout_ms, void *userp)
+{
+	timer_ms = timeout_ms;
+	timer_set_at = GetCurrentTimestamp();
+	return 0;
+}
+
+/* libcurl write callback: append to the call's malloc'd answer, capped. */
+static size_t
+write_cb(char *data, size_t size, size_t nmemb, void *userp)
+{
+	DispatchCall *call = (DispatchCall *) userp;
+	size_t		n = size * nmemb;
+
+	if (call->response_len + n > MAX_RESPONSE_BYTES)
+	{
+		call->response_too_big = true;
+		return 0;				/* libcurl ends the call: CURLE_WRITE_ERROR */
+	}
+	if (call->response_len + n + 1 > call->response_cap)
+	{
+		size_t		cap = Max(call->response_cap * 2, call->response_len + n + 1);
+		char	   *p;
+
+		cap = Max(cap, 4096);
+		p = realloc(call->response, cap);
+		if (p == NULL)
+			return 0;
+		call->response = p;
+		call->response_cap = cap;
+	}
+	memcpy(call->response + call->response_len, data, n);
+	call->response_len += n;
+	call->response[call->response_len] = '\0';
+	return n;
+}
+
+/* Create the multi handle; called once in the worker. */
+void
+dispatch_http_init(void)
+{
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		ereport(FATAL,
+				(errmsg("could not initialize libcurl")));
+	multi = curl_multi_init();
+	if (multi == NULL)
+		ereport(FATAL,
+				(errmsg("could not create a libcurl multi handle")));
+	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+	/* Keep a few connections to the API host for reuse. */
+	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, 8L);
+}
+
+/* Abort every call and release libcurl; the worker is exiting. */
+void
+dispatch_http_shutdown(void)
+{
+	if (multi == NULL)
+		return;
+	dispatch_http_abort_all();
+	while (finished != NULL)
+	{
+		DispatchCall *call = finished;
+
+		finished = call->next;
+		dispatch_http_free(call);
+	}
+	curl_multi_cleanup(multi);
+	multi = NULL;
+	curl_global_cleanup();
+}
+
+/* Set an easy option, failing loudly if libcurl refuses it. */
+#define SETOPT(easy, opt, val) \
+	do { \
+		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val)); \
+		if (rc_ != CURLE_OK) \
+			ereport(ERROR, \
+					(errmsg("could not set libcurl option %s: %s", #opt, \
+							curl_easy_strerror(rc_)))); \
+	} while (0)
+
+/*
+ * Start a call: a POST of body (malloc'd; the call owns it from now on)
+ * when body is not NULL, else a GET.  The API key goes in the
+ * Authorization header only.
+ */
+DispatchCall *
+dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
+					char *body, size_t body_len, long timeout_ms)
+{
+	DispatchCall *call;
+	char	   *auth;
+	CURLMcode	mrc;
+
+	call = calloc(1, sizeof(DispatchCall));
+	if (call == NULL)
+	{
+		free(body);
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	}
+	call->kind = kind;
+	call->body = body;
+	call->body_len = body_len;
+	call->started_at = GetCurrentTimestamp();
+	call->easy = curl_easy_init();
+	if (call->easy == NULL)
+	{
+		dispatch_http_free(call);
+		ereport(ERROR, (errmsg("could not create a libcurl handle")));
+	}
+
+	auth = psprintf("Authorization: Bearer %s", api_key);
+	call->headers = curl_slist_append(call->headers, auth);
+	explicit_bzero(auth, strlen(auth));
+	pfree(auth);
+	call->headers = curl_slist_append(call->headers, "Accept: application/json");
+	if (body != NULL)
+		call->headers = curl_slist_append(call->headers, "Content-Type: application/json");
+	/* No "Expect: 100-continue" round trip for our small bodies. */
+	call->headers = curl_slist_append(call->headers, "Expect:");
+
+	SETOPT(call->easy, CURLOPT_URL, url);
+	SETOPT(call->easy, CURLOPT_HTTPHEADER, call->headers);
+	SETOPT(call->easy, CURLOPT_USERAGENT, "enrich/" ENRICH_VERSION " (PostgreSQL extension)");
+	SETOPT(call->easy, CURLOPT_PRIVATE, call);
+	SETOPT(call->easy, CURLOPT_WRITEFUNCTION, write_cb);
+	SETOPT(call->easy, CURLOPT_WRITEDATA, call);
+	SETOPT(call->easy, CURLOPT_ERRORBUFFER, call->errbuf);
+	SETOPT(call->easy, CURLOPT_NOSIGNAL, 1L);
+	SETOPT(call->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	SETOPT(call->easy, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 10000L));
+	SETOPT(call->easy, CURLOPT_FOLLOWLOCATION, 0L);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	SETOPT(call->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+	SETOPT(call->easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	if (body != NULL)
+	{
+		SETOPT(call->easy, CURLOPT_POST, 1L);
+		SETOPT(call->easy, CURLOPT_POSTFIELDS, body);
+		SETOPT(call->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) body_len);
+	}
+
+	mrc = curl_multi_add_handle(multi, call->easy);
+	if (mrc != CURLM_OK)
+	{
+		dispatch_http_free(call);
+		ereport(ERROR,
+				(errmsg("could not start an HTTP call: %s", curl_multi_strerror(mrc))));
+	}
+	call->next = running;
+	running = call;
+	nrunning++;
+	return call;
+}
+
+/* Number of calls in flight. */
+int
+dispatch_http_running(void)
+{
+	return nrunning;
+}
+
+/* Move calls libcurl reports done from the running list to finished. */
+static void
+collect_finished(void)
+{
+	CURLMsg    *msg;
+	int			left;
+
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
+	{
+		DispatchCall *call = NULL;
+		DispatchCall **p;
+		curl_off_t	uploaded = 0;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
+		call->finished = true;
+		call->result = msg->data.result;
+		curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
+		curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
+		call->body_sent = call->http_status > 0 || (curl_off_t) call->body_len <= uploaded;
+		if (call->body == NULL)
+			call->body_sent = call->http_status > 0 || call->result != CURLE_COULDNT_CONNECT;
+		curl_multi_remove_handle(multi, call->easy);
+
+		for (p = &running; *p != NULL; p = &(*p)->next)
+			if (*p == call)
+			{
+				*p = call->next;
+				nrunning--;
+				break;
+			}
+		call->next = finished;
+		finished = call;
+	}
+}
+
+/* Milliseconds until libcurl's timer is due (-1: no timer). */
+static long
+timer_remaining(void)
+{
+	long		elapsed;
+
+	if (timer_ms < 0)
+		return -1;
+	elapsed = (long) ((GetCurrentTimestamp() - timer_set_at) / 1000);
+	return Max(timer_ms - elapsed, 0);
+}
+
+/*
+ * Wait up to timeout_ms (-1: no limit) for the latch, postmaster death, or
+ * progress on a call, and let libcurl do what is due.  Finished calls are
+ * then available from dispatch_http_next_finished().
+ */
+void
+dispatch_http_wait(long timeout_ms)
+{
+	WaitEventSet *set;
+	WaitEvent	events[MAX_SOCKETS + 2];
+	int			nevents;
+	long		curl_due = timer_remaining();
+	int			still_running;
+
+	if (curl_due >= 0 && (timeout_ms < 0 || curl_due < timeout_ms))
+		timeout_ms = curl_due;
+
+#if PG_VERSION_NUM >= 170000
+	set = CreateWaitEventSet(NULL, nsockets + 2);
+#else
+	set = CreateWaitEventSet(CurrentMemoryContext, nsockets + 2);
+#endif
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	for (int i = 0; i < nsockets; i++)
+	{
+		uint32		ev = 0;
+
+		if (sockets[i].what & CURL_POLL_IN)
+			ev |= WL_SOCKET_READABLE;
+		if (sockets[i].what & CURL_POLL_OUT)
+			ev |= WL_SOCKET_WRITEABLE;
+		if (ev != 0)
+			AddWaitEventToSet(set, ev, sockets[i].fd, NULL, NULL);
+	}
+
+	nevents = WaitEventSetWait(set, timeout_ms, events, lengthof(events), PG_WAIT_EXTENSION);
+	FreeWaitEventSet(set);
+
+	for (int i = 0; i < nevents; i++)
+	{
+		if (events[i].events & WL_LATCH_SET)
+			ResetLatch(MyLatch);
+		else if (events[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE))
+		{
+			int			flags = 0;
+
+			if (events[i].events & WL_SOCKET_READABLE)
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & WL_SOCKET_WRITEABLE)
+				flags |= CURL_CSELECT_OUT;
+			curl_multi_socket_action(multi, events[i].fd, flags, &still_running);
+		}
+	}
+	if (timer_ms >= 0 && timer_remaining() == 0)
+	{
+		timer_ms = -1;
+		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running);
+	}
+	collect_finished();
+}
+
+/* A finished call for the caller to handle and free, or NULL. */
+DispatchCall *
+dispatch_http_next_finished(void)
+{
+	DispatchCall *call = finished;
+
+	if (call != NULL)
+	{
+		finished = call->next;
+		call->next = NULL;
+	}
+	return call;
+}
+
+/*
+ * End every running call now; each becomes a finished call with result
+ * CURLE_ABORTED_BY_CALLBACK (and body_sent saying whether the whole
+ * request had gone out).
+ */
+void
+dispatch_http_abort_all(void)
+{
+	while (running != NULL)
+	{
+		DispatchCall *call = running;
+		curl_off_t	uploaded = 0;
+
+		running = call->next;
+		nrunning--;
+		curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
+		curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
+		call->finished = true;
+		call->result = CURLE_ABORTED_BY_CALLBACK;
+		call->body_sent = call->body != NULL ? (curl_off_t) call->body_len <= uploaded
+			: true;
+		curl_multi_remove_handle(multi, call->easy);
+		call->next = finished;
+		finished = call;
+	}
+}
+
+/* Release a call (it must not be running). */
+void
+dispatch_http_free(DispatchCall *call)
+{
+	if (call->easy != NULL)
+		curl_easy_cleanup(call->easy);
+	if (call->headers != NULL)
+		curl_slist_free_all(call->headers);
+	free(call->body);
+	free(call->response);
+	free(call);
+}

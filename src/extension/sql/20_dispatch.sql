@@ -1,0 +1,551 @@
+------------------------------------------------------------------------
+-- Dispatcher bookkeeping.
+--
+-- The dispatcher worker (dispatch_worker.c) keeps every decision about the
+-- network in C and every change of state here, one short transaction per
+-- step, never open while an HTTP call runs:
+--
+--   _dispatch_plan        what is ready, in flight and due (read only)
+--   _dispatch_next_batch  claim a batch to POST: a due split half or resend,
+--                         else up to 100 ready requests (serving fresh
+--                         earlier results at no cost first)
+--   _dispatch_accepted    the API answered an enrichment_id
+--   _dispatch_retry       the POST failed or may have failed: back off
+--   _dispatch_rejected    a 400 about a contact: split the batch, or fail
+--                         the one contact left
+--   _dispatch_requeue     the API refused the whole batch or lost the job:
+--                         its unanswered requests queue again
+--   _dispatch_poll_claim  batches whose poll is due
+--   _dispatch_polled      what a poll answered
+--   _dispatch_recover     at start: POSTs a crash interrupted
+--
+-- These functions are for the worker (a superuser) only: nothing here is
+-- granted to anyone.
+------------------------------------------------------------------------
+
+-- Ask for a dispatcher wakeup when the current transaction commits (the
+-- submission functions do it in C; ingest calls this).
+CREATE FUNCTION enrich._wake_dispatcher()
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_wake_dispatcher'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+-- The worker's view of the queue, read before each decision.  "ready"
+-- counts (up to 100) queued requests it may send now: not backing off and
+-- no identical input already on its way (that one's result will serve
+-- them).  ready_since is when the oldest of them became ready, for
+-- enrich.batch_delay.
+CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
+                                      OUT ready_since timestamptz, OUT next_ready timestamptz,
+                                      OUT batch_due boolean, OUT next_batch timestamptz,
+                                      OUT poll_due boolean, OUT next_poll timestamptz,
+                                      OUT credits_out_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH ready AS (
+        SELECT q.created_at, q.next_attempt_at
+          FROM enrich.requests q
+         WHERE q.state = 'queued'
+           AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
+           AND NOT EXISTS (SELECT FROM enrich.requests o
+                            WHERE o.input_key = q.input_key
+                              AND o.state IN ('sending', 'in_flight'))
+         ORDER BY q.id
+         LIMIT 100
+    )
+    SELECT (SELECT count(*) FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight')),
+           (SELECT count(*)::integer FROM ready),
+           (SELECT min(greatest(r.created_at, r.next_attempt_at)) FROM ready r),
+           (SELECT min(r.next_attempt_at) FROM enrich.requests r
+             WHERE r.state = 'queued' AND r.next_attempt_at > now()),
+           EXISTS (SELECT FROM enrich.batches b
+                    WHERE b.state = 'sending'
+                      AND ((b.attempts = 0 AND b.next_attempt_at IS NULL)
+                           OR b.next_attempt_at <= now())),
+           (SELECT min(b.next_attempt_at) FROM enrich.batches b
+             WHERE b.state = 'sending' AND b.next_attempt_at > now()),
+           EXISTS (SELECT FROM enrich.batches b
+                    WHERE b.state = 'sent' AND b.next_poll_at <= now()),
+           (SELECT min(b.next_poll_at) FROM enrich.batches b WHERE b.state = 'sent'),
+           (SELECT max(b.finished_at) FROM enrich.batches b
+             WHERE b.state = 'credits_insufficient')
+$$;
+
+-- Contacts of a batch as the worker sends them.
+CREATE FUNCTION enrich._dispatch_batch_rows(p_batch bigint)
+RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
+               first_name text, last_name text, domain text, company_name text,
+               linkedin_url text, fields text[], custom jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
+           q.company_name, q.linkedin_url, q.fields, q.custom
+      FROM enrich.batches b
+      JOIN enrich.requests q ON q.batch_id = b.id AND q.state = 'sending'
+     WHERE b.id = p_batch
+     ORDER BY q.id
+$$;
+
+-- Serve the given queued requests from fresh earlier results of identical
+-- input (same input_key, the earlier request asked for at least the same
+-- fields, its result is younger than p_window): a copy of the result, the
+-- request done, reused_from naming the request that paid.  Returns the ids
+-- served.
+CREATE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_served bigint[];
+BEGIN
+    IF p_window <= interval '0' OR p_ids IS NULL THEN
+        RETURN '{}';
+    END IF;
+    WITH src AS (
+        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want,
+               coalesce(t.reused_from, p.id) AS origin, t.*
+          FROM enrich.requests q
+          JOIN enrich.requests p
+            ON p.input_key = q.input_key AND p.id <> q.id
+           AND p.state = 'done' AND p.fields @> q.fields
+          JOIN enrich.results t ON t.request_id = p.id
+         WHERE q.id = ANY (p_ids) AND q.state = 'queued'
+           AND t.received_at > now() - p_window
+           AND t.outcome IN ('found', 'partial', 'not_found')
+         ORDER BY q.id, t.received_at DESC
+    ), res AS (
+        SELECT src.*,
+               ('work_email' = ANY (want) AND work_email IS NOT NULL)::int
+               + ('personal_email' = ANY (want) AND personal_email IS NOT NULL)::int
+               + ('phone' = ANY (want) AND phone IS NOT NULL)::int AS nfound
+          FROM src
+    ), ins AS (
+        INSERT INTO enrich.results (request_id, batch_id, enrichment_id, outcome,
+                                    work_email, work_email_status, personal_email,
+                                    personal_email_status, phone, phone_region,
+                                    contact_info, profile, input, reused_from)
+        SELECT rid, NULL, enrichment_id,
+               CASE WHEN nfound = cardinality(want) THEN 'found'
+                    WHEN nfound > 0 THEN 'partial'
+                    ELSE 'not_found' END,
+               work_email, work_email_status, personal_email, personal_email_status,
+               phone, phone_region, contact_info, profile, input, origin
+          FROM res
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id, reused_from
+    ), dn AS (
+        UPDATE enrich.requests q
+           SET state = 'done', reused_from = ins.reused_from,
+               next_attempt_at = NULL, error_code = NULL, error_message = NULL
+          FROM ins
+         WHERE q.id = ins.request_id
+        RETURNING q.id
+    )
+    SELECT array_agg(id ORDER BY id) INTO v_served FROM dn;
+
+    IF v_served IS NOT NULL THEN
+        PERFORM pg_notify('enrich_result', r::text) FROM unnest(v_served) AS r;
+    END IF;
+    RETURN coalesce(v_served, '{}');
+END
+$$;
+
+-- The next batch to POST, its contacts as rows (none when there is
+-- nothing to send).  First a batch that is due (the half of a split batch,
+-- or a resend whose time came); else, when p_new, a new batch of up to
+-- p_max ready requests, oldest first, at most one per input_key (the API
+-- charges twice for a person repeated in one job), after serving what
+-- fresh earlier results can answer.  The POST attempt is recorded before
+-- it happens (attempts + 1, next_attempt_at NULL): after a crash that is
+-- how _dispatch_recover knows a POST may have gone out.
+CREATE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new boolean, p_reuse interval,
+                                            OUT batch_id bigint, OUT reused integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids       bigint[];
+    v_served    bigint[];
+BEGIN
+    reused := 0;
+    SELECT b.id INTO batch_id
+      FROM enrich.batches b
+     WHERE b.state = 'sending'
+       AND ((b.attempts = 0 AND b.next_attempt_at IS NULL) OR b.next_attempt_at <= now())
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        IF NOT EXISTS (SELECT FROM enrich.requests q
+                        WHERE q.batch_id = _dispatch_next_batch.batch_id
+                          AND q.state = 'sending') THEN
+            -- Every contact was answered or removed meanwhile.
+            UPDATE enrich.batches b
+               SET state = 'abandoned', finished_at = now(), next_attempt_at = NULL,
+                   error_code = coalesce(b.error_code, 'empty'),
+                   error_message = 'no contact of this batch was left to send'
+             WHERE b.id = _dispatch_next_batch.batch_id;
+            batch_id := NULL;
+            RETURN;
+        END IF;
+        UPDATE enrich.batches b
+           SET attempts = b.attempts + 1, next_attempt_at = NULL
+         WHERE b.id = _dispatch_next_batch.batch_id;
+        UPDATE enrich.requests q
+           SET attempts = q.attempts + 1, next_attempt_at = NULL
+         WHERE q.batch_id = _dispatch_next_batch.batch_id AND q.state = 'sending';
+        RETURN;
+    END IF;
+
+    IF NOT p_new THEN
+        RETURN;
+    END IF;
+
+    SELECT array_agg(c.id ORDER BY c.id) INTO v_ids
+      FROM (SELECT q.id
+              FROM enrich.requests q
+             WHERE q.state = 'queued'
+               AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
+               AND NOT EXISTS (SELECT FROM enrich.requests o
+                                WHERE o.input_key = q.input_key
+                                  AND o.state IN ('sending', 'in_flight'))
+             ORDER BY q.id
+             LIMIT p_max * 2
+               FOR UPDATE SKIP LOCKED) c;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    v_served := enrich._dispatch_reuse(v_ids, p_reuse);
+    reused := cardinality(v_served);
+
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
+      FROM (SELECT d.id
+              FROM (SELECT DISTINCT ON (q.input_key) q.id
+                      FROM enrich.requests q
+                     WHERE q.id = ANY (v_ids) AND q.state = 'queued'
+                     ORDER BY q.input_key, q.id) d
+             ORDER BY d.id
+             LIMIT p_max) x;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    batch_id := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count, attempts)
+    OVERRIDING SYSTEM VALUE
+    VALUES (batch_id, 'enrich batch ' || batch_id, cardinality(v_ids), 1);
+    UPDATE enrich.requests q
+       SET state = 'sending', batch_id = _dispatch_next_batch.batch_id,
+           attempts = q.attempts + 1, next_attempt_at = NULL,
+           error_code = NULL, error_message = NULL
+     WHERE q.id = ANY (v_ids);
+END
+$$;
+
+-- The API accepted batch p_batch as job p_eid.  Webhooks may have beaten
+-- this answer here (they move a 'sending' batch on by themselves), so
+-- nothing already known is overwritten.
+CREATE FUNCTION enrich._dispatch_accepted(p_batch bigint, p_eid text, p_http integer,
+                                          p_poll_after interval)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE enrich.batches b
+       SET state = CASE WHEN b.state = 'sending' THEN 'sent' ELSE b.state END,
+           enrichment_id = coalesce(b.enrichment_id, p_eid),
+           sent_at = coalesce(b.sent_at, now()),
+           http_status = p_http,
+           next_attempt_at = NULL,
+           next_poll_at = CASE WHEN b.state IN ('sending', 'sent')
+                               THEN coalesce(b.next_poll_at, now() + p_poll_after) END,
+           error_code = NULL, error_message = NULL
+     WHERE b.id = p_batch;
+    UPDATE enrich.requests q
+       SET state = 'in_flight', next_attempt_at = NULL, error_code = NULL, error_message = NULL
+     WHERE q.batch_id = p_batch AND q.state = 'sending';
+END
+$$;
+
+-- A POST of p_batch failed or may have failed.  When p_counts and the
+-- batch has had p_max_attempts POSTs, it is abandoned and its unanswered
+-- requests fail with p_code; otherwise it is sent again after p_delay (a
+-- non-counting failure, a 429, takes its attempt back).  Returns
+-- 'retry', 'abandoned', or 'gone' when webhooks already moved it on.
+CREATE FUNCTION enrich._dispatch_retry(p_batch bigint, p_http integer, p_code text,
+                                       p_message text, p_delay interval, p_counts boolean,
+                                       p_max_attempts integer)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_b record;
+BEGIN
+    SELECT b.state, b.attempts INTO v_b FROM enrich.batches b WHERE b.id = p_batch FOR UPDATE;
+    IF v_b.state IS DISTINCT FROM 'sending' THEN
+        UPDATE enrich.batches b SET http_status = p_http WHERE b.id = p_batch;
+        RETURN 'gone';
+    END IF;
+
+    IF p_counts AND v_b.attempts >= p_max_attempts THEN
+        UPDATE enrich.batches b
+           SET state = 'abandoned', finished_at = now(), next_attempt_at = NULL,
+               http_status = p_http, error_code = p_code,
+               error_message = format('gave up after %s attempts: %s', v_b.attempts, p_message)
+         WHERE b.id = p_batch;
+        UPDATE enrich.requests q
+           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
+               error_message = format('gave up after %s attempts: %s', v_b.attempts, p_message)
+         WHERE q.batch_id = p_batch AND q.state = 'sending';
+        RETURN 'abandoned';
+    END IF;
+
+    UPDATE enrich.batches b
+       SET next_attempt_at = now() + p_delay, http_status = p_http,
+           error_code = p_code, error_message = p_message,
+           attempts = CASE WHEN p_counts THEN b.attempts ELSE greatest(b.attempts - 1, 0) END
+     WHERE b.id = p_batch;
+    UPDATE enrich.requests q
+       SET next_attempt_at = now() + p_delay, error_code = p_code, error_message = p_message,
+           attempts = CASE WHEN p_counts THEN q.attempts ELSE greatest(q.attempts - 1, 0) END
+     WHERE q.batch_id = p_batch AND q.state = 'sending';
+    RETURN 'retry';
+END
+$$;
+
+-- The API refused p_batch with a 400 that is about a contact (it does not
+-- say which).  With more than one contact the batch is split in two halves
+-- sent on their own, so bisection isolates the bad contact in a few calls
+-- and the others go through; a batch of one fails its request with the
+-- API's code.  Returns 'split', 'failed' or 'gone'.
+CREATE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code text,
+                                          p_message text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_ids   bigint[];
+    v_n     integer;
+    v_half  integer;
+    v_a     bigint;
+    v_b     bigint;
+BEGIN
+    PERFORM FROM enrich.batches b WHERE b.id = p_batch AND b.state = 'sending' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'gone';
+    END IF;
+    SELECT array_agg(q.id ORDER BY q.id) INTO v_ids
+      FROM enrich.requests q WHERE q.batch_id = p_batch AND q.state = 'sending';
+    v_n := coalesce(cardinality(v_ids), 0);
+
+    IF v_n <= 1 THEN
+        UPDATE enrich.batches b
+           SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+               http_status = p_http, error_code = p_code, error_message = p_message
+         WHERE b.id = p_batch;
+        UPDATE enrich.requests q
+           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
+               error_message = format('the API refused this contact: %s', p_message)
+         WHERE q.batch_id = p_batch AND q.state = 'sending';
+        RETURN 'failed';
+    END IF;
+
+    v_half := v_n / 2;
+    v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
+    VALUES (v_a, 'enrich batch ' || v_a, v_half),
+           (v_b, 'enrich batch ' || v_b, v_n - v_half);
+    UPDATE enrich.requests q
+       SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
+     WHERE q.id = ANY (v_ids);
+    UPDATE enrich.batches b
+       SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+           http_status = p_http, error_code = p_code,
+           error_message = format('%s; split into batches %s and %s to find the contact the API refused',
+                                  p_message, v_a, v_b)
+     WHERE b.id = p_batch;
+    RETURN 'split';
+END
+$$;
+
+-- The API refused the batch as a whole (a 400 about the job, not a
+-- contact) or no longer knows its job (404 on a poll): the batch ends in
+-- p_state and its unanswered requests queue again after p_delay, except
+-- those that already had p_max_attempts tries, which fail with p_code.
+-- Returns how many requests were queued again.
+CREATE FUNCTION enrich._dispatch_requeue(p_batch bigint, p_state text, p_http integer,
+                                         p_code text, p_message text, p_delay interval,
+                                         p_max_attempts integer)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    UPDATE enrich.batches b
+       SET state = p_state, finished_at = now(), next_attempt_at = NULL, next_poll_at = NULL,
+           http_status = p_http, error_code = p_code, error_message = p_message
+     WHERE b.id = p_batch AND b.state IN ('sending', 'sent');
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    UPDATE enrich.requests q
+       SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
+           error_message = format('gave up after %s attempts: %s', q.attempts, p_message)
+     WHERE q.batch_id = p_batch AND q.state IN ('sending', 'in_flight')
+       AND q.attempts >= p_max_attempts;
+    UPDATE enrich.requests q
+       SET state = 'queued', next_attempt_at = now() + p_delay,
+           error_code = p_code, error_message = p_message
+     WHERE q.batch_id = p_batch AND q.state IN ('sending', 'in_flight');
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END
+$$;
+
+-- Up to p_max batches whose poll is due, oldest due first.  Their next
+-- poll is pushed back by p_hold now, so a worker that dies mid-poll polls
+-- them again only after that.
+CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
+RETURNS TABLE (batch_id bigint, enrichment_id text)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH due AS (
+        SELECT b.id
+          FROM enrich.batches b
+         WHERE b.state = 'sent' AND b.next_poll_at <= now()
+         ORDER BY b.next_poll_at, b.id
+         LIMIT p_max
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE enrich.batches b
+       SET next_poll_at = now() + p_hold
+      FROM due
+     WHERE b.id = due.id
+    RETURNING b.id, b.enrichment_id
+$$;
+
+-- What a poll of p_batch answered: a result envelope (a 200 or 402 body)
+-- goes through the webhook ingest path (enrich.ingest_result); otherwise
+-- p_code/p_message say why there is none (the job still runs, or a
+-- transient error).  A batch still open is polled again after p_next.
+-- Returns ingest_result's message, or the error.
+CREATE FUNCTION enrich._dispatch_polled(p_batch bigint, p_http integer, p_body text,
+                                        p_api_status text, p_code text, p_message text,
+                                        p_next interval)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_env   jsonb;
+    v_out   text;
+    v_msg   text;
+BEGIN
+    IF p_body IS NOT NULL THEN
+        BEGIN
+            v_env := p_body::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            p_code := 'invalid_response';
+            p_message := 'the poll answer cannot be stored as jsonb: ' || SQLERRM;
+        END;
+    END IF;
+    IF v_env IS NOT NULL THEN
+        SELECT r.outcome, r.message INTO v_out, v_msg
+          FROM enrich.ingest_result(p_batch, v_env) r;
+        IF v_out <> 'accepted' THEN
+            p_code := 'invalid_response';
+            p_message := v_msg;
+        END IF;
+    END IF;
+    UPDATE enrich.batches b
+       SET last_polled_at = now(), http_status = p_http,
+           api_status = coalesce(p_api_status, b.api_status),
+           next_poll_at = CASE WHEN b.state IN ('sending', 'sent') THEN now() + p_next END,
+           error_code = CASE WHEN b.state IN ('sending', 'sent') THEN p_code ELSE b.error_code END,
+           error_message = CASE WHEN b.state IN ('sending', 'sent') THEN p_message
+                                ELSE b.error_message END
+     WHERE b.id = p_batch;
+    RETURN coalesce(p_message, v_msg);
+END
+$$;
+
+-- At start: a batch whose POST was under way when the dispatcher stopped
+-- may or may not have reached the API.  It is sent again after p_grace,
+-- unless a webhook shows meanwhile that the API has it (ingest then moves
+-- it to 'sent').  Returns how many batches that concerns.
+CREATE FUNCTION enrich._dispatch_recover(p_grace interval)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer;
+    v_msg text := 'the dispatcher stopped while this POST was under way; sent again after '
+                  'enrich.resend_grace unless a webhook shows the API has it';
+BEGIN
+    UPDATE enrich.batches b
+       SET next_attempt_at = now() + p_grace, error_code = 'interrupted', error_message = v_msg
+     WHERE b.state = 'sending' AND b.attempts > 0 AND b.next_attempt_at IS NULL;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    UPDATE enrich.requests q
+       SET next_attempt_at = now() + p_grace, error_code = 'interrupted', error_message = v_msg
+      FROM enrich.batches b
+     WHERE q.batch_id = b.id AND q.state = 'sending'
+       AND b.state = 'sending' AND b.error_code = 'interrupted' AND q.next_attempt_at IS NULL;
+    RETURN v_n;
+END
+$$;
+
+-- When the API calls of the last minute were made, as far as the tables
+-- remember (accepted POSTs and polls): the rate limiter starts from these
+-- after a restart.
+CREATE FUNCTION enrich._dispatch_recent_calls()
+RETURNS SETOF timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT b.sent_at FROM enrich.batches b WHERE b.sent_at > now() - interval '1 minute'
+    UNION ALL
+    SELECT b.last_polled_at FROM enrich.batches b
+     WHERE b.last_polled_at > now() - interval '1 minute'
+$$;
+
+------------------------------------------------------------------------
+-- What the dispatcher worker is doing (from shared memory).
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.dispatcher_status(
+    OUT pid integer, OUT state text, OUT detail text, OUT api_key_source text,
+    OUT in_flight bigint, OUT calls_last_minute integer, OUT calls_running integer,
+    OUT paused_until timestamptz, OUT last_call_at timestamptz,
+    OUT calls bigint, OUT calls_failed bigint, OUT calls_429 bigint,
+    OUT batches_sent bigint, OUT contacts_sent bigint, OUT contacts_reused bigint,
+    OUT polls bigint, OUT last_error text, OUT last_error_at timestamptz,
+    OUT started_at timestamptz, OUT updated_at timestamptz)
+AS 'MODULE_PATHNAME', 'enrich_dispatcher_status'
+LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+
+COMMENT ON FUNCTION enrich.dispatcher_status() IS
+'The dispatcher worker''s state, why, and its counters since it started.';
+
+CREATE VIEW enrich.dispatcher AS
+    SELECT * FROM enrich.dispatcher_status();
+
+COMMENT ON VIEW enrich.dispatcher IS
+'The dispatcher worker: what it does and why (state, detail), pacing and counters since it started.';
+
+GRANT EXECUTE ON FUNCTION enrich.dispatcher_status() TO enrich_submitter, enrich_reader;
+GRANT SELECT ON enrich.dispatcher TO enrich_submitter, enrich_reader;
+
+-- A CREATE EXTENSION in the dispatcher's database wakes it at commit.
+SELECT enrich._wake_dispatcher();
