@@ -89,6 +89,8 @@ typedef struct ClaimedBatch
 /* What enrich._dispatch_plan() says. */
 typedef struct QueuePlan
 {
+	bool		installed;		/* the extension exists in our database */
+	bool		recovered;		/* startup recovery ran in this transaction */
 	int64		in_flight;
 	int			ready;
 	TimestampTz ready_since;	/* 0: none */
@@ -458,13 +460,6 @@ load_api_key(void)
 				 errhint("Set enrich.api_key_file (or enrich.api_key) and reload the configuration.")));
 }
 
-/* Is the extension installed in our database?  (Needs a transaction.) */
-static void
-tx_check_extension(void *arg)
-{
-	*(bool *) arg = OidIsValid(get_extension_oid("enrich", true));
-}
-
 /* Startup recovery: interrupted POSTs wait out the grace period. */
 static void
 tx_recover(void *arg)
@@ -490,39 +485,29 @@ tx_recover(void *arg)
 	status.calls -= SPI_processed;
 }
 
-/* Find out whether we can work in this database; log changes once. */
-static bool
-extension_check(void)
+/* Log when the extension appears in or leaves our database, once each. */
+static void
+note_extension(bool installed)
 {
-	bool		installed = false;
-
-	if (!run_tx("checking for the enrich extension", tx_check_extension, &installed))
-		return false;
-	if (!installed)
+	if (!installed && !extension_warned)
 	{
-		if (!extension_warned)
-			ereport(LOG,
-					(errmsg("enrich dispatcher: extension \"enrich\" is not installed in database \"%s\"; waiting",
-							enrich_database_name),
-					 errhint("Run CREATE EXTENSION enrich in database \"%s\", or point enrich.database_name at the database that has it.",
-							 enrich_database_name)));
+		ereport(LOG,
+				(errmsg("enrich dispatcher: extension \"enrich\" is not installed in database \"%s\"; waiting",
+						enrich_database_name),
+				 errhint("Run CREATE EXTENSION enrich in database \"%s\", or point enrich.database_name at the database that has it.",
+						 enrich_database_name)));
 		extension_warned = true;
-		extension_ready = false;
-		recovered = false;
-		return false;
 	}
-	if (!extension_ready)
+	else if (installed && extension_warned)
 	{
-		if (extension_warned)
-			ereport(LOG,
-					(errmsg("enrich dispatcher: extension \"enrich\" is installed in database \"%s\"; starting",
-							enrich_database_name)));
+		ereport(LOG,
+				(errmsg("enrich dispatcher: extension \"enrich\" is installed in database \"%s\"; starting",
+						enrich_database_name)));
 		extension_warned = false;
-		extension_ready = true;
 	}
-	if (!recovered)
-		recovered = run_tx("recovering interrupted batches", tx_recover, NULL);
-	return recovered;
+	if (!installed)
+		recovered = false;		/* a new installation starts afresh */
+	extension_ready = installed;
 }
 
 /*-------------------------------------------------------------------------
@@ -530,12 +515,24 @@ extension_check(void)
  *-------------------------------------------------------------------------
  */
 
+/*
+ * Read the plan: whether the extension is installed (nothing else is read
+ * when it is not), startup recovery at the first look, _dispatch_plan().
+ */
 static void
 tx_plan(void *arg)
 {
-	QueuePlan	   *plan = (QueuePlan *) arg;
+	QueuePlan  *plan = (QueuePlan *) arg;
 	bool		isnull;
 
+	plan->installed = OidIsValid(get_extension_oid("enrich", true));
+	if (!plan->installed)
+		return;
+	if (!recovered)
+	{
+		tx_recover(NULL);
+		plan->recovered = true;
+	}
 	spi_run("SELECT in_flight, ready, ready_since, next_ready, batch_due, next_batch, "
 			"poll_due, next_poll, credits_out_at FROM enrich._dispatch_plan()",
 			0, NULL, NULL, NULL);
@@ -729,7 +726,7 @@ dispatch_step(void)
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz wake = now + BACKSTOP_MS * 1000;
 	TimestampTz slot;
-	QueuePlan		plan;
+	QueuePlan	plan;
 	bool		credits_paused;
 	bool		started = false;
 
@@ -742,17 +739,18 @@ dispatch_step(void)
 				  key_source);
 		return BACKSTOP_MS;
 	}
-	if (!extension_check())
-	{
-		if (!extension_ready)
-			set_state("not_installed", "extension enrich is not installed in database \"%s\"",
-					  enrich_database_name);
-		return extension_ready ? 5000L : BACKSTOP_MS;
-	}
-
 	memset(&plan, 0, sizeof(plan));
 	if (!run_tx("reading the queue", tx_plan, &plan))
 		return 5000L;
+	note_extension(plan.installed);
+	if (!plan.installed)
+	{
+		set_state("not_installed", "extension enrich is not installed in database \"%s\"",
+				  enrich_database_name);
+		return BACKSTOP_MS;		/* CREATE EXTENSION wakes us */
+	}
+	if (plan.recovered)
+		recovered = true;
 	status.in_flight = plan.in_flight;
 
 	credits_paused = credits_refused ||
