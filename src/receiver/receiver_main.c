@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
@@ -475,6 +476,15 @@ main(int argc, char **argv)
 				 atomic_load(&receiver_in_flight));
 	atomic_store(&receiver_stopping, true);
 	listen_fd = MHD_quiesce_daemon(daemon);
+
+	/*
+	 * The socket itself must stay open until MHD_stop_daemon (workers may
+	 * still hold it), but it must stop completing handshakes into its
+	 * backlog, where nobody would serve them: on Linux, shutdown() of a
+	 * listening socket makes new connections be refused.
+	 */
+	if (listen_fd != MHD_INVALID_SOCKET)
+		shutdown(listen_fd, SHUT_RDWR);
 	{
 		struct timespec tick = {0, 10 * 1000 * 1000};
 		double		waited = 0;

@@ -88,10 +88,15 @@ def envelope(eid, status, records, credits=0):
 
 
 def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None):
-    """enrich-receiver on a free loopback port against cluster c; returns (daemon, port)."""
+    """enrich-receiver on a free loopback port against cluster c; returns (daemon, port).
+
+    dsn=None connects as user; dsn=False passes no --dsn (give --dsn-file in extra).
+    """
     port = free_port()
-    argv = [daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
-            "--dsn", dsn or c.dsn(user=user)] + list(extra)
+    argv = [daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port]
+    if dsn is not False:
+        argv += ["--dsn", dsn or c.dsn(user=user)]
+    argv += list(extra)
     d = Daemon(argv, name).start()
     wait_port(port)
     return d, port
