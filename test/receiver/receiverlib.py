@@ -87,12 +87,12 @@ def envelope(eid, status, records, credits=0):
                       separators=(",", ":")).encode()
 
 
-def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None):
+def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None):
     """enrich-receiver on a free loopback port against cluster c; returns (daemon, port).
 
     dsn=None connects as user; dsn=False passes no --dsn (give --dsn-file in extra).
     """
-    port = free_port()
+    port = port or free_port()
     argv = [daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port]
     if dsn is not False:
         argv += ["--dsn", dsn or c.dsn(user=user)]
