@@ -1,0 +1,394 @@
+/*-------------------------------------------------------------------------
+ *
+ * receiver_db.c
+ *		One libpq connection per HTTP worker thread, and the ingest call.
+ *
+ * libmicrohttpd runs the access handler on the worker thread that owns
+ * the connection, so each worker keeps its own PGconn (thread-local) and
+ * no locking is needed around libpq.  A delivery is one statement,
+ *
+ *	SELECT http_status, message FROM enrich.ingest_webhook($1::bytea, $2, $3)
+ *
+ * sent with PQexecParams (body as a binary parameter, no escaping) on a
+ * session that is never inside BEGIN: the statement is its own
+ * transaction, and the server reports ReadyForQuery only after that
+ * transaction committed, which is when PQexecParams returns.  If the
+ * commit fails, or the connection drops before ReadyForQuery, libpq
+ * returns an error (the last result), and we answer 503 or 500, never 2xx.
+ * A session with synchronous_commit = off would report commits that a
+ * crash can still lose, so such a session is raised to 'local' on connect.
+ *
+ * Reconnects: a connection found broken is dropped; the next request
+ * reconnects.  When a call fails because a connection that had been idle
+ * turned out to be dead (say the server restarted), the call is retried
+ * once on a fresh connection: ingest_webhook() is idempotent (a body it has
+ * seen is answered like the first copy), so even a first attempt that did
+ * commit makes the retry harmless.  While the server is unreachable,
+ * reconnect attempts per worker back off from 100 ms to 2 s and requests
+ * are answered 503 at once in between, so a dead database costs nothing.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libpq-fe.h>
+
+#include "receiver.h"
+
+#define BYTEAOID	17
+#define TEXTOID		25
+
+#define BACKOFF_MIN_MS	100
+#define BACKOFF_MAX_MS	2000
+
+static const char ingest_sql[] =
+"SELECT http_status, message FROM enrich.ingest_webhook($1::bytea, $2, $3)";
+
+/*
+ * The role may be able to call the function at all: the health check's
+ * question (it fails if the extension is missing).
+ */
+static const char health_sql[] =
+"SELECT pg_catalog.has_function_privilege("
+"'enrich.ingest_webhook(bytea, text, text)', 'EXECUTE')";
+
+/* Commits must be durable before we answer 2xx (see the header). */
+static const char setup_sql[] =
+"SELECT CASE WHEN pg_catalog.current_setting('synchronous_commit') = 'off' "
+"THEN pg_catalog.set_config('synchronous_commit', 'local', false) END";
+
+/* One worker thread's connection. */
+typedef struct DbSlot
+{
+	PGconn	   *conn;
+	double		next_attempt;	/* monotonic seconds: no reconnect before */
+	unsigned	backoff_ms;
+	struct DbSlot *next;		/* all slots, for receiver_db_close_all */
+} DbSlot;
+
+static __thread DbSlot *my_slot;
+static DbSlot *all_slots;
+static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Monotonic clock in seconds. */
+static double
+now_seconds(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* This thread's slot, created on first use; NULL when out of memory. */
+static DbSlot *
+slot_get(void)
+{
+	if (my_slot == NULL)
+	{
+		DbSlot	   *s = calloc(1, sizeof(DbSlot));
+
+		if (s == NULL)
+			return NULL;
+		pthread_mutex_lock(&slots_lock);
+		s->next = all_slots;
+		all_slots = s;
+		pthread_mutex_unlock(&slots_lock);
+		my_slot = s;
+	}
+	return my_slot;
+}
+
+/* Close a slot's connection (if any). */
+static void
+slot_drop(DbSlot *s)
+{
+	if (s->conn != NULL)
+	{
+		/* Only connections that got through slot_connect are stored. */
+		metrics_db_connected(-1);
+		PQfinish(s->conn);
+		s->conn = NULL;
+	}
+}
+
+/* First line of libpq's error text, without the trailing newline. */
+static void
+first_line(const char *text, char *out, size_t size)
+{
+	size_t		n = 0;
+
+	if (text != NULL)
+		while (text[n] != '\0' && text[n] != '\n' && n + 1 < size)
+			n++;
+	memcpy(out, text ? text : "", n);
+	out[n] = '\0';
+}
+
+/*
+ * Make sure the slot holds a working connection.  *fresh says whether it
+ * was opened just now.  False (with a log line on the first failure of a
+ * series) when the database cannot be reached now.
+ */
+static bool
+slot_connect(DbSlot *s, bool *fresh)
+{
+	const char *keys[4];
+	const char *vals[4];
+	char		timeout[16];
+	int			n = 0;
+	PGresult   *res;
+	double		now;
+
+	*fresh = false;
+	if (s->conn != NULL && PQstatus(s->conn) == CONNECTION_OK)
+		return true;
+	slot_drop(s);
+
+	now = now_seconds();
+	if (now < s->next_attempt)
+		return false;
+
+	/* Earlier keywords are defaults: the DSN, expanded last, wins. */
+	keys[n] = "fallback_application_name";
+	vals[n++] = RECEIVER_NAME;
+	if (getenv("PGCONNECT_TIMEOUT") == NULL)
+	{
+		snprintf(timeout, sizeof(timeout), "%u", receiver_config.db_connect_timeout);
+		keys[n] = "connect_timeout";
+		vals[n++] = timeout;
+	}
+	if (receiver_config.dsn != NULL)
+	{
+		keys[n] = "dbname";
+		vals[n++] = receiver_config.dsn;
+	}
+	keys[n] = NULL;
+	vals[n] = NULL;
+
+	s->conn = PQconnectdbParams(keys, vals, 1);
+	if (s->conn != NULL && PQstatus(s->conn) == CONNECTION_OK)
+	{
+		res = PQexec(s->conn, setup_sql);
+		if (PQresultStatus(res) == PGRES_TUPLES_OK)
+		{
+			PQclear(res);
+			metrics_db_connected(1);
+			if (s->backoff_ms != 0)
+				receiver_log("database connection restored");
+			s->backoff_ms = 0;
+			s->next_attempt = 0;
+			*fresh = true;
+			return true;
+		}
+		PQclear(res);
+	}
+
+	metrics_db_error(DBERR_CONNECT);
+	if (s->backoff_ms == 0)
+	{
+		char		why[256];
+
+		first_line(s->conn ? PQerrorMessage(s->conn) : "out of memory", why, sizeof(why));
+		receiver_log("cannot connect to the database: %s", why);
+	}
+	PQfinish(s->conn);
+	s->conn = NULL;
+	s->backoff_ms = s->backoff_ms == 0 ? BACKOFF_MIN_MS :
+		(s->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : s->backoff_ms * 2);
+	s->next_attempt = now + s->backoff_ms / 1000.0;
+	return false;
+}
+
+/*
+ * SQLSTATEs after which the vendor should simply retry (503): connection
+ * trouble, shutdown, overload, serialization failures, lock or statement
+ * timeouts, and a read-only server (a standby after failover).  For those
+ * that mean this session is useless, *drop is set too.
+ */
+static bool
+transient_error(const char *sqlstate, bool *drop)
+{
+	*drop = false;
+	if (sqlstate == NULL)
+		return (*drop = true);
+	if (strncmp(sqlstate, "08", 2) == 0 || strncmp(sqlstate, "57P", 3) == 0 ||
+		strcmp(sqlstate, "25006") == 0)
+		return (*drop = true);
+	return strncmp(sqlstate, "53", 2) == 0 || strncmp(sqlstate, "40", 2) == 0 ||
+		strcmp(sqlstate, "55P03") == 0 || strcmp(sqlstate, "57014") == 0;
+}
+
+/*
+ * Run one statement on this thread's connection, reconnecting as needed and
+ * retrying once when an idle connection turned out to be dead.  Returns the
+ * result (caller clears it; any status) or NULL when the database cannot be
+ * reached (why says so).
+ */
+static PGresult *
+exec_retry(const char *sql, int nparams, const Oid *types,
+		   const char *const *values, const int *lengths, const int *formats,
+		   char *why, size_t why_size)
+{
+	DbSlot	   *s = slot_get();
+
+	if (s == NULL)
+	{
+		snprintf(why, why_size, "out of memory");
+		return NULL;
+	}
+	for (int attempt = 0; attempt < 2; attempt++)
+	{
+		bool		fresh;
+		PGresult   *res;
+
+		if (!slot_connect(s, &fresh))
+		{
+			snprintf(why, why_size, "database unavailable");
+			return NULL;
+		}
+		res = PQexecParams(s->conn, sql, nparams, types, values, lengths, formats, 0);
+		if (res != NULL && PQstatus(s->conn) == CONNECTION_OK)
+			return res;
+
+		/* The connection broke under us. */
+		metrics_db_error(DBERR_LOST);
+		first_line(PQerrorMessage(s->conn), why, why_size);
+		receiver_log("database connection lost: %s", why);
+		PQclear(res);
+		slot_drop(s);
+		if (fresh)
+			break;
+	}
+	snprintf(why, why_size, "database unavailable");
+	return NULL;
+}
+
+/* Copy a message for the client and the log, printable ASCII only. */
+static void
+copy_message(char *out, size_t size, const char *in)
+{
+	size_t		i;
+
+	for (i = 0; in[i] != '\0' && i + 1 < size; i++)
+		out[i] = (in[i] >= 0x20 && in[i] < 0x7f) ? in[i] : '?';
+	out[i] = '\0';
+}
+
+/*
+ * Hand one delivery to enrich.ingest_webhook() and fill *answer with the
+ * status to send.  signature may be NULL (no header).  answer->committed is
+ * true only when the database answered and its transaction committed.
+ */
+void
+receiver_db_ingest(const char *body, size_t body_len, const char *signature,
+				   const char *path, IngestAnswer *answer)
+{
+	static const Oid types[3] = {BYTEAOID, TEXTOID, TEXTOID};
+	const char *values[3] = {body, signature, path};
+	int			lengths[3] = {(int) body_len, 0, 0};
+	static const int formats[3] = {1, 0, 0};
+	char		why[200];
+	PGresult   *res;
+	const char *sqlstate;
+	bool		drop;
+
+	answer->committed = false;
+	res = exec_retry(ingest_sql, 3, types, values, lengths, formats, why, sizeof(why));
+	if (res == NULL)
+	{
+		answer->http_status = 503;
+		copy_message(answer->message, sizeof(answer->message), why);
+		return;
+	}
+
+	if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+		PQnfields(res) == 2 && !PQgetisnull(res, 0, 0) &&
+		PQtransactionStatus(my_slot->conn) == PQTRANS_IDLE)
+	{
+		long		status = strtol(PQgetvalue(res, 0, 0), NULL, 10);
+
+		if (status >= 200 && status <= 599)
+		{
+			answer->http_status = (unsigned) status;
+			answer->committed = true;
+			copy_message(answer->message, sizeof(answer->message),
+						 PQgetisnull(res, 0, 1) ? "" : PQgetvalue(res, 0, 1));
+			PQclear(res);
+			return;
+		}
+	}
+
+	/* An SQL error, or an answer we do not understand: never 2xx. */
+	metrics_db_error(DBERR_QUERY);
+	sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+	first_line(PQresultStatus(res) == PGRES_TUPLES_OK ? "unexpected answer from enrich.ingest_webhook" :
+			   PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY), why, sizeof(why));
+	receiver_log("database error %s: %s", sqlstate ? sqlstate : "-", why);
+	if (transient_error(sqlstate, &drop))
+	{
+		answer->http_status = 503;
+		snprintf(answer->message, sizeof(answer->message), "database temporarily unavailable");
+	}
+	else
+	{
+		answer->http_status = 500;
+		snprintf(answer->message, sizeof(answer->message), "database error %s",
+				 sqlstate ? sqlstate : "");
+	}
+	PQclear(res);
+	if (drop || PQtransactionStatus(my_slot->conn) != PQTRANS_IDLE)
+		slot_drop(my_slot);
+}
+
+/*
+ * Is the database reachable, and may our role call enrich.ingest_webhook()?
+ * message gets a one-line explanation either way.
+ */
+bool
+receiver_db_health(char *message, size_t message_size)
+{
+	char		why[200];
+	PGresult   *res;
+	bool		ok;
+
+	res = exec_retry(health_sql, 0, NULL, NULL, NULL, NULL, why, sizeof(why));
+	if (res == NULL)
+	{
+		copy_message(message, message_size, why);
+		return false;
+	}
+	ok = PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+		strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+	if (ok)
+		snprintf(message, message_size, "ok");
+	else if (PQresultStatus(res) == PGRES_TUPLES_OK)
+		snprintf(message, message_size, "this role may not execute enrich.ingest_webhook()");
+	else
+	{
+		first_line(PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY), why, sizeof(why));
+		snprintf(message, message_size, "database error: %s", why);
+	}
+	PQclear(res);
+	return ok;
+}
+
+/* Close every worker's connection; call once the HTTP threads are gone. */
+void
+receiver_db_close_all(void)
+{
+	pthread_mutex_lock(&slots_lock);
+	while (all_slots != NULL)
+	{
+		DbSlot	   *s = all_slots;
+
+		all_slots = s->next;
+		slot_drop(s);
+		free(s);
+	}
+	pthread_mutex_unlock(&slots_lock);
+}

@@ -1,0 +1,444 @@
+#!/usr/bin/env python3
+"""HTTP-level tests of enrich-receiver against a real cluster.
+
+Deliveries are signed here (HMAC-SHA1 of the exact body with the API key)
+and POSTed to the receiver, which runs as a login role granted only
+enrich_receiver.  Covers: per-contact and batch deliveries landing with
+the right values, the same delivery three times, out-of-order delivery,
+signatures, every refusal (method, path, content type, size, JSON, UTF-8)
+with the receiver still serving afterwards, slow and idle clients, the
+connection cap, the database stopped and restarted (503, then recovery),
+/healthz and /metrics, TLS, SIGTERM draining an in-flight delivery, the
+log (one line per delivery, no body, no signature, no full token) and the
+command line (--help, no password in --dsn).
+"""
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from enrichtest import Results, as_pg_user, daemon_path, free_port, wait_port  # noqa: E402
+from receiverlib import (ROLE, envelope, make_batch, make_cluster, metric, post, raw,  # noqa: E402
+                         record, request, sign, start_receiver, wait_for)
+
+R = Results("receiver")
+C = None
+daemons = []
+
+
+def q(sql, **kw):
+    return C.scalar(sql, **kw)
+
+
+def result_row(rid):
+    return q("SELECT format('%%s,%%s,%%s,%%s,%%s,%%s', outcome, work_email, work_email_status, phone, "
+             "phone_region, profile #>> '{employment,current,title}') FROM enrich.results "
+             "WHERE request_id = %d" % rid)
+
+
+def serving(port):
+    """The receiver still answers (health check and a fresh signed delivery)."""
+    st, body, _ = request(port, "GET", "/healthz")
+    if st != 200:
+        return False
+    _, token, ids, eid = make_batch(C, 1)
+    st, _, _ = post(port, token, envelope(eid, "IN_PROGRESS", [record(ids[0], we="s@example.com")]))
+    return st == 200 and result_row(ids[0]).startswith("partial,s@example.com")
+
+
+def test_deliveries(port):
+    # --- signed per-contact delivery -------------------------------------
+    bid, token, ids, eid = make_batch(C, 3)
+    body = envelope(eid, "IN_PROGRESS", [record(ids[0], we="ada@example.com", ph="+33 6 12 34 56 78",
+                                                title="CTO")], credits=11)
+    st, msg, hdrs = post(port, token, body)
+    R.eq(st, 200, "signed per-contact delivery answered 200")
+    R.check(msg.startswith("accepted: 1 record(s), 1 result(s) changed"), "answer carries the function's message", msg)
+    R.eq(result_row(ids[0]), "found,ada@example.com,DELIVERABLE,+33 6 12 34 56 78,FR,CTO",
+         "per-contact delivery: extracted values and profile")
+    R.eq(q("SELECT state FROM enrich.requests WHERE id = %d" % ids[0]), "done", "request moved to done")
+
+    # --- the same delivery three times -------------------------------------
+    mark = q("SELECT xmin::text || updated_at FROM enrich.results WHERE request_id = %d" % ids[0])
+    st2 = post(port, token, body)[0]
+    st3 = post(port, token, body)[0]
+    R.eq((st2, st3), (200, 200), "repeated delivery answered 200")
+    R.eq((q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids[0]),
+          q("SELECT xmin::text || updated_at FROM enrich.results WHERE request_id = %d" % ids[0])),
+         ("1", mark), "same delivery 3 times: one row, untouched")
+    R.eq(q("SELECT string_agg(outcome, ',' ORDER BY id) FROM enrich.deliveries "
+           "WHERE body_sha256 = sha256(decode('%s', 'hex'))" % body.hex()),
+         "accepted,duplicate,duplicate", "three deliveries recorded: one accepted, two duplicates")
+
+    # --- signed batch delivery ----------------------------------------------
+    job = envelope(eid, "FINISHED", [record(ids[0], we="ada@example.com", ph="+33 6 12 34 56 78", title="CTO"),
+                                     record(ids[1], we="bob@example.com", title="VP Sales")], credits=12)
+    st, msg, _ = post(port, token, job, kind="job")
+    R.eq(st, 200, "signed batch delivery answered 200")
+    R.eq(result_row(ids[1]), "partial,bob@example.com,DELIVERABLE,,,VP Sales", "batch delivery: extracted values")
+    R.eq(q("SELECT concat_ws(',', state, api_status, credits_used) FROM enrich.batches WHERE id = %d" % bid),
+         "finished,FINISHED,12", "batch delivery ends the batch with its credits")
+    R.eq(q("SELECT string_agg(state, ',' ORDER BY id) FROM enrich.requests WHERE batch_id = %d" % bid),
+         "done,done,failed", "request without a record failed")
+    R.eq(q("SELECT xmin::text || updated_at FROM enrich.results WHERE request_id = %d" % ids[0]), mark,
+         "per-contact and batch delivery agree (row untouched)")
+
+    # --- out of order: the job delivery first ----------------------------------
+    bid2, token2, ids2, eid2 = make_batch(C, 2)
+    recs = [record(ids2[0], we="c@example.com"), record(ids2[1], ph="+1 555 0100")]
+    st, _, _ = post(port, token2, envelope(eid2, "FINISHED", recs, credits=11), kind="job")
+    R.eq(st, 200, "job delivery before the per-contact ones answered 200")
+    mark2 = q("SELECT string_agg(xmin::text || updated_at, ',' ORDER BY request_id) FROM enrich.results "
+              "WHERE batch_id = %d" % bid2)
+    late = [post(port, token2, envelope(eid2, "IN_PROGRESS", [r], credits=1))[0] for r in reversed(recs)]
+    R.eq(late, [200, 200], "late per-contact deliveries answered 200")
+    R.eq(q("SELECT string_agg(xmin::text || updated_at, ',' ORDER BY request_id) FROM enrich.results "
+           "WHERE batch_id = %d" % bid2), mark2, "late per-contact deliveries change nothing")
+    R.eq((result_row(ids2[0]), result_row(ids2[1]), q("SELECT state FROM enrich.batches WHERE id = %d" % bid2)),
+         ("partial,c@example.com,DELIVERABLE,,,", "partial,,,+1 555 0100,FR,", "finished"),
+         "out-of-order deliveries: right values, batch finished")
+
+    # --- signatures ------------------------------------------------------------
+    _, token3, ids3, eid3 = make_batch(C, 2)
+    forged = envelope(eid3, "IN_PROGRESS", [record(ids3[0], we="mallory@example.com")])
+    st, msg, _ = post(port, token3, forged, sig=sign(forged, "not-the-key"))
+    R.eq((st, msg.strip()), (401, "invalid X-Signature-SHA1"), "wrong signature answered 401")
+    st, msg, _ = post(port, token3, forged, sig=None)
+    R.eq((st, msg.strip()), (401, "missing X-Signature-SHA1"), "missing signature answered 401")
+    st, msg, _ = post(port, token3, forged, sig="caf\u00e9".encode("latin-1").decode("latin-1"))
+    R.eq(st, 401, "non-ASCII signature answered 401")
+    R.eq(q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids3[0]), "0",
+         "rejected signatures leave no result")
+    R.eq(q("SELECT count(*) FROM enrich.deliveries WHERE outcome = 'unauthorized' AND body IS NULL"), "3",
+         "rejected deliveries recorded as metadata only")
+    return token3, ids3, eid3
+
+
+def test_refusals(port, token, ids, eid):
+    good = envelope(eid, "IN_PROGRESS", [record(ids[1], we="late@example.com")])
+    path = "/webhooks/%s/contact" % token
+
+    for method in ("GET", "PUT", "DELETE"):
+        st, _, hdrs = request(port, method, path, body=good if method == "PUT" else None)
+        R.eq((st, hdrs.get("Allow")), (405, "POST"), "%s on a delivery path answered 405 with Allow" % method)
+    st, _, hdrs = request(port, "POST", "/healthz", body=b"{}")
+    R.eq((st, hdrs.get("Allow")), (405, "GET, HEAD"), "POST /healthz answered 405")
+    for p in ("/", "/webhook/%s/contact" % token, "/api/webhooks/%s/contact" % token, "/webhooksx"):
+        st, _, _ = post(port, token, good, path=p)
+        R.eq(st, 404, "POST %s answered 404" % p)
+    st, _, _ = post(port, token, good, path="/webhooks/%s/contact%%01" % token)
+    R.eq(st, 404, "a path with control characters answered 404")
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        st, msg, _ = post(port, token, good, ctype=ctype)
+        R.eq(st, 415, "Content-Type %s answered 415" % ctype)
+    R.eq(q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids[1]), "0",
+         "refused requests never reached the database")
+
+    # Oversize: announced by Content-Length (the body is not read), and chunked.
+    big = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Signature-SHA1: %s\r\n" \
+          b"Content-Length: %d\r\n\r\n" % (path.encode(), b"0" * 40, 8 * 1024 * 1024 + 1)
+    st, msg = raw(port, big)
+    R.eq(st, 413, "Content-Length over the 8 MiB default answered 413 before the body")
+    st, msg = raw(port, big + b"x" * (8 * 1024 * 1024 + 1))
+    R.eq(st, 413, "oversize body sent in full answered 413")
+    chunk = b"x" * 65536
+    chunked = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+              b"Transfer-Encoding: chunked\r\n\r\n" % path.encode() + \
+              b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(130)) + b"0\r\n\r\n"
+    st, msg = raw(port, chunked)
+    R.check(st in (0, 413), "chunked body over the limit refused (413 or connection closed)", "got %r" % st)
+
+    # Bodies the database refuses: 400 with the reason.
+    st, msg, _ = post(port, token, b'{"id": "x", "status": ')
+    R.eq((st, msg.strip()), (400, "the body is not valid JSON"), "invalid JSON answered 400")
+    st, msg, _ = post(port, token, b'{"id": "x", "status": "FINISHED", "name": "\xff\xfe"}')
+    R.eq((st, msg.strip()), (400, "the body is not valid UTF-8"), "invalid UTF-8 answered 400")
+    st, msg, _ = post(port, token, b"")
+    R.eq(st, 400, "empty body answered 400")
+
+    # Accepted variants of the content type.
+    st, _, _ = post(port, token, good, ctype="application/json; charset=utf-8")
+    R.eq(st, 200, "application/json; charset=utf-8 accepted")
+    st, _, _ = post(port, token, envelope(eid, "IN_PROGRESS", [record(ids[1], we="late@example.com")], 1),
+                    ctype=None)
+    R.eq(st, 200, "a delivery without Content-Type is accepted (the vendor does not document one)")
+    R.check(serving(port), "receiver still serving after every refusal")
+
+
+def test_timeouts_and_cap(c):
+    d, port = start_receiver(c, "--idle-timeout", "1", "--request-timeout", "2",
+                             "--max-connections", "3", name="receiver-limits")
+    daemons.append(d)
+    # Idle client: half a request line, then silence.
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /webhooks/x/contact HTTP/1.1\r\nHost: x\r\n")
+    s.settimeout(5)
+    t0 = time.monotonic()
+    try:
+        got = s.recv(100)
+    except OSError:
+        got = b""
+    R.check(got == b"" and time.monotonic() - t0 < 4, "idle client closed by the idle timeout",
+            "(got %r after %.1fs)" % (got, time.monotonic() - t0))
+    s.close()
+
+    # Slow client: a body trickling in, each byte inside the idle timeout.
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"POST /webhooks/x/contact HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n")
+    t0 = time.monotonic()
+    closed = False
+    for _ in range(20):
+        try:
+            s.sendall(b" ")
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.4)
+        s.setblocking(False)
+        try:
+            if s.recv(100) == b"":
+                closed = True
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+            break
+        s.setblocking(True)
+    R.check(closed and time.monotonic() - t0 < 5, "slow body cut off by the request timeout",
+            "(closed=%r after %.1fs)" % (closed, time.monotonic() - t0))
+    s.close()
+
+    # Connection cap: three open connections, the fourth is not served (not
+    # within half a second: after the 1 s idle timeout it would be).
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    time.sleep(0.1)
+    try:
+        st, _, _ = request(port, "GET", "/healthz", timeout=0.5)
+    except OSError:
+        st = 0
+    R.eq(st, 0, "a connection over --max-connections is not served")
+    for h in held:
+        h.close()
+    time.sleep(0.3)
+    R.eq(request(port, "GET", "/healthz")[0], 200, "served again once connections are released")
+
+
+def test_metrics(port):
+    st, text, hdrs = request(port, "GET", "/metrics")
+    R.check(st == 200 and hdrs.get("Content-Type", "").startswith("text/plain; version=0.0.4"),
+            "/metrics is Prometheus text", "(%r %r)" % (st, hdrs.get("Content-Type")))
+    acc = metric(port, 'enrich_receiver_deliveries_total{outcome="accepted"}')
+    unauth = metric(port, 'enrich_receiver_deliveries_total{outcome="unauthorized"}')
+    refused = metric(port, 'enrich_receiver_deliveries_total{outcome="refused"}')
+    db_acc = int(q("SELECT count(*) FROM enrich.deliveries WHERE http_status = 200"))
+    R.eq(acc, float(db_acc), "accepted deliveries counted (as many as the database answered 200)")
+    R.eq(unauth, 3.0, "unauthorized deliveries counted")
+    R.check(refused is not None and refused >= 5, "refused deliveries counted (413, 415)", "got %r" % refused)
+    count = metric(port, "enrich_receiver_delivery_duration_seconds_count")
+    inf = metric(port, 'enrich_receiver_delivery_duration_seconds_bucket{le="+Inf"}')
+    total = int(q("SELECT count(*) FROM enrich.deliveries"))
+    R.check(count == inf and count >= total, "latency histogram counts every delivery that reached the database",
+            "(count %r, +Inf %r, deliveries %d)" % (count, inf, total))
+    R.eq(metric(port, 'enrich_receiver_http_responses_total{code="415"}'), 3.0, "responses counted by status")
+    R.check(metric(port, "enrich_receiver_db_connections") >= 1, "open database connections shown")
+
+
+def test_database_down(port):
+    bid, token, ids, eid = make_batch(C, 2)
+    before = metric(port, 'enrich_receiver_db_errors_total{kind="connect"}') + \
+        metric(port, 'enrich_receiver_db_errors_total{kind="connection_lost"}')
+    C.stop()
+    body = envelope(eid, "IN_PROGRESS", [record(ids[0], we="down@example.com")])
+    sts = [post(port, token, body)[0] for _ in range(6)]
+    R.eq(set(sts), {503}, "database stopped: deliveries answered 503")
+    R.eq(request(port, "GET", "/healthz")[0], 503, "database stopped: /healthz answers 503")
+    after = metric(port, 'enrich_receiver_db_errors_total{kind="connect"}') + \
+        metric(port, 'enrich_receiver_db_errors_total{kind="connection_lost"}')
+    R.check(after > before, "database errors counted", "(%r -> %r)" % (before, after))
+    R.check(metric(port, 'enrich_receiver_deliveries_total{outcome="unavailable"}') >= 6,
+            "unavailable deliveries counted")
+    C.start(create_db=False)
+    t0 = time.monotonic()
+    st = wait_for(lambda: post(port, token, body)[0] == 200 or None, timeout=20, interval=0.2,
+                  what="a delivery after the restart")
+    R.check(st and time.monotonic() - t0 < 10, "database back: the delivery succeeds without restarting the receiver")
+    R.eq(result_row(ids[0]), "partial,down@example.com,DELIVERABLE,,,", "the retried delivery landed")
+    R.eq(wait_for(lambda: request(port, "GET", "/healthz")[0] == 200 or None, timeout=10), True,
+         "/healthz back to 200")
+    # A restart while idle: the first delivery afterwards succeeds at once
+    # (the stale connection is replaced and the call retried).
+    C.restart()
+    st, _, _ = post(port, token, envelope(eid, "IN_PROGRESS", [record(ids[1], we="r@example.com")]))
+    R.eq(st, 200, "first delivery after a restart while idle answered 200")
+
+
+def test_tls(c):
+    tmp = c.base
+    cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", key, "-out", cert], capture_output=True)
+    R.eq(r.returncode, 0, "test certificate made with openssl")
+    d, port = start_receiver(c, "--tls-cert", cert, "--tls-key", key, name="receiver-tls")
+    daemons.append(d)
+    ctx = ssl.create_default_context(cafile=cert)
+    _, token, ids, eid = make_batch(c, 1)
+    st, msg, _ = post(port, token, envelope(eid, "IN_PROGRESS", [record(ids[0], we="tls@example.com")]),
+                      tls_context=ctx)
+    R.eq(st, 200, "delivery over HTTPS answered 200")
+    R.eq(result_row(ids[0]), "partial,tls@example.com,DELIVERABLE,,,", "delivery over HTTPS landed")
+    try:
+        st = request(port, "GET", "/healthz", timeout=3)[0]
+    except Exception:
+        st = 0
+    R.check(st != 200, "plain HTTP is not served on the TLS port", "got %r" % st)
+    R.eq(request(port, "GET", "/healthz", tls_context=ctx)[0], 200, "/healthz over HTTPS")
+    d.stop()
+
+
+def test_drain(c):
+    d, port = start_receiver(c, name="receiver-drain")
+    daemons.append(d)
+    _, token, ids, eid = make_batch(c, 1)
+    body = envelope(eid, "IN_PROGRESS", [record(ids[0], we="drain@example.com")])
+    request(port, "GET", "/healthz")
+    # Hold the inbox so that the delivery waits inside the database.
+    locker = subprocess.Popen(as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-q",
+                                          "-h", c.sockdir, "-p", str(c.port), "-d", c.dbname,
+                                          "-c", "BEGIN; LOCK TABLE enrich.deliveries IN EXCLUSIVE MODE; "
+                                                "SELECT pg_sleep(2); COMMIT;"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for(lambda: q("SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation "
+                       "WHERE r.relname = 'deliveries' AND l.mode = 'ExclusiveLock' AND l.granted") == "1",
+             timeout=10, what="the lock")
+    out = {}
+
+    def send():
+        out["answer"] = post(port, token, body, timeout=20)
+    th = threading.Thread(target=send)
+    th.start()
+    wait_for(lambda: q("SELECT count(*) FROM pg_stat_activity WHERE usename = '%s' "
+                       "AND wait_event_type = 'Lock'" % ROLE) == "1", timeout=10,
+             what="the delivery waiting on the lock")
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        refused = False
+    except OSError:
+        refused = True
+    R.check(refused, "after SIGTERM no new connections are accepted")
+    R.check(d.proc.poll() is None, "after SIGTERM the receiver waits for the delivery in flight")
+    th.join(30)
+    locker.wait(30)
+    R.eq(out.get("answer", (None,))[0], 200, "the in-flight delivery was answered 200")
+    R.eq(result_row(ids[0]), "partial,drain@example.com,DELIVERABLE,,,", "the in-flight delivery landed")
+    try:
+        rc = d.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        rc = None
+    R.eq(rc, 0, "the receiver exits 0 once drained")
+
+
+def test_log(d):
+    log = d.log()
+    lines = [l for l in log.splitlines() if " POST /webhooks/" in l]
+    R.check(len(lines) >= 20, "one log line per delivery", "(%d lines)" % len(lines))
+    R.check("ada@example.com" not in log and '"contact_info"' not in log, "the log holds no body")
+    tokens = q("SELECT string_agg(token, ' ') FROM enrich.batches").split()
+    R.check(not any(t in log for t in tokens), "the log never holds a full batch token")
+    sigs = q("SELECT count(*) FROM enrich.deliveries")  # every signature sent was a 40-hex HMAC
+    R.check(not any(len(w) == 40 and all(ch in "0123456789abcdef" for ch in w)
+                    for w in log.replace("/", " ").split()), "the log holds no signature (%s deliveries)" % sigs)
+
+
+def test_command_line(c):
+    exe = daemon_path("enrich-receiver")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    R.check(r.returncode == 0 and "--listen HOST:PORT" in r.stdout and "--dsn-file" in r.stdout,
+            "--help prints the usage and exits 0")
+    r = subprocess.run([exe, "--dsn", "host=127.0.0.1 user=x password=secret"], capture_output=True, text=True)
+    R.check(r.returncode == 2 and "password" in r.stderr and "secret" not in r.stderr,
+            "a password in --dsn is refused (and not echoed)", r.stderr)
+    r = subprocess.run([exe, "--dsn", "postgresql://x:secret@127.0.0.1/db"], capture_output=True, text=True)
+    R.eq(r.returncode, 2, "a password in a --dsn URI is refused")
+    r = subprocess.run([exe, "--bogus"], capture_output=True, text=True)
+    R.eq(r.returncode, 2, "an unknown option exits 2")
+    # --dsn-file with a password: only when only its owner can read it.
+    f = os.path.join(c.base, "dsn")
+    with open(f, "w") as fh:
+        fh.write(c.dsn(user=ROLE) + " password=notused\n")
+    os.chmod(f, 0o644)
+    r = subprocess.run([exe, "--dsn-file", f, "--listen", "127.0.0.1:1"], capture_output=True, text=True,
+                       timeout=10)
+    R.check(r.returncode == 2 and "chmod 600" in r.stderr, "a world-readable --dsn-file with a password is refused")
+    os.chmod(f, 0o600)
+    d, port = start_receiver(c, "--dsn-file", f, name="receiver-dsnfile", dsn=False)
+    daemons.append(d)
+    R.eq(request(port, "GET", "/healthz")[0], 200, "--dsn-file connects")
+    d.stop()
+    # The environment alone (no --dsn): PGHOST, PGPORT, PGUSER, PGDATABASE.
+    port = free_port()
+    env = dict(os.environ, PGHOST="127.0.0.1", PGPORT=str(c.port), PGUSER=ROLE, PGDATABASE=c.dbname)
+    p = subprocess.Popen([exe, "--listen", "127.0.0.1:%d" % port], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        R.eq(request(port, "GET", "/healthz")[0], 200, "libpq environment alone connects")
+    finally:
+        p.terminate()
+        p.wait(10)
+    # A role without enrich_receiver: reachable, but not healthy.
+    c.psql("CREATE ROLE outsider LOGIN")
+    d, port = start_receiver(c, user="outsider", name="receiver-outsider")
+    daemons.append(d)
+    st, msg, _ = request(port, "GET", "/healthz")
+    R.check(st == 503 and "permission denied" in msg, "/healthz tells a role without enrich_receiver",
+            "(got %r %r)" % (st, msg))
+    _, token, ids, eid = make_batch(c, 1)
+    st, _, _ = post(port, token, envelope(eid, "IN_PROGRESS", [record(ids[0], we="o@example.com")]))
+    R.eq(st, 500, "a delivery through a role without the grant is answered 500, never 2xx")
+    d.stop()
+
+
+def main():
+    global C
+    C = make_cluster("receiver")
+    d, port = start_receiver(C)
+    daemons.append(d)
+    st, msg, _ = request(port, "GET", "/healthz")
+    R.eq((st, msg.strip()), (200, "ok"), "/healthz answers 200 when the database is reachable")
+    R.eq(request(port, "HEAD", "/healthz")[0], 200, "HEAD /healthz")
+    token, ids, eid = test_deliveries(port)
+    test_refusals(port, token, ids, eid)
+    test_metrics(port)
+    test_log(d)
+    test_database_down(port)
+    test_timeouts_and_cap(C)
+    test_tls(C)
+    test_command_line(C)
+    test_drain(C)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:  # a crash is a failure, not a silent pass
+        import traceback
+        traceback.print_exc()
+        R.check(False, "suite ran to the end", repr(exc))
+    finally:
+        for dm in daemons:
+            dm.stop()
+        if C is not None:
+            C.destroy()
+    R.finish()
