@@ -733,12 +733,6 @@ dispatch_step(void)
 	rate_resize();
 	status.calls_last_minute = rate_recent(now);
 
-	if (api_key == NULL)
-	{
-		set_state("no_api_key", "no API key configured (%s); set enrich.api_key_file or enrich.api_key and reload",
-				  key_source);
-		return BACKSTOP_MS;
-	}
 	memset(&plan, 0, sizeof(plan));
 	if (!run_tx("reading the queue", tx_plan, &plan))
 		return 5000L;
@@ -751,6 +745,11 @@ dispatch_step(void)
 	}
 	if (plan.recovered)
 		recovered = true;
+	if (api_key == NULL)
+	{
+		set_state("no_api_key", "no API key configured: set enrich.api_key_file or enrich.api_key and reload");
+		return BACKSTOP_MS;
+	}
 	status.in_flight = plan.in_flight;
 
 	credits_paused = credits_refused ||

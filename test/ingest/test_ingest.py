@@ -47,17 +47,20 @@ def lit(s):
     return "'" + s.replace("'", "''") + "'"
 
 
-def deliver(body, sig="auto", path=None, token=None, kind="contact", user="recv"):
-    """Call ingest_webhook as the receiver; return (status, message)."""
+def deliver(body, sig="auto", path=None, token=None, kind="contact", user="recv", at=None):
+    """Call ingest_webhook as the receiver; return (status, message).  With
+    at (a timestamp), the session connects first and calls at that moment,
+    so that several threads deliver truly at once."""
     if isinstance(body, str):
         body = body.encode()
     if sig == "auto":
         sig = sign(body)
     if path is None:
         path = "/webhooks/%s/%s" % (token, kind)
-    out = C.psql("SELECT http_status, message FROM enrich.ingest_webhook("
+    wait = "SELECT pg_sleep_until('%s');\n" % at if at else ""
+    out = C.psql(wait + "SELECT http_status, message FROM enrich.ingest_webhook("
                  "decode('%s', 'hex'), %s, %s)" % (body.hex(), lit(sig), lit(path)),
-                 user=user)
+                 user=user).split("\n")[-1]
     status, _, message = out.partition("|")
     return int(status), message
 
@@ -434,6 +437,42 @@ def main():
         th.join()
     R.eq((sorted(set(statuses)), q("SELECT count(*) FROM enrich.results WHERE request_id = %d" % ids10[0])),
          ([200], "1"), "8 concurrent copies: all 200, one result")
+
+    # --- a batch whose POST answer was lost ----------------------------------
+    # The dispatcher never learnt the job id (a crash or timeout mid-POST):
+    # the batch is still 'sending'.  Per-contact deliveries arriving all at
+    # once must mark it sent, without deadlocking on each other.
+    e = str(uuid.uuid4())
+    out = C.psql("""
+        WITH b AS (
+            INSERT INTO enrich.batches (state, name, contact_count, attempts, next_attempt_at)
+            VALUES ('sending', 'lost answer', 12, 1, now() + interval '1 hour')
+            RETURNING id, token)
+        SELECT b.id, b.token FROM b""")
+    b, t = out.split("|")
+    ids12 = [int(i) for i in C.psql("""
+        INSERT INTO enrich.requests (state, batch_id, fields, input_key, first_name)
+        SELECT 'sending', %s, '{work_email}', 'lost' || g, 'L' || g FROM generate_series(1, 12) g
+        RETURNING id""" % b).split("\n")]
+    statuses = []
+    at = q("SELECT (clock_timestamp() + interval '1.5 s')::text")
+
+    def per_contact(rid):
+        statuses.append(deliver(envelope(e, "IN_PROGRESS", [record(rid, we="l%d@example.com" % rid)]),
+                                token=t, at=at)[0])
+    threads = [threading.Thread(target=per_contact, args=(rid,)) for rid in ids12]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    R.eq(sorted(set(statuses)), [200], "12 concurrent per-contact deliveries to a 'sending' batch: all 200")
+    R.eq(C.psql("SELECT state, enrichment_id, next_attempt_at IS NULL, next_poll_at IS NOT NULL "
+                "FROM enrich.batches WHERE id = %s" % b), "sent|%s|t|t" % e,
+         "the batch is marked sent with the job id: no resend, polled if need be")
+    R.eq(q("SELECT count(*) FROM enrich.requests WHERE batch_id = %s AND state = 'done'" % b), "12",
+         "every contact done")
+    R.eq(q("SELECT count(*) FROM enrich.deliveries WHERE batch_id = %s AND outcome <> 'accepted'" % b), "0",
+         "no delivery failed (no deadlock)")
 
     # --- pg_dump keeps the inbox ------------------------------------------
     R.eq(q("SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c "

@@ -142,7 +142,22 @@ DECLARE
     v_matched   integer;
     v_done      integer;
     v_failed    integer := 0;
+    v_sending   boolean := false;
 BEGIN
+    -- A delivery that will change the batch row locks it before any request
+    -- row: a final delivery, or a per-contact one while the batch is still
+    -- 'sending'.  Concurrent deliveries of the batch then queue on that one
+    -- row instead of deadlocking over request rows (each would hold its own
+    -- request and wait for the others'), and the dispatcher, which also
+    -- locks a batch before its requests, keeps the same order.
+    IF p_final THEN
+        PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
+    ELSE
+        PERFORM FROM enrich.batches b
+         WHERE b.id = p_batch_id AND b.state = 'sending' FOR UPDATE;
+        v_sending := FOUND;
+    END IF;
+
     IF jsonb_typeof(v_data) = 'array' THEN
         record_count := jsonb_array_length(v_data);
     ELSE
@@ -305,7 +320,7 @@ BEGIN
     -- the dispatcher never saw the answer to its POST (a crash, a timeout):
     -- the batch is sent, so it is not sent again, and is polled if its
     -- final delivery never comes.
-    IF NOT p_final THEN
+    IF v_sending THEN
         UPDATE enrich.batches b
            SET state = 'sent', enrichment_id = coalesce(b.enrichment_id, v_env_id),
                sent_at = coalesce(b.sent_at, now()), next_attempt_at = NULL,
