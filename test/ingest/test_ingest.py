@@ -474,6 +474,28 @@ def main():
     R.eq(q("SELECT count(*) FROM enrich.deliveries WHERE batch_id = %s AND outcome <> 'accepted'" % b), "0",
          "no delivery failed (no deadlock)")
 
+    # Per-contact deliveries racing the final one (a sent batch): the
+    # per-contact ones take the batch's key-share lock first, so the final
+    # one never holds a result row they wait for.
+    b, t, ids16, e = make_batch(16)
+    statuses = []
+    at = q("SELECT (clock_timestamp() + interval '1.5 s')::text")
+    recs = [record(rid, we="r%d@example.com" % rid) for rid in ids16]
+
+    def racer(body, kind):
+        statuses.append(deliver(body, token=t, kind=kind, at=at)[0])
+    threads = [threading.Thread(target=racer, args=(envelope(e, "IN_PROGRESS", [r]), "contact"))
+               for r in recs]
+    threads.append(threading.Thread(target=racer, args=(envelope(e, "FINISHED", recs), "job")))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    R.eq((sorted(set(statuses)),
+          q("SELECT count(*) FROM enrich.deliveries WHERE batch_id = %d AND outcome = 'error'" % b),
+          q("SELECT state FROM enrich.batches WHERE id = %d" % b)),
+         ([200], "0", "finished"), "16 per-contact deliveries racing the final one: no deadlock")
+
     # --- pg_dump keeps the inbox ------------------------------------------
     R.eq(q("SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c "
            "WHERE e.extname = 'enrich' AND c = 'enrich.deliveries'::regclass"), "1",

@@ -144,18 +144,23 @@ DECLARE
     v_failed    integer := 0;
     v_sending   boolean := false;
 BEGIN
-    -- A delivery that will change the batch row locks it before any request
-    -- row: a final delivery, or a per-contact one while the batch is still
-    -- 'sending'.  Concurrent deliveries of the batch then queue on that one
-    -- row instead of deadlocking over request rows (each would hold its own
-    -- request and wait for the others'), and the dispatcher, which also
-    -- locks a batch before its requests, keeps the same order.
+    -- Every delivery locks the batch row before any result or request row,
+    -- the order the dispatcher keeps too.  One that will change the batch
+    -- (a final delivery, or a per-contact one while the batch is still
+    -- 'sending') takes FOR UPDATE, so those queue on that one row instead of
+    -- deadlocking over request rows.  The others take FOR KEY SHARE, which
+    -- they would take anyway at the end of their INSERT into results (its
+    -- foreign key to batches), but too late: holding a results row while
+    -- waiting for a final delivery that waits for that row is a deadlock.
     IF p_final THEN
         PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
     ELSE
         PERFORM FROM enrich.batches b
          WHERE b.id = p_batch_id AND b.state = 'sending' FOR UPDATE;
         v_sending := FOUND;
+        IF NOT v_sending THEN
+            PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR KEY SHARE;
+        END IF;
     END IF;
 
     IF jsonb_typeof(v_data) = 'array' THEN
