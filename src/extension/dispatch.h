@@ -96,6 +96,7 @@ typedef struct DispatchCall
 	long		http_status;	/* 0 when no answer came */
 	bool		body_sent;		/* the whole request went out */
 	TimestampTz started_at;
+	int			record_tries;	/* failed attempts to record the outcome */
 	struct DispatchCall *next;
 } DispatchCall;
 

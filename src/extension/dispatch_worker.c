@@ -1267,11 +1267,41 @@ release_slot(DispatchCall *call)
 	}
 }
 
+/* Record attempts before an outcome is given up (see handle_finished_calls). */
+#define MAX_RECORD_TRIES 5
+
 /*
- * Record every finished call, and retry outcomes that could not be
- * recorded before.  A call whose outcome cannot be recorded keeps its slot,
- * so nothing new is started on top of an unknown state.
+ * Record one finished call, or keep it for a later try.  A call whose
+ * outcome cannot be recorded keeps its slot, so nothing new is started on
+ * top of a state we could not write.  After MAX_RECORD_TRIES it is given
+ * up with a warning: a poll is simply repeated later, and a POST's batch
+ * stays marked as under way, which its webhooks or the recovery at the
+ * next start resolve.
  */
+static void
+record_or_keep(DispatchCall *call)
+{
+	if (record_call(call))
+	{
+		release_slot(call);
+		dispatch_http_free(call);
+		return;
+	}
+	if (++call->record_tries >= MAX_RECORD_TRIES)
+	{
+		ereport(WARNING,
+				(errmsg("enrich dispatcher: giving up recording the outcome of a call for batch " INT64_FORMAT " after %d tries",
+						call->batch_id, call->record_tries),
+				 errdetail("See the earlier warnings for the reason.")));
+		release_slot(call);
+		dispatch_http_free(call);
+		return;
+	}
+	call->next = unrecorded;
+	unrecorded = call;
+}
+
+/* Record every finished call, and retry outcomes not recorded before. */
 static void
 handle_finished_calls(void)
 {
@@ -1284,30 +1314,10 @@ handle_finished_calls(void)
 		call = retry;
 		retry = call->next;
 		call->next = NULL;
-		if (record_call(call))
-		{
-			release_slot(call);
-			dispatch_http_free(call);
-		}
-		else
-		{
-			call->next = unrecorded;
-			unrecorded = call;
-		}
+		record_or_keep(call);
 	}
 	while ((call = dispatch_http_next_finished()) != NULL)
-	{
-		if (record_call(call))
-		{
-			release_slot(call);
-			dispatch_http_free(call);
-		}
-		else
-		{
-			call->next = unrecorded;
-			unrecorded = call;
-		}
-	}
+		record_or_keep(call);
 }
 
 /*-------------------------------------------------------------------------
@@ -1358,12 +1368,9 @@ dispatch_shutdown(void)
 				(errmsg("enrich dispatcher: stopping with %d call(s) in flight; they are recorded as interrupted",
 						dispatch_http_running())));
 	dispatch_http_abort_all();
-	for (tries = 0; tries < 3; tries++)
-	{
+	handle_finished_calls();
+	for (tries = 1; tries < MAX_RECORD_TRIES && unrecorded != NULL; tries++)
 		handle_finished_calls();
-		if (unrecorded == NULL)
-			break;
-	}
 	dispatch_http_shutdown();
 }
 
@@ -1426,7 +1433,9 @@ enrich_dispatch_main(Datum main_arg)
 		}
 
 		handle_finished_calls();
-		timeout = unrecorded != NULL ? 1000L : dispatch_step();
+		timeout = dispatch_step();
+		if (unrecorded != NULL)
+			timeout = Min(timeout, 1000L);	/* try recording again soon */
 		publish_status();
 		if (timeout == 0)
 			continue;			/* something started: look again at once */

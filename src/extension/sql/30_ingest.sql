@@ -112,7 +112,9 @@ AS $$
         WHEN jsonb_typeof(env -> 'cost') NOT IN ('object', 'null')
             THEN 'not a result envelope: "cost" is not an object'
         WHEN jsonb_typeof(env -> 'data') = 'array'
-             AND jsonb_path_exists(env, 'strict $.data[*] ? (@.type() != "object")')
+             -- silent: AND does not promise to test the type first, and a
+             -- strict path on an object without "data" would raise.
+             AND jsonb_path_exists(env, 'strict $.data[*] ? (@.type() != "object")', '{}', true)
             THEN 'not a result envelope: a "data" element is not an object'
     END
 $$;

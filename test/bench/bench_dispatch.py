@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Benchmark of the dispatcher worker, limits lifted.
+
+enrich-sandbox runs with its rate limit and in-flight cap lifted, the
+dispatcher with enrich.max_calls_per_minute = 0 and a huge
+enrich.max_in_flight, in polling mode with polls far off: what is measured
+is the worker turning queued requests into accepted jobs (claim
+transaction, JSON body, POST over a reused connection, outcome
+transaction).
+
+Printed, all from this run:
+  - contacts dispatched per second, and that rate over the vendor's own
+    ceiling (60 calls x 100 contacts a minute = 100 contacts/s);
+  - that rate over the rate at which enrich.submit() queued the same rows
+    (same machine, same run);
+  - the worker's CPU time (user + system, from /proc) per 10,000 contacts;
+  - the worker's private memory (RssAnon) after 10,000 and after 200,000
+    contacts: it must not grow with the number of contacts.
+
+Usage: python3 test/bench/bench_dispatch.py [--total 200000]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from enrichtest import Cluster, Daemon, daemon_path, free_port, wait_port  # noqa: E402
+
+KEY = "bench-key-0123456789"
+
+
+def proc_cpu(pid):
+    """User + system CPU seconds of a process."""
+    with open("/proc/%s/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_anon_kb(pid):
+    with open("/proc/%s/status" % pid) as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--total", type=int, default=200000)
+    args = ap.parse_args()
+    first = 10000
+
+    port = free_port()
+    sb = Daemon([daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % port, "--api-key", KEY,
+                 "--rate-limit", "0", "--max-in-flight", "100000000", "--contact-delay-ms", "0",
+                 ], "sandbox").start()
+    c = None
+    try:
+        wait_port(port)
+        c = Cluster("bench-dispatch", conf={
+            "enrich.api_key": "'%s'" % KEY,
+            "enrich.api_url": "'http://127.0.0.1:%d/api/v2'" % port,
+            "enrich.max_calls_per_minute": "0",
+            "enrich.max_in_flight": "100000000",
+            "enrich.batch_delay": "0",
+            "enrich.poll_after": "'30d'",
+            "enrich.reuse_window": "0",
+            "log_min_messages": "warning",
+        })
+        c.start()
+        c.psql("CREATE EXTENSION enrich")
+        pid = c.scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'enrich dispatcher'")
+
+        def dispatched():
+            return int(c.scalar("SELECT count(*) FROM enrich.requests WHERE state = 'in_flight'"))
+
+        def run(n, offset):
+            """Queue n contacts in one statement, wait until all are in flight."""
+            t0 = time.monotonic()
+            c.psql("SELECT count(enrich.submit(jsonb_build_object("
+                   "'first_name', 'F' || g, 'last_name', 'L' || g, 'domain', 'd' || (g %% 997) || '.example'))) "
+                   "FROM generate_series(%d, %d) g" % (offset + 1, offset + n))
+            t_submit = time.monotonic() - t0
+            cpu0 = proc_cpu(pid)
+            t1 = time.monotonic()
+            target = offset + n
+            while dispatched() < target:
+                time.sleep(0.05)
+            t_dispatch = time.monotonic() - t1
+            return t_submit, t_dispatch, proc_cpu(pid) - cpu0
+
+        s1, d1, cpu1 = run(first, 0)
+        mem1 = rss_anon_kb(pid)
+        s2, d2, cpu2 = run(args.total - first, first)
+        mem2 = rss_anon_kb(pid)
+        calls = int(c.scalar("SELECT calls FROM enrich.dispatcher"))
+        failed = int(c.scalar("SELECT calls_failed FROM enrich.dispatcher"))
+
+        rate1 = first / d1
+        rate = args.total / (d1 + d2)
+        submit_rate = args.total / (s1 + s2)
+        print("dispatcher benchmark (limits lifted, %d contacts, %d calls, %d failed)" % (args.total, calls, failed))
+        print("  first %6d: dispatched at %7.0f contacts/s" % (first, rate1))
+        print("  all   %6d: dispatched at %7.0f contacts/s = %.1fx the vendor's ceiling of 100/s"
+              % (args.total, rate, rate / 100.0))
+        print("  enrich.submit() queued the same rows at %.0f contacts/s: dispatch/submit = %.2f"
+              % (submit_rate, rate / submit_rate))
+        print("  worker CPU per 10,000 contacts: %.3f s (first 10,000), %.3f s (the rest)"
+              % (cpu1, cpu2 / ((args.total - first) / 10000.0)))
+        print("  worker private memory (RssAnon): %d kB after %d contacts, %d kB after %d (%+.1f%%)"
+              % (mem1, first, mem2, args.total, 100.0 * (mem2 - mem1) / mem1))
+    finally:
+        if c is not None:
+            c.destroy()
+        sb.stop()
+
+
+if __name__ == "__main__":
+    main()
