@@ -316,13 +316,15 @@ def memcheck(args):
                            capture_output=True, text=True)
         print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr)
         # The odd cases: refusals, bad bodies, a dropped upload, metrics, health.
+        js = {"Content-Type": "application/json"}
         odd = [
             ("GET", "/healthz", None, {}), ("GET", "/metrics", None, {}),
-            ("GET", "/webhooks/x/contact", None, {}), ("POST", "/nope", b"{}", {}),
+            ("GET", "/webhooks/x/contact", None, {}), ("POST", "/nope", b"{}", js),
             ("POST", "/webhooks/x/contact", b"{}", {"Content-Type": "text/plain"}),
-            ("POST", "/webhooks/x/contact", b"{not json", {"X-Signature-SHA1": sign(b"{not json")}),
-            ("POST", "/webhooks/x/contact", b"\xff\xfe", {"X-Signature-SHA1": sign(b"\xff\xfe")}),
-            ("POST", "/webhooks/x/contact", b"{}", {"X-Signature-SHA1": "0" * 40}),
+            ("POST", "/webhooks/x/contact", b"{not json", dict(js, **{"X-Signature-SHA1": sign(b"{not json")})),
+            ("POST", "/webhooks/x/contact", b"\xff\xfe", dict(js, **{"X-Signature-SHA1": sign(b"\xff\xfe")})),
+            ("POST", "/webhooks/x/contact", b"{}", dict(js, **{"X-Signature-SHA1": "0" * 40})),
+            ("POST", "/webhooks/x/contact", b"{}", js),
         ]
         for _ in range(20):
             for method, path, body, hdrs in odd:
