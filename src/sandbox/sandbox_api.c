@@ -1,0 +1,1004 @@
+/*-------------------------------------------------------------------------
+ *
+ * sandbox_api.c
+ *		The simulated FullEnrich v2 endpoints under /api/v2.
+ *
+ * Every API request goes through the same steps, in this order:
+ *
+ *	1. routing: an unknown path is 404 error.not_found, a known path with
+ *	   the wrong method 405 error.method.not_allowed (with Allow);
+ *	2. authentication: the three 401s of reference section 1.2/11.2;
+ *	3. the rate limit: --rate-limit calls per --rate-window-ms for all
+ *	   endpoints together (sliding window unless --rate-window fixed),
+ *	   counting only authenticated calls; beyond it 429 error.rate.limit;
+ *	4. transport faults: hang_rate, reset_rate (and response_delay_ms,
+ *	   applied by the HTTP layer to every answer);
+ *	5. for the two bulk POSTs, submit faults (submit_fail_next,
+ *	   submit_429_rate, submit_5xx_rate), decided before the request is
+ *	   looked at, or after the job was created when fail_after_create is on;
+ *	6. the endpoint itself, with body validation in the documented order
+ *	   (reference section 17) and the documented error codes.
+ *
+ * Request bodies are parsed by json-c (strict, UTF-8 checked) in the
+ * calling HTTP thread; only the creation of the job and the logs take
+ * S.lock.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <openssl/crypto.h>
+
+#include "sandbox.h"
+
+typedef enum
+{
+	R_NONE,
+	R_VERIFY,
+	R_CREDITS,
+	R_ENRICH_POST,
+	R_ENRICH_GET,
+	R_REVERSE_POST,
+	R_REVERSE_GET,
+	R_SEARCH
+} route_id;
+
+#define MAX_URL_LEN		2048
+#define MAX_FIELD_LEN	1000
+
+/* ---- responses ---- */
+
+/* Answer with a JSON body (takes ownership of obj). */
+void
+resp_json(sb_response *resp, int status, json_object *obj)
+{
+	free(resp->body);
+	resp->status = status;
+	resp->body = json_dump(obj, &resp->body_len);
+	json_object_put(obj);
+}
+
+/* Answer with the documented error envelope {"code", "message"}. */
+void
+resp_error(sb_response *resp, int status, const char *code, const char *message)
+{
+	json_object *o = json_object_new_object();
+
+	json_object_object_add(o, "code", json_object_new_string(code));
+	json_object_object_add(o, "message", json_object_new_string(message));
+	resp_json(resp, status, o);
+}
+
+/* ---- routing ---- */
+
+/* A path segment usable as a job id (UUIDs and anything short and plain). */
+static bool
+plain_id(const char *s)
+{
+	size_t		n = strlen(s);
+	size_t		i;
+
+	if (n == 0 || n > 64)
+		return false;
+	for (i = 0; i < n; i++)
+		if (!isalnum((unsigned char) s[i]) && s[i] != '-' && s[i] != '_')
+			return false;
+	return true;
+}
+
+static route_id
+route(const char *path, char *id, size_t idsz, bool *bad_id)
+{
+	char		p[512];
+	size_t		n;
+	const char *rest;
+
+	*bad_id = false;
+	if (strncmp(path, "/api/v2/", 8) != 0)
+		return R_NONE;
+	n = strlen(path);
+	if (n >= sizeof(p))
+		return R_NONE;
+	memcpy(p, path, n + 1);
+	if (n > 8 && p[n - 1] == '/')
+		p[n - 1] = '\0';
+	rest = p + 7;
+	if (!strcmp(rest, "/account/keys/verify"))
+		return R_VERIFY;
+	if (!strcmp(rest, "/account/credits"))
+		return R_CREDITS;
+	if (!strcmp(rest, "/contact/enrich/bulk"))
+		return R_ENRICH_POST;
+	if (!strcmp(rest, "/contact/reverse/email/bulk"))
+		return R_REVERSE_POST;
+	if (!strcmp(rest, "/people/search") || !strcmp(rest, "/company/search") ||
+		!strcmp(rest, "/people/lookup") || !strcmp(rest, "/company/lookup"))
+		return R_SEARCH;
+	if (!strncmp(rest, "/contact/enrich/bulk/", 21) && !strchr(rest + 21, '/'))
+	{
+		snprintf(id, idsz, "%s", rest + 21);
+		*bad_id = !plain_id(rest + 21);
+		return R_ENRICH_GET;
+	}
+	if (!strncmp(rest, "/contact/reverse/email/bulk/", 28) && !strchr(rest + 28, '/'))
+	{
+		snprintf(id, idsz, "%s", rest + 28);
+		*bad_id = !plain_id(rest + 28);
+		return R_REVERSE_GET;
+	}
+	return R_NONE;
+}
+
+static const char *
+route_method(route_id r)
+{
+	switch (r)
+	{
+		case R_VERIFY:
+		case R_CREDITS:
+		case R_ENRICH_GET:
+		case R_REVERSE_GET:
+			return "GET";
+		default:
+			return "POST";
+	}
+}
+
+static bool
+query_true(const char *v)
+{
+	return v && (!strcasecmp(v, "true") || !strcmp(v, "1"));
+}
+
+/* ---- authentication and rate limit ---- */
+
+/*
+ * Check the Authorization header; on failure fill resp with the 401 and
+ * return -1, else the index of the matching key.  Keys are compared in
+ * constant time, all of them.
+ */
+static int
+authenticate(const char *auth, sb_response *resp)
+{
+	const char *token;
+	size_t		tlen;
+	int			found = -1;
+	int			i;
+
+	if (!auth || !auth[0])
+	{
+		resp_error(resp, 401, "error.authorization.not_set", "Authorization headers not set");
+		return -1;
+	}
+	if (strncasecmp(auth, "Bearer ", 7) != 0)
+	{
+		resp_error(resp, 401, "error.authorization.not_bearer",
+				   "Authorization headers do not have prefix 'bearer'");
+		return -1;
+	}
+	token = auth + 7;
+	while (*token == ' ')
+		token++;
+	tlen = strlen(token);
+	while (tlen > 0 && token[tlen - 1] == ' ')
+		tlen--;
+	for (i = 0; i < CFG.napi_keys; i++)
+	{
+		if (tlen == CFG.api_key_lens[i] &&
+			CRYPTO_memcmp(token, CFG.api_keys[i], tlen) == 0 && found < 0)
+			found = i;
+	}
+	if (found < 0)
+		resp_error(resp, 401, "error.api.key", "Unknown api key");
+	return found;
+}
+
+/* One more call in the window?  Under S.lock. */
+static bool
+rate_allow(uint64_t now)
+{
+	long		limit = S.faults.rate_limit;
+	uint64_t	window = (uint64_t) CFG.rate_window_ms;
+
+	if (limit <= 0)
+		return true;
+	if (CFG.rate_fixed)
+	{
+		if (S.rl_count == 0 || now - S.rl_window_start >= window)
+		{
+			if (now - S.rl_window_start >= window || S.rl_count == 0)
+			{
+				S.rl_window_start = now;
+				S.rl_count = 0;
+			}
+		}
+		if (S.rl_count >= limit)
+			return false;
+		S.rl_count++;
+		return true;
+	}
+	if (S.rl_cap != limit)
+	{
+		free(S.rl_ring);
+		S.rl_ring = xcalloc((size_t) limit, sizeof(uint64_t));
+		S.rl_cap = limit;
+		S.rl_head = 0;
+		S.rl_count = 0;
+	}
+	while (S.rl_count > 0 && now - S.rl_ring[S.rl_head] >= window)
+	{
+		S.rl_head = (S.rl_head + 1) % S.rl_cap;
+		S.rl_count--;
+	}
+	if (S.rl_count >= limit)
+		return false;
+	S.rl_ring[(S.rl_head + S.rl_count) % S.rl_cap] = now;
+	S.rl_count++;
+	return true;
+}
+
+/* ---- validation helpers ---- */
+
+typedef struct verr
+{
+	const char *code;
+	char		message[300];
+} verr;
+
+static bool
+fail(verr *e, const char *code, const char *fmt, const char *arg)
+{
+	e->code = code;
+	snprintf(e->message, sizeof(e->message), fmt, arg ? arg : "");
+	return false;
+}
+
+/* A non-blank string member, else NULL (non-strings count as absent). */
+static const char *
+str_member(json_object *obj, const char *key)
+{
+	json_object *v;
+	const char *s;
+
+	if (!json_object_object_get_ex(obj, key, &v) || !json_object_is_type(v, json_type_string))
+		return NULL;
+	s = json_object_get_string(v);
+	while (*s == ' ' || *s == '\t' || *s == '\r' || *s == '\n')
+		s++;
+	return *s ? json_object_get_string(v) : NULL;
+}
+
+static bool
+http_url_ok(const char *u)
+{
+	size_t		i;
+
+	if (strncasecmp(u, "http://", 7) != 0 && strncasecmp(u, "https://", 8) != 0)
+		return false;
+	if (strlen(u) > MAX_URL_LEN)
+		return false;
+	for (i = 0; u[i]; i++)
+		if ((unsigned char) u[i] <= 0x20 || u[i] == 0x7f)
+			return false;
+	return true;
+}
+
+/* webhook_url and webhook_events.contact_finished. */
+static bool
+check_webhooks(json_object *root, char **url, char **contact_url, verr *e)
+{
+	json_object *v,
+			   *cf;
+
+	*url = *contact_url = NULL;
+	if (json_object_object_get_ex(root, "webhook_url", &v) && v)
+	{
+		if (!json_object_is_type(v, json_type_string) || !http_url_ok(json_object_get_string(v)))
+			return fail(e, "error.enrichment.webhook_url",
+						"Webhook URL must be start with http or https", NULL);
+		*url = xstrdup(json_object_get_string(v));
+	}
+	if (json_object_object_get_ex(root, "webhook_events", &v) && v)
+	{
+		if (!json_object_is_type(v, json_type_object))
+			goto bad_events;
+		if (json_object_object_get_ex(v, "contact_finished", &cf) && cf)
+		{
+			if (!json_object_is_type(cf, json_type_string) ||
+				!http_url_ok(json_object_get_string(cf)))
+				goto bad_events;
+			*contact_url = xstrdup(json_object_get_string(cf));
+		}
+	}
+	return true;
+
+bad_events:
+	free(*url);
+	*url = NULL;
+	return fail(e, "error.enrichment.webhook_url",
+				"Webhook URL must be start with http or https", NULL);
+}
+
+/* A DNS name, optionally written as a URL (scheme, www. and path dropped). */
+static bool
+domain_ok(const char *d)
+{
+	const char *p = d;
+	size_t		n,
+				i,
+				label = 0,
+				dots = 0;
+
+	if (strstr(p, "://"))
+		p = strstr(p, "://") + 3;
+	n = strcspn(p, "/");
+	if (n == 0 || n > 253)
+		return false;
+	for (i = 0; i < n; i++)
+	{
+		unsigned char c = (unsigned char) p[i];
+
+		if (c == '.')
+		{
+			if (label == 0)
+				return false;
+			label = 0;
+			dots++;
+		}
+		else if (isalnum(c) || c == '-' || c >= 0x80)
+		{
+			if (++label > 63)
+				return false;
+		}
+		else
+			return false;
+	}
+	return dots > 0 && label > 0;
+}
+
+static bool
+linkedin_ok(const char *u)
+{
+	const char *host = strcasestr(u, "linkedin.com/");
+
+	if (!host)
+		return false;
+	host += strlen("linkedin.com/");
+	return (!strncmp(host, "in/", 3) || !strncmp(host, "pub/", 4) ||
+			!strncmp(host, "sales/", 6)) && strlen(host) > 4;
+}
+
+static bool
+email_ok(const char *s)
+{
+	const char *at = strchr(s, '@');
+	size_t		i;
+
+	if (!at || at == s || strchr(at + 1, '@') || strlen(s) > 320)
+		return false;
+	for (i = 0; s[i]; i++)
+		if ((unsigned char) s[i] <= 0x20 || s[i] == 0x7f)
+			return false;
+	return domain_ok(at + 1) && !strchr(at + 1, '/');
+}
+
+/*
+ * custom: an object of at most --custom-max-keys keys (of at most
+ * --custom-key-max-len characters), values strings of at most
+ * --custom-max-len characters.  Checked in that order (reference section
+ * 17); copied into the contact when valid.
+ */
+static bool
+check_custom(json_object *contact, sb_contact *c, verr *e)
+{
+	json_object *custom;
+	char		msg[200];
+	int			n = 0;
+
+	if (!json_object_object_get_ex(contact, "custom", &custom) || !custom)
+		return true;
+	if (!json_object_is_type(custom, json_type_object))
+		return fail(e, "error.enrichment.custom.invalid",
+					"Custom field must be an object of strings", NULL);
+	if (json_object_object_length(custom) > CFG.custom_max_keys)
+	{
+		snprintf(msg, sizeof(msg), "Custom field contains too many keys (max: %d keys)",
+				 CFG.custom_max_keys);
+		return fail(e, "error.enrichment.custom.key.exceeded", "%s", msg);
+	}
+	{
+		json_object_object_foreach(custom, key, val)
+		{
+			if (utf8_length(key, strlen(key)) > (size_t) CFG.custom_key_max_len)
+			{
+				snprintf(msg, sizeof(msg), "Custom field key max len exceeded (max: %d character)",
+						 CFG.custom_key_max_len);
+				return fail(e, "error.enrichment.custom.key.exceeded", "%s", msg);
+			}
+			if (json_object_is_type(val, json_type_string) &&
+				utf8_length(json_object_get_string(val), (size_t) json_object_get_string_len(val))
+				> (size_t) CFG.custom_max_len)
+			{
+				snprintf(msg, sizeof(msg), "Custom field value max len exceeded (max: %d character)",
+						 CFG.custom_max_len);
+				return fail(e, "error.enrichment.custom.value.exceeded", "%s", msg);
+			}
+		}
+	}
+	{
+		json_object_object_foreach(custom, key, val)
+		{
+			(void) key;
+			if (!json_object_is_type(val, json_type_string))
+				return fail(e, "error.enrichment.custom.value.invalid",
+							"Custom field values must be strings", NULL);
+		}
+	}
+	c->has_custom = true;
+	c->custom = xcalloc((size_t) json_object_object_length(custom), sizeof(sb_kv));
+	{
+		json_object_object_foreach(custom, key, val)
+		{
+			c->custom[n].key = xstrdup(key);
+			c->custom[n].val_len = (size_t) json_object_get_string_len(val);
+			c->custom[n].val = xstrndup(json_object_get_string(val), c->custom[n].val_len);
+			n++;
+		}
+	}
+	c->ncustom = n;
+	return true;
+}
+
+static char *
+dup_field(const char *s)
+{
+	return s ? xstrdup(s) : NULL;
+}
+
+static void
+contact_clear(sb_contact *c)
+{
+	int			k;
+
+	free(c->first_name);
+	free(c->last_name);
+	free(c->domain);
+	free(c->company_name);
+	free(c->linkedin_url);
+	free(c->email);
+	for (k = 0; k < c->ncustom; k++)
+	{
+		free(c->custom[k].key);
+		free(c->custom[k].val);
+	}
+	free(c->custom);
+	memset(c, 0, sizeof(*c));
+}
+
+static bool
+too_long(const char *s)
+{
+	return s && strlen(s) > MAX_FIELD_LEN;
+}
+
+/* One data[] element of an enrichment: identity, formats, fields, custom. */
+static bool
+check_enrich_contact(json_object *item, sb_contact *c, verr *e)
+{
+	const char *first,
+			   *last,
+			   *domain,
+			   *company,
+			   *li;
+	json_object *fields;
+	size_t		i,
+				n;
+
+	memset(c, 0, sizeof(*c));
+	if (!json_object_is_type(item, json_type_object))
+		return fail(e, "error.enrichment.first_name.empty", "First name cannot be empty", NULL);
+	first = str_member(item, "first_name");
+	last = str_member(item, "last_name");
+	domain = str_member(item, "domain");
+	company = str_member(item, "company_name");
+	li = str_member(item, "linkedin_url");
+	if (!li)
+		li = str_member(item, "professional_network_url");
+	if (!li)
+	{
+		if (!first)
+			return fail(e, "error.enrichment.first_name.empty", "First name cannot be empty", NULL);
+		if (!last)
+			return fail(e, "error.enrichment.last_name.empty", "Last name cannot be empty", NULL);
+		if (!domain && !company)
+			return fail(e, "error.enrichment.domain.empty", "Domain cannot be empty", NULL);
+	}
+	if (too_long(first) || too_long(last) || too_long(company))
+		return fail(e, "error.enrichment.data.invalid", "Contact field too long (max: 1000 characters)", NULL);
+	if (CFG.strict_input && domain && !domain_ok(domain))
+		return fail(e, "error.enrichment.domain.invalid", "Domain is invalid", NULL);
+	if (CFG.strict_input && li && (!linkedin_ok(li) || too_long(li)))
+		return fail(e, "error.enrichment.linkedin_url.invalid", "LinkedIn URL is invalid", NULL);
+	if (too_long(domain) || too_long(li))
+		return fail(e, "error.enrichment.data.invalid", "Contact field too long (max: 1000 characters)", NULL);
+
+	if (!json_object_object_get_ex(item, "enrich_fields", &fields) ||
+		!json_object_is_type(fields, json_type_array) || json_object_array_length(fields) == 0)
+		return fail(e, "error.enrichment.enrich_fields.empty", "enrichFields cannot be empty", NULL);
+	n = json_object_array_length(fields);
+	for (i = 0; i < n; i++)
+	{
+		json_object *f = json_object_array_get_idx(fields, i);
+		const char *s = json_object_is_type(f, json_type_string) ? json_object_get_string(f) : NULL;
+		char		shown[120];
+
+		if (s && !strcmp(s, "contact.work_emails"))
+			c->fields |= F_WORK;
+		else if (s && !strcmp(s, "contact.personal_emails"))
+			c->fields |= F_PERSONAL;
+		else if (s && !strcmp(s, "contact.phones"))
+			c->fields |= F_PHONE;
+		else
+		{
+			printable(s ? s : json_object_to_json_string(f), shown, sizeof(shown));
+			return fail(e, "error.enrichment.enrich_field.value",
+						"enrichField '%s' not valid must be contact.work_emails or "
+						"contact.phones or contact.personal_emails", shown);
+		}
+	}
+	if (!check_custom(item, c, e))
+		return false;
+	c->first_name = dup_field(first);
+	c->last_name = dup_field(last);
+	c->domain = dup_field(domain);
+	c->company_name = dup_field(company);
+	c->linkedin_url = dup_field(li);
+	return true;
+}
+
+/* One data[] element of a reverse lookup: email, then custom. */
+static bool
+check_reverse_contact(json_object *item, sb_contact *c, verr *e)
+{
+	const char *email;
+
+	memset(c, 0, sizeof(*c));
+	if (!json_object_is_type(item, json_type_object) || !(email = str_member(item, "email")))
+		return fail(e, "error.reverse.email.empty", "Email cannot be empty", NULL);
+	if (!email_ok(email))
+		return fail(e, "error.reverse.email.invalid", "Email is invalid", NULL);
+	if (!check_custom(item, c, e))
+		return false;
+	c->email = xstrdup(email);
+	return true;
+}
+
+/*
+ * Validate a bulk POST and build its job (not yet submitted).  On a
+ * validation error fill resp with the 400 and return NULL.  silentFail
+ * drops (or, with --silent-fail empty, keeps as empty) contacts that fail
+ * the per-contact checks instead of rejecting the request.  The per-contact
+ * entries for the /_sandbox/contacts log are returned in *log_items.
+ */
+static sb_job *
+build_job(json_object *root, job_kind kind, bool silent, int key_index,
+		  sb_response *resp, json_object **log_items)
+{
+	verr		e = {0};
+	const char *name;
+	char	   *url = NULL,
+			   *curl = NULL;
+	json_object *data;
+	size_t		n,
+				i;
+	sb_job	   *job;
+	int			kept = 0;
+
+	*log_items = NULL;
+	if (!json_object_is_type(root, json_type_object))
+	{
+		resp_error(resp, 400, "error.request.malformed", "Request body must be a JSON object");
+		return NULL;
+	}
+	name = str_member(root, "name");
+	if (!name)
+	{
+		resp_error(resp, 400, "error.enrichment.name.empty", "Enrichment name not set");
+		return NULL;
+	}
+	if (strlen(name) > 10000)
+	{
+		resp_error(resp, 400, "error.enrichment.name.invalid", "Enrichment name too long (max: 10000 characters)");
+		return NULL;
+	}
+	if (!check_webhooks(root, &url, &curl, &e))
+	{
+		resp_error(resp, 400, e.code, e.message);
+		return NULL;
+	}
+	if (!json_object_object_get_ex(root, "data", &data) ||
+		!json_object_is_type(data, json_type_array) || json_object_array_length(data) == 0)
+	{
+		free(url);
+		free(curl);
+		resp_error(resp, 400, "error.enrichment.data.empty", "Data is empty");
+		return NULL;
+	}
+	n = json_object_array_length(data);
+	if (n > SB_MAX_CONTACTS)
+	{
+		free(url);
+		free(curl);
+		resp_error(resp, 400, "error.enrichment.data.exceeded",
+				   "Data contains too many contacts (max: 100)");
+		return NULL;
+	}
+
+	job = xcalloc(1, sizeof(*job));
+	job->kind = kind;
+	job->name = xstrdup(name);
+	job->webhook_url = url;
+	job->contact_url = curl;
+	job->key_index = key_index;
+	job->contacts = xcalloc(n, sizeof(sb_contact));
+	*log_items = json_object_new_array();
+	for (i = 0; i < n; i++)
+	{
+		json_object *item = json_object_array_get_idx(data, i);
+		sb_contact *c = &job->contacts[kept];
+		bool		ok;
+		json_object *entry = json_object_new_object();
+		json_object *copy = NULL;
+		json_object *custom;
+
+		ok = kind == KIND_ENRICH ? check_enrich_contact(item, c, &e)
+			: check_reverse_contact(item, c, &e);
+		if (!ok && !silent)
+		{
+			json_object_put(entry);
+			json_object_put(*log_items);
+			*log_items = NULL;
+			contact_clear(c);
+			job->ncontacts = kept;
+			job_free(job);
+			resp_error(resp, 400, e.code, e.message);
+			return NULL;
+		}
+		json_object_object_add(entry, "index", json_object_new_int((int) i));
+		if (json_object_is_type(item, json_type_object) &&
+			json_object_object_get_ex(item, "custom", &custom))
+		{
+			json_object_deep_copy(custom, &copy, NULL);
+			json_object_object_add(entry, "custom", copy);
+			copy = NULL;
+		}
+		else
+			json_object_object_add(entry, "custom", NULL);
+		json_object_deep_copy(item, &copy, NULL);
+		json_object_object_add(entry, "input", copy);
+		if (!ok && !CFG.silent_fail_empty)
+		{
+			contact_clear(c);
+			json_object_object_add(entry, "skipped", json_object_new_boolean(1));
+			json_object_object_add(entry, "error", json_object_new_string(e.code));
+			json_object_array_add(*log_items, entry);
+			continue;
+		}
+		if (!ok)
+		{
+			/* silentFail "empty": keep what can be echoed, never enrich */
+			const char *s;
+
+			contact_clear(c);
+			c->invalid = true;
+			if (json_object_is_type(item, json_type_object))
+			{
+				if (kind == KIND_REVERSE)
+					c->email = dup_field((s = str_member(item, "email")) && strlen(s) <= 320 ? s : NULL);
+				else
+				{
+					c->first_name = dup_field((s = str_member(item, "first_name")) && !too_long(s) ? s : NULL);
+					c->last_name = dup_field((s = str_member(item, "last_name")) && !too_long(s) ? s : NULL);
+					c->domain = dup_field((s = str_member(item, "domain")) && !too_long(s) ? s : NULL);
+					c->company_name = dup_field((s = str_member(item, "company_name")) && !too_long(s) ? s : NULL);
+					c->linkedin_url = dup_field((s = str_member(item, "linkedin_url")) && !too_long(s) ? s : NULL);
+				}
+			}
+			if (kind == KIND_REVERSE && !c->email)
+				c->email = xstrdup("");
+			json_object_object_add(entry, "invalid", json_object_new_boolean(1));
+			json_object_object_add(entry, "error", json_object_new_string(e.code));
+		}
+		c->job = job;
+		c->index = kept;
+		kept++;
+		json_object_array_add(*log_items, entry);
+	}
+	job->ncontacts = kept;
+	if (kept == 0)
+	{
+		json_object_put(*log_items);
+		*log_items = NULL;
+		job_free(job);
+		resp_error(resp, 400, "error.enrichment.data.empty", "Data is empty");
+		return NULL;
+	}
+	return job;
+}
+
+/* POST .../bulk: validate, create and queue the job. */
+static void
+handle_submit(job_kind kind, bool silent, int key_index, const char *body, size_t len,
+			  sb_response *resp)
+{
+	const char *err = NULL;
+	json_object *root = json_parse_strict(body, len, &err);
+	json_object *log_items = NULL;
+	json_object *ok;
+	sb_job	   *job;
+	size_t		i;
+
+	if (!root)
+	{
+		char		msg[200];
+
+		snprintf(msg, sizeof(msg), "Malformed JSON body: %s", err);
+		resp_error(resp, 400, "error.request.malformed", msg);
+		return;
+	}
+	job = build_job(root, kind, silent, key_index, resp, &log_items);
+	json_object_put(root);
+	if (!job)
+		return;
+	uuid_random(job->id);
+
+	pthread_mutex_lock(&S.lock);
+	job->quirks = S.faults.quirks;
+	for (i = 0; i < json_object_array_length(log_items); i++)
+	{
+		json_object *entry = NULL;
+
+		json_object_deep_copy(json_object_array_get_idx(log_items, i), &entry, NULL);
+		json_object_object_add(entry, "enrichment_id", json_object_new_string(job->id));
+		log_append(&S.log_contacts, entry);
+	}
+	S.stats.submits_accepted++;
+	S.stats.contacts_received += (uint64_t) json_object_array_length(log_items);
+	resp->contacts = job->ncontacts;
+	jobs_submit(job);
+	pthread_mutex_unlock(&S.lock);
+	json_object_put(log_items);
+
+	ok = json_object_new_object();
+	json_object_object_add(ok, "enrichment_id", json_object_new_string(job->id));
+	resp_json(resp, 200, ok);
+}
+
+/* GET .../bulk/{id}: the job's state as reference section 5.2 describes. */
+static void
+handle_get(job_kind kind, const char *id, bool force, sb_response *resp)
+{
+	sb_job	   *job;
+	job_status	status;
+	int			cost;
+	int			in_progress_mode;
+	int			ci_http;
+	contact_state *states = NULL;
+	json_object *env;
+	int			i;
+
+	pthread_mutex_lock(&S.lock);
+	job = job_lookup(id, kind);
+	if (!job)
+	{
+		pthread_mutex_unlock(&S.lock);
+		if (kind == KIND_ENRICH)
+			resp_error(resp, 404, "error.enrichment.not_found", "Enrichment ID not found");
+		else
+			resp_error(resp, 404, "error.reverse.email.not_found", "Reverse email ID not found");
+		return;
+	}
+	status = job->status;
+	cost = job->cost;
+	in_progress_mode = S.faults.get_in_progress;
+	ci_http = S.faults.credits_insufficient_http;
+	if (!job_is_terminal(status) && force)
+	{
+		states = xmalloc((size_t) job->ncontacts * sizeof(contact_state));
+		for (i = 0; i < job->ncontacts; i++)
+			states[i] = job->contacts[i].state;
+	}
+	pthread_mutex_unlock(&S.lock);
+
+	if (!job_is_terminal(status) && !force)
+	{
+		if (in_progress_mode == 400)
+			resp_error(resp, 400, "error.enrichment.in_progress",
+					   "Enrichment not ready, try again in 30 seconds");
+		else
+			resp_json(resp, 200, job_envelope(job, status, cost, NULL, -1, false));
+	}
+	else
+	{
+		env = job_envelope(job, status, cost, states, -1, true);
+		resp_json(resp, status == ST_CREDITS_INSUFFICIENT ? ci_http : 200, env);
+	}
+	free(states);
+	pthread_mutex_lock(&S.lock);
+	job_put(job);
+	pthread_mutex_unlock(&S.lock);
+}
+
+static json_object *
+json_number(double v)
+{
+	if (v == (double) (int64_t) v)
+		return json_object_new_int64((int64_t) v);
+	return json_object_new_double(v);
+}
+
+/* Answer an injected submit fault. */
+static void
+fault_answer(sb_response *resp, int status)
+{
+	char		msg[80];
+
+	if (status == 429)
+	{
+		resp_error(resp, 429, "error.rate.limit", "Too many requests. Try again in 1m");
+		return;
+	}
+	snprintf(msg, sizeof(msg), "Injected fault: HTTP %d", status);
+	resp_error(resp, status, "error.sandbox.fault", msg);
+}
+
+/* The entry point for everything that is not under /_sandbox/. */
+void
+api_handle(const char *method, const char *path, const char *auth,
+		   const char *query_force, const char *query_silent,
+		   const char *body, size_t body_len, bool body_too_large,
+		   sb_response *resp)
+{
+	char		id[512] = "";
+	bool		bad_id;
+	route_id	r = route(path, id, sizeof(id), &bad_id);
+	const char *want;
+	int			key;
+	bool		hang = false,
+				reset = false,
+				after;
+	int			fault_status = 0;
+	bool		is_submit = r == R_ENRICH_POST || r == R_REVERSE_POST;
+
+	pthread_mutex_lock(&S.lock);
+	resp->delay_ms = S.faults.response_delay_ms;
+	pthread_mutex_unlock(&S.lock);
+
+	if (r == R_NONE)
+	{
+		resp_error(resp, 404, "error.not_found", "Not found");
+		return;
+	}
+	want = route_method(r);
+	if (strcmp(method, want) != 0 && !(strcmp(want, "GET") == 0 && strcmp(method, "HEAD") == 0))
+	{
+		resp->allow = strcmp(want, "GET") == 0 ? "GET, HEAD" : "POST";
+		resp_error(resp, 405, "error.method.not_allowed", "Method not allowed");
+		return;
+	}
+	if (body_too_large)
+	{
+		char		msg[100];
+
+		snprintf(msg, sizeof(msg), "Request body larger than %zu bytes", CFG.max_body);
+		resp_error(resp, 413, "error.request.too_large", msg);
+		return;
+	}
+	key = authenticate(auth, resp);
+	if (key < 0)
+		return;
+
+	pthread_mutex_lock(&S.lock);
+	if (!rate_allow(mono_ms()))
+	{
+		pthread_mutex_unlock(&S.lock);
+		resp_error(resp, 429, "error.rate.limit", "Too many requests. Try again in 1m");
+		return;
+	}
+	if (S.faults.hang_rate > 0 && prng_unit(&S.prng) < S.faults.hang_rate)
+		hang = true;
+	else if (S.faults.reset_rate > 0 && prng_unit(&S.prng) < S.faults.reset_rate)
+		reset = true;
+	else if (is_submit)
+	{
+		if (S.faults.submit_fail_next > 0)
+		{
+			S.faults.submit_fail_next--;
+			fault_status = S.faults.submit_fail_status;
+		}
+		else if (S.faults.submit_429_rate > 0 && prng_unit(&S.prng) < S.faults.submit_429_rate)
+			fault_status = 429;
+		else if (S.faults.submit_5xx_rate > 0 && prng_unit(&S.prng) < S.faults.submit_5xx_rate)
+		{
+			static const int codes[] = {500, 502, 503};
+
+			fault_status = codes[splitmix64(&S.prng) % 3];
+		}
+	}
+	after = S.faults.fail_after_create && is_submit;
+	if (hang || reset || fault_status)
+		S.stats.faults_injected++;
+	pthread_mutex_unlock(&S.lock);
+
+	if (!after && (hang || reset || fault_status))
+	{
+		resp->hang = hang;
+		resp->reset = reset;
+		if (fault_status)
+			fault_answer(resp, fault_status);
+		return;
+	}
+
+	switch (r)
+	{
+		case R_VERIFY:
+			{
+				json_object *o = json_object_new_object();
+				char		ws[37];
+
+				data_workspace_id(ws);
+				json_object_object_add(o, "workspace_id", json_object_new_string(ws));
+				resp_json(resp, 200, o);
+				break;
+			}
+		case R_CREDITS:
+			{
+				json_object *o = json_object_new_object();
+				double		balance;
+
+				pthread_mutex_lock(&S.lock);
+				balance = S.credits;
+				pthread_mutex_unlock(&S.lock);
+				json_object_object_add(o, "balance", json_number(balance));
+				resp_json(resp, 200, o);
+				break;
+			}
+		case R_ENRICH_POST:
+		case R_REVERSE_POST:
+			handle_submit(r == R_ENRICH_POST ? KIND_ENRICH : KIND_REVERSE,
+						  query_true(query_silent), key, body ? body : "", body_len, resp);
+			break;
+		case R_ENRICH_GET:
+		case R_REVERSE_GET:
+			if (bad_id)
+			{
+				if (r == R_ENRICH_GET)
+					resp_error(resp, 404, "error.enrichment.not_found", "Enrichment ID not found");
+				else
+					resp_error(resp, 404, "error.reverse.email.not_found", "Reverse email ID not found");
+			}
+			else
+				handle_get(r == R_ENRICH_GET ? KIND_ENRICH : KIND_REVERSE, id,
+						   query_true(query_force), resp);
+			break;
+		case R_SEARCH:
+			resp_error(resp, 501, "error.sandbox.not_implemented",
+					   "Search and lookup are not simulated by enrich-sandbox");
+			break;
+		case R_NONE:
+			break;
+	}
+
+	if (after && (hang || reset || fault_status))
+	{
+		/* the job exists, but the client never learns its id */
+		resp->hang = hang;
+		resp->reset = reset;
+		if (fault_status)
+			fault_answer(resp, fault_status);
+	}
+}
