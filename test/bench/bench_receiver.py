@@ -53,6 +53,7 @@ from enrichtest import Cluster, Daemon, as_pg_user, daemon_path, free_port, wait
 
 KEY = "bench-key-0123456789"
 ROLE = "recv"
+WRK_THREADS = 2
 
 WRK_LUA = r"""
 -- Replays precomputed signed deliveries: thread i reads req.<i>.txt
@@ -172,6 +173,19 @@ class Bench:
                 out.append(("/webhooks/%s/contact" % token, sign(body), body))
         return out
 
+    def wrk_inputs(self, n):
+        """n fresh deliveries split into one request file per wrk thread
+        (WRK_THREADS), and the replay script; returns the script's path."""
+        items = self.deliveries(n)
+        for t in range(WRK_THREADS):
+            with open(os.path.join(self.tmp, "req.%d.txt" % t), "wb") as f:
+                for path, sig, body in items[t::WRK_THREADS]:
+                    f.write(b"%s\t%s\t%s\n" % (path.encode(), sig.encode(), body))
+        lua = os.path.join(self.tmp, "replay.lua")
+        with open(lua, "w") as f:
+            f.write(WRK_LUA)
+        return lua
+
     def accepted_since(self, mark):
         """(accepted, other outcomes) among deliveries with id > mark."""
         out = self.c.psql("SELECT outcome, count(*) FROM enrich.deliveries WHERE id > %d GROUP BY 1" % mark)
@@ -211,15 +225,7 @@ class Bench:
 
     def receiver(self, n):
         """wrk -> receiver phase; returns (deliveries/s, p50 ms, p99 ms) (checked)."""
-        items = self.deliveries(n)
-        wrk_threads = 2
-        for t in range(wrk_threads):
-            with open(os.path.join(self.tmp, "req.%d.txt" % t), "wb") as f:
-                for path, sig, body in items[t::wrk_threads]:
-                    f.write(b"%s\t%s\t%s\n" % (path.encode(), sig.encode(), body))
-        lua = os.path.join(self.tmp, "replay.lua")
-        with open(lua, "w") as f:
-            f.write(WRK_LUA)
+        lua = self.wrk_inputs(n)
         port = free_port()
         d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
                     "--dsn", self.c.dsn(user=ROLE), "--threads", str(self.args.clients)],
@@ -228,7 +234,7 @@ class Bench:
             wait_port(port)
             enrichtest.http("GET", "http://127.0.0.1:%d/healthz" % port)
             mark = self.mark()
-            r = subprocess.run(["wrk", "-t", str(wrk_threads), "-c", str(2 * self.args.clients),
+            r = subprocess.run(["wrk", "-t", str(WRK_THREADS), "-c", str(2 * self.args.clients),
                                 "-d", "%ds" % self.args.seconds, "--timeout", "10s", "-s", lua,
                                 "http://127.0.0.1:%d/" % port, "--", self.tmp],
                                capture_output=True, text=True)
@@ -302,16 +308,8 @@ def memcheck(args):
         with open(log, "wb") as fh:
             p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
         wait_port(port, timeout=60)
-        items = b.deliveries(args.deliveries)
-        wrk_threads = 2
-        for t in range(wrk_threads):
-            with open(os.path.join(b.tmp, "req.%d.txt" % t), "wb") as f:
-                for path, sig, body in items[t::wrk_threads]:
-                    f.write(b"%s\t%s\t%s\n" % (path.encode(), sig.encode(), body))
-        lua = os.path.join(b.tmp, "replay.lua")
-        with open(lua, "w") as f:
-            f.write(WRK_LUA)
-        r = subprocess.run(["wrk", "-t", "2", "-c", "16", "-d", "%ds" % args.seconds, "--timeout", "20s",
+        lua = b.wrk_inputs(args.deliveries)
+        r = subprocess.run(["wrk", "-t", str(WRK_THREADS), "-c", "16", "-d", "%ds" % args.seconds, "--timeout", "20s",
                             "-s", lua, "http://127.0.0.1:%d/" % port, "--", b.tmp],
                            capture_output=True, text=True)
         print(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr)
@@ -352,7 +350,8 @@ def memcheck(args):
         else:
             summary = [l for l in text.splitlines()
                        if "ERROR SUMMARY" in l or "definitely lost" in l or "indirectly lost" in l
-                       or "possibly lost" in l or "still reachable" in l or "Invalid" in l]
+                       or "possibly lost" in l or "still reachable" in l or "Invalid" in l
+                       or "in use at exit" in l or "heap blocks" in l]
             print("valgrind: exit code %d" % rc)
             for l in summary[:20]:
                 print("  " + l.split("== ", 1)[-1])

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import enrichtest as et  # noqa: E402
 from enrichtest import Results  # noqa: E402
-from receiverlib import KEY, make_cluster, post, start_receiver, wait_for  # noqa: E402
+from receiverlib import KEY, post, run_suite, start_receiver, wait_for  # noqa: E402
 
 R = Results("receiver-sandbox")
 
@@ -97,18 +97,4 @@ def main(c, daemons):
 
 
 if __name__ == "__main__":
-    cluster = None
-    daemons = []
-    try:
-        cluster = make_cluster("sandbox")
-        main(cluster, daemons)
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        R.check(False, "suite ran to the end", repr(exc))
-    finally:
-        for dm in daemons:
-            dm.stop()
-        if cluster is not None:
-            cluster.destroy()
-    R.finish()
+    run_suite(R, "sandbox", main)
