@@ -232,6 +232,37 @@ pick(uint64_t *rng, const char *const *arr, size_t n)
 	return arr[splitmix64(rng) % n];
 }
 
+/*
+ * k distinct indexes below n into idx (a partial Fisher-Yates shuffle);
+ * k is capped at n and at 16.  Returns how many were drawn.
+ */
+static int
+pick_distinct(uint64_t *rng, size_t n, int k, size_t *idx)
+{
+	size_t		all[64];
+	size_t		i;
+	int			j;
+
+	if (n > 64)
+		n = 64;
+	if (k > (int) n)
+		k = (int) n;
+	if (k > 16)
+		k = 16;
+	for (i = 0; i < n; i++)
+		all[i] = i;
+	for (j = 0; j < k; j++)
+	{
+		size_t		r = (size_t) j + splitmix64(rng) % (n - (size_t) j);
+		size_t		t = all[j];
+
+		all[j] = all[r];
+		all[r] = t;
+		idx[j] = all[j];
+	}
+	return k;
+}
+
 static bool
 chance(uint64_t *rng, double p)
 {
@@ -949,7 +980,7 @@ company_json(const char *domain, const char *name, bool quirks)
 		snprintf(buf, sizeof(buf), "https://www.%s", domain);
 		add_str(o, "website", buf);
 	}
-	snprintf(buf, sizeof(buf), "%s is a %s company serving customers from %s.",
+	snprintf(buf, sizeof(buf), "%s works in %s and serves customers from %s.",
 			 name, ind, l->city);
 	add_str(o, "description", buf);
 	add_int(o, "year_founded", chance(&rng, 0.1) ? 0 : 1950 + (int64_t) (splitmix64(&rng) % 73));
@@ -961,9 +992,11 @@ company_json(const char *domain, const char *name, bool quirks)
 	else
 	{
 		json_object *sp = json_object_new_array();
+		size_t		idx[3];
 
+		pick_distinct(&rng, N(specialties), 3, idx);
 		for (i = 0; i < 3; i++)
-			json_object_array_add(sp, json_object_new_string(specialties[(h >> (i * 5)) % N(specialties)]));
+			json_object_array_add(sp, json_object_new_string(specialties[idx[i]]));
 		json_object_object_add(o, "specialties", sp);
 	}
 	snprintf(buf, sizeof(buf), "%u %s", (unsigned) (1 + splitmix64(&rng) % 900),
@@ -1002,10 +1035,12 @@ company_json(const char *domain, const char *name, bool quirks)
 	if (CFG.newer_fields)
 	{
 		json_object *tech = json_object_new_array();
+		size_t		idx[3];
 
+		pick_distinct(&rng, N(technologies), 3, idx);
 		for (i = 0; i < 3; i++)
 		{
-			const char *t = technologies[(h >> (7 * i + 3)) % N(technologies)];
+			const char *t = technologies[idx[i]];
 
 			if (CFG.technologies_objects)
 			{
@@ -1077,6 +1112,7 @@ profile_json(const gen *g, bool quirks)
 				year,
 				month,
 				nprev;
+	size_t		idx[16];
 	uint64_t	q = quirks ? g->q : 0;
 
 	uuid_from_hash(g->h, hash64("person", 6, g->h), id);
@@ -1117,36 +1153,21 @@ profile_json(const gen *g, bool quirks)
 	}
 	json_object_object_add(p, "educations", list_or_null(edus, quirks && (q & 2)));
 
-	n = 1 + (int) (splitmix64(&rng) % 3);
+	n = pick_distinct(&rng, N(languages), 1 + (int) (splitmix64(&rng) % 3), idx);
 	for (i = 0; i < n; i++)
 	{
 		json_object *e = json_object_new_object();
 
-		add_str(e, "language", languages[(splitmix64(&rng) + (uint64_t) i) % N(languages)]);
+		add_str(e, "language", languages[idx[i]]);
 		add_str(e, "proficiency", i == 0 ? "NATIVE_OR_BILINGUAL"
 				: proficiencies[1 + splitmix64(&rng) % (N(proficiencies) - 1)]);
 		json_object_array_add(langs, e);
 	}
 	json_object_object_add(p, "languages", langs);
 
-	n = 3 + (int) (splitmix64(&rng) % 4);
-	{
-		size_t		idx[N(skills)];
-		size_t		k;
-
-		/* n distinct skills: a partial Fisher-Yates shuffle */
-		for (k = 0; k < N(skills); k++)
-			idx[k] = k;
-		for (i = 0; i < n; i++)
-		{
-			size_t		j = (size_t) i + splitmix64(&rng) % (N(skills) - (size_t) i);
-			size_t		t = idx[i];
-
-			idx[i] = idx[j];
-			idx[j] = t;
-			json_object_array_add(sk, json_object_new_string(skills[idx[i]]));
-		}
-	}
+	n = pick_distinct(&rng, N(skills), 3 + (int) (splitmix64(&rng) % 4), idx);
+	for (i = 0; i < n; i++)
+		json_object_array_add(sk, json_object_new_string(skills[idx[i]]));
 	json_object_object_add(p, "skills", sk);
 
 	/* employment: the current job, then 0-2 earlier ones */

@@ -150,6 +150,7 @@ send_response(struct MHD_Connection *conn, sb_response *resp)
 										resp->body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
 	if (!r)
 	{
+		sb_logf("cannot create a response (out of memory?)");
 		free(resp->body);
 		return MHD_NO;
 	}
@@ -281,6 +282,9 @@ mhd_log(void *cls, const char *fmt, va_list ap)
 	size_t		n;
 
 	vsnprintf(buf, sizeof(buf), fmt, ap);
+	/* our deliberate closes (hang_rate, reset_rate) are logged by us */
+	if (strncmp(buf, "Application reported internal error", 35) == 0)
+		return;
 	n = strlen(buf);
 	while (n > 0 && buf[n - 1] == '\n')
 		buf[--n] = '\0';

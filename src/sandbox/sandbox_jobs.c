@@ -13,9 +13,10 @@
  * up it is finished:
  *
  *	- its synthetic result is computed (sandbox_data.c) and priced 1/3/10
- *	  for what was found; the price is 0 when the identical contact (same
- *	  exact input and fields) was enriched by an earlier job that has ended,
- *	  within --retention-ms ("replay"), or for the vendor's test contact;
+ *	  for what was found; the price is 0 when, at submit time, the identical
+ *	  contact (same exact input and fields) had been enriched by a job that
+ *	  had ended within --retention-ms ("replay"), or for the vendor's test
+ *	  contact;
  *	- if the balance cannot cover the price, the job ends
  *	  CREDITS_INSUFFICIENT: this and every unfinished contact of the job get
  *	  an empty record;
@@ -23,9 +24,10 @@
  *	  webhook is queued, and the job ends FINISHED after its last contact
  *	  (or with the forced status of the force_status fault).
  *
- * Replays come only from jobs that have ended, which is what keeps a
- * duplicate inside the same bulk, and a second request while the first
- * is still running, charged in full (reference section 7).
+ * Replays come only from jobs that had ended when the request came in,
+ * which is what keeps a duplicate inside the same bulk, and a second
+ * request while the first is still running, charged in full (reference
+ * section 7).
  *
  * Terminal jobs stay readable (GET) for --retention-ms, at most --max-jobs
  * of them: the oldest are evicted first and then answer 404 like an
@@ -389,6 +391,9 @@ jobs_submit(sb_job *job)
 	table_insert(job);
 	for (i = 0; i < job->ncontacts; i++)
 	{
+		/* replay needs an ended enrichment before this request arrived */
+		job->contacts[i].replayed = !job->contacts[i].invalid &&
+			hist_replayable(&job->contacts[i], job->created_ms);
 		job->contacts[i].state = C_QUEUED;
 		list_append(&q->qhead, &q->qtail, &job->contacts[i]);
 		q->nqueued++;
@@ -496,9 +501,8 @@ complete_contact(sb_contact *c, uint64_t now)
 	{
 		data_outcome(c, &o);
 		price = o.price;
-		if (price > 0 && hist_replayable(c, now))
+		if (c->replayed)
 		{
-			c->replayed = true;
 			S.stats.contacts_replayed++;
 			price = 0;
 		}

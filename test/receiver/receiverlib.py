@@ -156,3 +156,24 @@ def metric(port, name):
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return None
+
+
+def run_suite(results, name, main):
+    """Make a cluster, run main(cluster, daemons), then always stop the
+    daemons it appended and destroy the cluster; a crash counts as a failure.
+    Ends the process with the suite's "N passed, N failed" line."""
+    cluster = None
+    daemons = []
+    try:
+        cluster = make_cluster(name)
+        main(cluster, daemons)
+    except Exception as exc:  # a crash is a failure, not a silent pass
+        import traceback
+        traceback.print_exc()
+        results.check(False, "suite ran to the end", repr(exc))
+    finally:
+        for d in daemons:
+            d.stop()
+        if cluster is not None:
+            cluster.destroy()
+    results.finish()

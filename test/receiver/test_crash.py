@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from enrichtest import Results  # noqa: E402
-from receiverlib import (ROLE, envelope, make_batch, make_cluster, post, record,  # noqa: E402
+from receiverlib import (ROLE, envelope, make_batch, post, record, run_suite,  # noqa: E402
                          start_receiver, wait_for)
 
 R = Results("receiver-crash")
@@ -153,18 +153,4 @@ def main(c, daemons):
 
 
 if __name__ == "__main__":
-    cluster = None
-    daemons = []
-    try:
-        cluster = make_cluster("crash")
-        main(cluster, daemons)
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        R.check(False, "suite ran to the end", repr(exc))
-    finally:
-        for dm in daemons:
-            dm.stop()
-        if cluster is not None:
-            cluster.destroy()
-    R.finish()
+    run_suite(R, "crash", main)

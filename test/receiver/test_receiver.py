@@ -25,8 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from enrichtest import Results, as_pg_user, daemon_path, free_port, wait_port  # noqa: E402
-from receiverlib import (ROLE, envelope, make_batch, make_cluster, metric, post, raw,  # noqa: E402
-                         record, request, sign, start_receiver, wait_for)
+from receiverlib import (ROLE, envelope, make_batch, metric, post, raw, record,  # noqa: E402
+                         request, run_suite, sign, start_receiver, wait_for)
 
 R = Results("receiver")
 C = None
@@ -410,9 +410,10 @@ def test_command_line(c):
     d.stop()
 
 
-def main():
-    global C
-    C = make_cluster("receiver")
+def main(cluster, suite_daemons):
+    global C, daemons
+    C = cluster
+    daemons = suite_daemons
     d, port = start_receiver(C)
     daemons.append(d)
     st, msg, _ = request(port, "GET", "/healthz")
@@ -430,15 +431,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        R.check(False, "suite ran to the end", repr(exc))
-    finally:
-        for dm in daemons:
-            dm.stop()
-        if C is not None:
-            C.destroy()
-    R.finish()
+    run_suite(R, "receiver", main)
