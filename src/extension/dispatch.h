@@ -106,7 +106,7 @@ extern DispatchCall *dispatch_http_start(DispatchCallKind kind, const char *url,
 										 const char *api_key, char *body,
 										 size_t body_len, long timeout_ms);
 extern int	dispatch_http_running(void);
-extern void dispatch_http_wait(long timeout_ms);
+extern bool dispatch_http_wait(long timeout_ms);
 extern DispatchCall *dispatch_http_next_finished(void);
 extern void dispatch_http_abort_all(void);
 extern void dispatch_http_free(DispatchCall *call);

@@ -299,11 +299,13 @@ timer_remaining(void)
 /*
  * Wait up to timeout_ms (-1: no limit) for the latch, postmaster death, or
  * progress on a call, and let libcurl do what is due.  Finished calls are
- * then available from dispatch_http_next_finished().
+ * then available from dispatch_http_next_finished().  Returns whether the
+ * latch was set.
  */
-void
+bool
 dispatch_http_wait(long timeout_ms)
 {
+	bool		latch_set = false;
 	WaitEventSet *set;
 	WaitEvent	events[MAX_SOCKETS + 2];
 	int			nevents;
@@ -338,7 +340,10 @@ dispatch_http_wait(long timeout_ms)
 	for (int i = 0; i < nevents; i++)
 	{
 		if (events[i].events & WL_LATCH_SET)
+		{
 			ResetLatch(MyLatch);
+			latch_set = true;
+		}
 		else if (events[i].events & (WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE))
 		{
 			int			flags = 0;
@@ -356,6 +361,7 @@ dispatch_http_wait(long timeout_ms)
 		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running);
 	}
 	collect_finished();
+	return latch_set;
 }
 
 /* A finished call for the caller to handle and free, or NULL. */

@@ -67,6 +67,9 @@ PGDLLEXPORT void enrich_dispatch_main(Datum main_arg);
 #define MAX_SUBMITS 4
 #define MAX_POLLS 4
 
+/* After a wakeup, the queue is looked at no sooner than this after the last look. */
+#define MIN_REPLAN_MS 20
+
 /* Longest sleep without a reason to wake (a backstop). */
 #define BACKSTOP_MS 30000L
 
@@ -1301,12 +1304,16 @@ record_or_keep(DispatchCall *call)
 	unrecorded = call;
 }
 
-/* Record every finished call, and retry outcomes not recorded before. */
-static void
+/*
+ * Record every finished call, and retry outcomes not recorded before.
+ * Returns whether any call had finished.
+ */
+static bool
 handle_finished_calls(void)
 {
 	DispatchCall *call;
 	DispatchCall *retry = unrecorded;
+	bool		any = false;
 
 	unrecorded = NULL;
 	while (retry != NULL)
@@ -1317,7 +1324,11 @@ handle_finished_calls(void)
 		record_or_keep(call);
 	}
 	while ((call = dispatch_http_next_finished()) != NULL)
+	{
 		record_or_keep(call);
+		any = true;
+	}
+	return any;
 }
 
 /*-------------------------------------------------------------------------
@@ -1378,6 +1389,10 @@ dispatch_shutdown(void)
 void
 enrich_dispatch_main(Datum main_arg)
 {
+	TimestampTz last_plan = 0;
+	TimestampTz plan_at = 0;	/* look at the queue again then, woken or not */
+	bool		woken = true;	/* the latch was set since the last look */
+
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	pqsignal(SIGINT, dispatch_sigint);
@@ -1407,7 +1422,8 @@ enrich_dispatch_main(Datum main_arg)
 
 	while (!ShutdownRequestPending)
 	{
-		long		timeout;
+		TimestampTz now;
+		long		wait;
 
 		MemoryContextReset(iter_ctx);
 		MemoryContextSwitchTo(iter_ctx);
@@ -1419,6 +1435,7 @@ enrich_dispatch_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			load_api_key();
 			key_rejected = false;
+			woken = true;
 		}
 		if (cancel_requested)
 		{
@@ -1432,14 +1449,32 @@ enrich_dispatch_main(Datum main_arg)
 			}
 		}
 
-		handle_finished_calls();
-		timeout = dispatch_step();
+		/*
+		 * Look at the queue when a call ended, when the time we planned for
+		 * came, or when someone woke us, but after a wakeup not more often
+		 * than every MIN_REPLAN_MS: every webhook wakes us, and with results
+		 * pouring in one look per result would be wasted work.
+		 */
+		now = GetCurrentTimestamp();
+		if (handle_finished_calls() || now >= plan_at ||
+			(woken && now >= last_plan + MIN_REPLAN_MS * 1000))
+		{
+			long		timeout = dispatch_step();
+
+			publish_status();
+			last_plan = now;
+			woken = false;
+			plan_at = now + (TimestampTz) timeout * 1000;
+			if (timeout == 0)
+				continue;		/* something started: look again at once */
+		}
+		wait = ms_until(plan_at, now);
+		if (woken)
+			wait = Min(wait, ms_until(last_plan + MIN_REPLAN_MS * 1000, now));
 		if (unrecorded != NULL)
-			timeout = Min(timeout, 1000L);	/* try recording again soon */
-		publish_status();
-		if (timeout == 0)
-			continue;			/* something started: look again at once */
-		dispatch_http_wait(timeout);
+			wait = Min(wait, 1000L);	/* try recording again soon */
+		if (dispatch_http_wait(wait))
+			woken = true;
 	}
 
 	MemoryContextSwitchTo(iter_ctx);

@@ -125,7 +125,10 @@ CREATE TABLE enrich.requests (
     CHECK (state <> 'failed' OR error_code IS NOT NULL),
     CHECK (state NOT IN ('sending', 'in_flight') OR batch_id IS NOT NULL)
 );
-CREATE INDEX requests_queued_idx ON enrich.requests (id) WHERE state = 'queued';
+-- Queued requests in the order they go out (those not backing off; the
+-- others are in requests_retry_idx).
+CREATE INDEX requests_queued_idx ON enrich.requests (id)
+    WHERE state = 'queued' AND next_attempt_at IS NULL;
 CREATE INDEX requests_batch_idx ON enrich.requests (batch_id) WHERE batch_id IS NOT NULL;
 -- Contacts in flight (the dispatcher counts them before every send).
 CREATE INDEX requests_open_idx ON enrich.requests (batch_id)

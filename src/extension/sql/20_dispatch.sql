@@ -30,11 +30,39 @@ RETURNS void
 AS 'MODULE_PATHNAME', 'enrich_wake_dispatcher'
 LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
--- The worker's view of the queue, read before each decision.  "ready"
--- counts (up to 100) queued requests it may send now: not backing off and
--- no identical input already on its way (that one's result will serve
--- them).  ready_since is when the oldest of them became ready, for
--- enrich.batch_delay.
+-- Up to p_limit requests the dispatcher may send now, oldest first: queued,
+-- not backing off (or their time has come), and no identical input already
+-- on its way (that one's result will answer them).  Each part walks its
+-- partial index and stops after p_limit entries, so the cost does not grow
+-- with the backlog, whatever the planner's statistics say after a bulk
+-- submission.  ready_at is when the request became ready.
+CREATE FUNCTION enrich._dispatch_ready(p_limit integer)
+RETURNS TABLE (id bigint, ready_at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.id, c.ready_at
+      FROM ((SELECT q.id, q.input_key, q.created_at AS ready_at
+               FROM enrich.requests q
+              WHERE q.state = 'queued' AND q.next_attempt_at IS NULL
+              ORDER BY q.id
+              LIMIT p_limit)
+            UNION ALL
+            (SELECT q.id, q.input_key, q.next_attempt_at
+               FROM enrich.requests q
+              WHERE q.state = 'queued' AND q.next_attempt_at <= now()
+              ORDER BY q.next_attempt_at
+              LIMIT p_limit)) c
+     WHERE NOT EXISTS (SELECT FROM enrich.requests o
+                        WHERE o.input_key = c.input_key
+                          AND o.state IN ('sending', 'in_flight'))
+     ORDER BY c.id
+     LIMIT p_limit
+$$;
+
+-- The worker's view of the queue, read before each decision: contacts in
+-- flight, how many (up to 100) are ready and since when, and when the next
+-- retry, resend or poll falls due.
 CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
@@ -43,20 +71,12 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH ready AS (
-        SELECT q.created_at, q.next_attempt_at
-          FROM enrich.requests q
-         WHERE q.state = 'queued'
-           AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
-           AND NOT EXISTS (SELECT FROM enrich.requests o
-                            WHERE o.input_key = q.input_key
-                              AND o.state IN ('sending', 'in_flight'))
-         ORDER BY q.id
-         LIMIT 100
+    WITH ready AS MATERIALIZED (
+        SELECT r.ready_at FROM enrich._dispatch_ready(100) r
     )
     SELECT (SELECT count(*) FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight')),
            (SELECT count(*)::integer FROM ready),
-           (SELECT min(greatest(r.created_at, r.next_attempt_at)) FROM ready r),
+           (SELECT min(r.ready_at) FROM ready r),
            (SELECT min(r.next_attempt_at) FROM enrich.requests r
              WHERE r.state = 'queued' AND r.next_attempt_at > now()),
            EXISTS (SELECT FROM enrich.batches b
@@ -207,13 +227,9 @@ BEGIN
     SELECT array_agg(c.id ORDER BY c.id) INTO v_ids
       FROM (SELECT q.id
               FROM enrich.requests q
-             WHERE q.state = 'queued'
-               AND (q.next_attempt_at IS NULL OR q.next_attempt_at <= now())
-               AND NOT EXISTS (SELECT FROM enrich.requests o
-                                WHERE o.input_key = q.input_key
-                                  AND o.state IN ('sending', 'in_flight'))
+             WHERE q.id = ANY (ARRAY(SELECT r.id FROM enrich._dispatch_ready(p_max * 2) r))
+               AND q.state = 'queued'
              ORDER BY q.id
-             LIMIT p_max * 2
                FOR UPDATE SKIP LOCKED) c;
     IF v_ids IS NULL THEN
         RETURN;
