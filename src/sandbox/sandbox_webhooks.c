@@ -406,6 +406,7 @@ webhook_main(void *arg)
 	for (;;)
 	{
 		int			nstart = 0;
+		int			finished = 0;
 		int			running = 0;
 		int			timeout = 1000;
 		int			i;
@@ -453,9 +454,11 @@ webhook_main(void *arg)
 
 				curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
 				finish_transfer(multi, t, msg->data.result);
+				finished++;
 			}
 		}
-		if (nstart == 0)
+		/* a finished transfer may have queued a retry: recompute the wait */
+		if (nstart == 0 && finished == 0)
 			curl_multi_poll(multi, NULL, 0, timeout, NULL);
 	}
 	free(start);

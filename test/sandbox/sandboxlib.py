@@ -43,7 +43,9 @@ class Sandbox:
         self.key = key
         argv = [et.daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % self.port,
                 "--api-key", key, "--contact-delay-ms", str(delay_ms),
-                "--rate-limit", str(rate_limit), "--retry-interval-ms", str(retry_ms)]
+                "--retry-interval-ms", str(retry_ms)]
+        if rate_limit is not None:
+            argv += ["--rate-limit", str(rate_limit)]
         argv += [str(o) for o in options]
         if valgrind:
             argv = valgrind + argv
@@ -153,7 +155,7 @@ class Receiver:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = "http://127.0.0.1:%d" % self.port
 
