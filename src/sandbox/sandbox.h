@@ -107,6 +107,8 @@ typedef struct sb_contact
 	int			ncustom;
 	bool		has_custom;
 	bool		invalid;		/* kept by silentFail "empty": never enriched */
+	int			price;			/* credits if enriched (data_outcome), 0 for
+								 * the vendor's test contact */
 	/* processing state, under S.lock */
 	contact_state state;
 	bool		replayed;		/* served from history at zero cost */
@@ -265,7 +267,7 @@ typedef struct sb_stats
 /* A bounded, clearable log of JSON elements for the /_sandbox/ listings. */
 typedef struct sb_log
 {
-	json_object **items;
+	char	  **items;			/* compact JSON text */
 	int			cap;
 	int			head;			/* index of the oldest kept element */
 	int			count;
@@ -310,6 +312,8 @@ typedef struct sb_state
 			   *atail;			/* terminal jobs in end order */
 	int			nterminal;
 	sb_queue	queues[2];		/* per job_kind */
+	uint64_t	sched_deadline; /* when the sleeping scheduler wakes; 0 when
+								 * awake */
 
 	/* replay history: see sandbox_jobs.c */
 	struct sb_hist *hist;
@@ -360,7 +364,8 @@ extern int	status_parse(const char *s);
 extern void log_init(sb_log *log, int cap);
 extern void log_clear(sb_log *log);
 extern void log_free(sb_log *log);
-extern void log_append(sb_log *log, json_object *item);
+extern char *log_item(json_object *item);
+extern void log_append(sb_log *log, char *text);
 extern json_object *log_list(sb_log *log, uint64_t offset, long limit);
 
 /* sandbox_http.c */

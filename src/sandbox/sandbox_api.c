@@ -582,7 +582,8 @@ check_reverse_contact(json_object *item, sb_contact *c, verr *e)
  * validation error fill resp with the 400 and return NULL.  silentFail
  * drops (or, with --silent-fail empty, keeps as empty) contacts that fail
  * the per-contact checks instead of rejecting the request.  The per-contact
- * entries for the /_sandbox/contacts log are returned in *log_items.
+ * entries for the /_sandbox/contacts log are returned in *log_items; they
+ * share objects with root, so serialise them before freeing root.
  */
 static sb_job *
 build_job(json_object *root, job_kind kind, bool silent, int key_index,
@@ -652,7 +653,6 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 		sb_contact *c = &job->contacts[kept];
 		bool		ok;
 		json_object *entry = json_object_new_object();
-		json_object *copy = NULL;
 		json_object *custom;
 
 		ok = kind == KIND_ENRICH ? check_enrich_contact(item, c, &e)
@@ -669,17 +669,13 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 			return NULL;
 		}
 		json_object_object_add(entry, "index", json_object_new_int((int) i));
+		/* shared with the request tree; serialised before it is freed */
 		if (json_object_is_type(item, json_type_object) &&
 			json_object_object_get_ex(item, "custom", &custom))
-		{
-			json_object_deep_copy(custom, &copy, NULL);
-			json_object_object_add(entry, "custom", copy);
-			copy = NULL;
-		}
+			json_object_object_add(entry, "custom", json_object_get(custom));
 		else
 			json_object_object_add(entry, "custom", NULL);
-		json_object_deep_copy(item, &copy, NULL);
-		json_object_object_add(entry, "input", copy);
+		json_object_object_add(entry, "input", json_object_get(item));
 		if (!ok && !CFG.silent_fail_empty)
 		{
 			contact_clear(c);
@@ -715,6 +711,14 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 		}
 		c->job = job;
 		c->index = kept;
+		if (!c->invalid)
+		{
+			/* a pure function of the input: priced here, outside the lock */
+			sb_outcome	o;
+
+			data_outcome(c, &o);
+			c->price = data_is_free_contact(c) ? 0 : o.price;
+		}
 		kept++;
 		json_object_array_add(*log_items, entry);
 	}
@@ -740,7 +744,9 @@ handle_submit(job_kind kind, bool silent, int key_index, const char *body, size_
 	json_object *log_items = NULL;
 	json_object *ok;
 	sb_job	   *job;
-	size_t		i;
+	size_t		i,
+				nlog;
+	char	  **texts;
 
 	if (!root)
 	{
@@ -751,27 +757,35 @@ handle_submit(job_kind kind, bool silent, int key_index, const char *body, size_
 		return;
 	}
 	job = build_job(root, kind, silent, key_index, resp, &log_items);
-	json_object_put(root);
 	if (!job)
+	{
+		json_object_put(root);
 		return;
+	}
 	uuid_random(job->id);
+
+	nlog = json_object_array_length(log_items);
+	texts = xmalloc(nlog * sizeof(char *));
+	for (i = 0; i < nlog; i++)
+	{
+		json_object *entry = json_object_array_get_idx(log_items, i);
+
+		json_object_object_add(entry, "enrichment_id", json_object_new_string(job->id));
+		texts[i] = json_dump(entry, NULL);
+	}
+	json_object_put(log_items);
+	json_object_put(root);
 
 	pthread_mutex_lock(&S.lock);
 	job->quirks = S.faults.quirks;
-	for (i = 0; i < json_object_array_length(log_items); i++)
-	{
-		json_object *entry = NULL;
-
-		json_object_deep_copy(json_object_array_get_idx(log_items, i), &entry, NULL);
-		json_object_object_add(entry, "enrichment_id", json_object_new_string(job->id));
-		log_append(&S.log_contacts, entry);
-	}
+	for (i = 0; i < nlog; i++)
+		log_append(&S.log_contacts, texts[i]);
 	S.stats.submits_accepted++;
-	S.stats.contacts_received += (uint64_t) json_object_array_length(log_items);
+	S.stats.contacts_received += (uint64_t) nlog;
 	resp->contacts = job->ncontacts;
 	jobs_submit(job);
 	pthread_mutex_unlock(&S.lock);
-	json_object_put(log_items);
+	free(texts);
 
 	ok = json_object_new_object();
 	json_object_object_add(ok, "enrichment_id", json_object_new_string(job->id));
@@ -856,6 +870,18 @@ fault_answer(sb_response *resp, int status)
 	resp_error(resp, status, "error.sandbox.fault", msg);
 }
 
+/* response_delay_ms, for answers given before the main locked section. */
+static long
+current_delay(void)
+{
+	long		ms;
+
+	pthread_mutex_lock(&S.lock);
+	ms = S.faults.response_delay_ms;
+	pthread_mutex_unlock(&S.lock);
+	return ms;
+}
+
 /* The entry point for everything that is not under /_sandbox/. */
 void
 api_handle(const char *method, const char *path, const char *auth,
@@ -874,12 +900,9 @@ api_handle(const char *method, const char *path, const char *auth,
 	int			fault_status = 0;
 	bool		is_submit = r == R_ENRICH_POST || r == R_REVERSE_POST;
 
-	pthread_mutex_lock(&S.lock);
-	resp->delay_ms = S.faults.response_delay_ms;
-	pthread_mutex_unlock(&S.lock);
-
 	if (r == R_NONE)
 	{
+		resp->delay_ms = current_delay();
 		resp_error(resp, 404, "error.not_found", "Not found");
 		return;
 	}
@@ -887,6 +910,7 @@ api_handle(const char *method, const char *path, const char *auth,
 	if (strcmp(method, want) != 0 && !(strcmp(want, "GET") == 0 && strcmp(method, "HEAD") == 0))
 	{
 		resp->allow = strcmp(want, "GET") == 0 ? "GET, HEAD" : "POST";
+		resp->delay_ms = current_delay();
 		resp_error(resp, 405, "error.method.not_allowed", "Method not allowed");
 		return;
 	}
@@ -895,14 +919,19 @@ api_handle(const char *method, const char *path, const char *auth,
 		char		msg[100];
 
 		snprintf(msg, sizeof(msg), "Request body larger than %zu bytes", CFG.max_body);
+		resp->delay_ms = current_delay();
 		resp_error(resp, 413, "error.request.too_large", msg);
 		return;
 	}
 	key = authenticate(auth, resp);
 	if (key < 0)
+	{
+		resp->delay_ms = current_delay();
 		return;
+	}
 
 	pthread_mutex_lock(&S.lock);
+	resp->delay_ms = S.faults.response_delay_ms;
 	if (!rate_allow(mono_ms()))
 	{
 		pthread_mutex_unlock(&S.lock);

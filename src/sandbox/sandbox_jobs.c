@@ -379,6 +379,11 @@ history_clear(void)
 
 /* ---- job life ---- */
 
+#define SCHED_SLACK_MS	5		/* how late a contact may end */
+#define SCHED_BUSY_MS	100		/* after work, tick at SCHED_SLACK_MS this long */
+
+static void fill_slots(sb_queue *q, uint64_t now);
+
 /* Accept a new job (its contacts queued); the table takes the reference. */
 void
 jobs_submit(sb_job *job)
@@ -399,7 +404,15 @@ jobs_submit(sb_job *job)
 		q->nqueued++;
 	}
 	S.stats.jobs_created++;
-	pthread_cond_signal(&S.sched_cond);
+
+	/*
+	 * Start what fits now, and wake the scheduler only if it would sleep
+	 * past the new contacts' end by more than SCHED_SLACK_MS: a futex wake
+	 * per submit is a measurable share of a submit's cost.
+	 */
+	fill_slots(q, job->created_ms);
+	if (q->fhead && q->fhead->done_at + SCHED_SLACK_MS < S.sched_deadline)
+		pthread_cond_signal(&S.sched_cond);
 }
 
 static void
@@ -488,7 +501,6 @@ complete_contact(sb_contact *c, uint64_t now)
 {
 	sb_job	   *job = c->job;
 	sb_queue   *q = &S.queues[job->kind];
-	sb_outcome	o;
 	int			price = 0;
 	int			endst = -1;
 	bool		last;
@@ -499,15 +511,12 @@ complete_contact(sb_contact *c, uint64_t now)
 
 	if (!c->invalid)
 	{
-		data_outcome(c, &o);
-		price = o.price;
+		price = c->price;
 		if (c->replayed)
 		{
 			S.stats.contacts_replayed++;
 			price = 0;
 		}
-		else if (data_is_free_contact(c))
-			price = 0;
 		if (price > 0 && (double) price > S.credits)
 		{
 			c->state = C_BLANK;
@@ -569,12 +578,18 @@ expire_jobs(uint64_t now)
 
 /*
  * The scheduler thread: start contacts, finish them when due, sleep until
- * the next deadline or a new submit.  It gives the lock up every 500
- * completions so HTTP threads are not starved when the delay is zero.
+ * the next deadline.  It gives the lock up every 500 completions so HTTP
+ * threads are not starved when the delay is zero.  A submit starts its
+ * contacts itself and wakes this thread only when it would otherwise
+ * finish them more than SCHED_SLACK_MS late; while there is work (for
+ * SCHED_BUSY_MS after the last completion) the thread ticks every
+ * SCHED_SLACK_MS, so a stream of submits needs no wake-ups at all.
  */
 void *
 scheduler_main(void *arg)
 {
+	uint64_t	last_busy = 0;
+
 	pthread_mutex_lock(&S.lock);
 	while (!S.stopping)
 	{
@@ -599,6 +614,10 @@ scheduler_main(void *arg)
 				next = q->fhead->done_at;
 		}
 		expire_jobs(now);
+		if (budget < 500)
+			last_busy = now;
+		if (now - last_busy < SCHED_BUSY_MS && next > now + SCHED_SLACK_MS)
+			next = now + SCHED_SLACK_MS;
 		if (budget == 0)
 		{
 			pthread_mutex_unlock(&S.lock);
@@ -616,7 +635,9 @@ scheduler_main(void *arg)
 			ts.tv_sec++;
 			ts.tv_nsec -= 1000000000L;
 		}
+		S.sched_deadline = next;
 		pthread_cond_timedwait(&S.sched_cond, &S.lock, &ts);
+		S.sched_deadline = 0;
 	}
 	pthread_mutex_unlock(&S.lock);
 	return NULL;

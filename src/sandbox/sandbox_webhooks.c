@@ -334,6 +334,7 @@ finish_transfer(CURLM *multi, transfer *t, CURLcode rc)
 	bool		ok;
 	char		url[512];
 	json_object *item;
+	char	   *text;
 	uint64_t	now = mono_ms();
 
 	if (rc == CURLE_OK)
@@ -365,11 +366,12 @@ finish_transfer(CURLM *multi, transfer *t, CURLcode rc)
 		json_object_object_add(item, "error",
 							   json_object_new_string(t->errbuf[0] ? t->errbuf : curl_easy_strerror(rc)));
 	transfer_free(multi, t);
+	text = log_item(item);
 
 	pthread_mutex_lock(&S.lock);
 	S.wh_active--;
 	S.stats.webhooks_attempted++;
-	log_append(&S.log_webhooks, item);
+	log_append(&S.log_webhooks, text);
 	if (ok)
 	{
 		S.stats.webhooks_delivered++;
