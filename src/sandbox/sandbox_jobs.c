@@ -675,8 +675,9 @@ jobs_shutdown(void)
  * The result envelope of reference section 6.1: id, name, status,
  * cost.credits and, when with_data, the records of processed contacts
  * (only the one at only_index when >= 0).  states is a snapshot of the
- * contacts' states taken under the lock, or NULL when the job is terminal
- * (its states no longer change).  Called without the lock.
+ * contacts' states taken under the lock, or NULL when the states read no
+ * longer change: the job is terminal, or only_index names a finished
+ * contact.  Called without the lock.
  */
 json_object *
 job_envelope(sb_job *job, job_status status, int cost, const contact_state *states,
@@ -697,10 +698,12 @@ job_envelope(sb_job *job, job_status status, int cost, const contact_state *stat
 
 		for (i = 0; i < job->ncontacts; i++)
 		{
-			contact_state st = states ? states[i] : job->contacts[i].state;
+			contact_state st;
 
+			/* skip before reading: other contacts' states may be changing */
 			if (only_index >= 0 && i != only_index)
 				continue;
+			st = states ? states[i] : job->contacts[i].state;
 			if (st == C_DONE || st == C_BLANK)
 				json_object_array_add(data, data_record(&job->contacts[i], st, job->quirks));
 		}

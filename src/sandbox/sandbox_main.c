@@ -320,6 +320,7 @@ main(int argc, char **argv)
 	pthread_condattr_t cattr;
 	struct MHD_Daemon *d;
 	int			sig = 0;
+	double		start_credits;
 	int			opt,
 				i;
 
@@ -497,6 +498,7 @@ main(int argc, char **argv)
 	}
 	free(faults);
 	S.faults_initial = S.faults;
+	start_credits = S.credits;
 	log_init(&S.log_calls, CFG.log_max);
 	log_init(&S.log_contacts, CFG.log_max);
 	log_init(&S.log_webhooks, CFG.log_max);
@@ -525,13 +527,14 @@ main(int argc, char **argv)
 		pthread_join(wh_thread, NULL);
 		return 1;
 	}
+	/* S.faults_initial and CFG are read-only once the threads run */
 	sb_logf("listening on %s:%d (keys=%d contact-delay=%ldms max-in-flight=%d rate-limit=%ld/%ldms "
 			"%s credits=%.0f retries=%d%s every %ldms seed=%llu get-in-progress=%d)",
 			CFG.listen_host, CFG.listen_port, CFG.napi_keys, CFG.contact_delay_ms,
-			CFG.max_in_flight, S.faults.rate_limit, CFG.rate_window_ms,
-			CFG.rate_fixed ? "fixed" : "sliding", S.credits, CFG.retries,
+			CFG.max_in_flight, S.faults_initial.rate_limit, CFG.rate_window_ms,
+			CFG.rate_fixed ? "fixed" : "sliding", start_credits, CFG.retries,
 			CFG.retries_total ? " in all" : "", CFG.retry_interval_ms,
-			(unsigned long long) CFG.seed, S.faults.get_in_progress);
+			(unsigned long long) CFG.seed, S.faults_initial.get_in_progress);
 
 	for (;;)
 	{
