@@ -174,6 +174,13 @@ typedef struct sb_delivery
 	struct sb_delivery *next;	/* held list */
 } sb_delivery;
 
+enum
+{
+	SIG_CREATOR,				/* the key that created the job signs */
+	SIG_FIRST,					/* the first --api-key signs */
+	SIG_NONE					/* no X-Signature-SHA1 header */
+};
+
 /* Options fixed at start. */
 typedef struct sb_config
 {
@@ -205,6 +212,9 @@ typedef struct sb_config
 	bool		reverse_contact_webhook;
 	bool		odd_status_webhook; /* final webhook for RATE_LIMIT/UNKNOWN */
 	bool		strict_input;	/* domain/linkedin_url format checks */
+	int			signature_mode; /* SIG_CREATOR, SIG_FIRST, SIG_NONE */
+	bool		rate_declared_only; /* only endpoints that declare 429 count */
+	bool		credits_get_path;	/* also serve /account/credits/get */
 	uint64_t	retention_ms;
 	int			max_jobs;
 	int			log_max;

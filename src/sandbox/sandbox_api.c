@@ -9,7 +9,8 @@
  *	   the wrong method 405 error.method.not_allowed (with Allow);
  *	2. authentication: the three 401s of reference section 1.2/11.2;
  *	3. the rate limit: --rate-limit calls per --rate-window-ms for all
- *	   endpoints together (sliding window unless --rate-window fixed),
+ *	   endpoints together (sliding window unless --rate-window fixed; only
+ *	   the endpoints that declare a 429 with --rate-limit-scope declared),
  *	   counting only authenticated calls; beyond it 429 error.rate.limit;
  *	4. transport faults: hang_rate, reset_rate (and response_delay_ms,
  *	   applied by the HTTP layer to every answer);
@@ -109,7 +110,8 @@ route(const char *path, char *id, size_t idsz, bool *bad_id)
 	rest = p + 7;
 	if (!strcmp(rest, "/account/keys/verify"))
 		return R_VERIFY;
-	if (!strcmp(rest, "/account/credits"))
+	if (!strcmp(rest, "/account/credits") ||
+		(CFG.credits_get_path && !strcmp(rest, "/account/credits/get")))
 		return R_CREDITS;
 	if (!strcmp(rest, "/contact/enrich/bulk"))
 		return R_ENRICH_POST;
@@ -146,6 +148,16 @@ route_method(route_id r)
 		default:
 			return "POST";
 	}
+}
+
+/*
+ * Endpoints whose OAS entry declares a 429 (enrichment, search, lookup);
+ * with --rate-limit-scope declared only these count and get 429.
+ */
+static bool
+declares_429(route_id r)
+{
+	return r == R_ENRICH_POST || r == R_ENRICH_GET || r == R_SEARCH;
 }
 
 static bool
@@ -932,7 +944,7 @@ api_handle(const char *method, const char *path, const char *auth,
 
 	pthread_mutex_lock(&S.lock);
 	resp->delay_ms = S.faults.response_delay_ms;
-	if (!rate_allow(mono_ms()))
+	if ((!CFG.rate_declared_only || declares_429(r)) && !rate_allow(mono_ms()))
 	{
 		pthread_mutex_unlock(&S.lock);
 		resp_error(resp, 429, "error.rate.limit", "Too many requests. Try again in 1m");

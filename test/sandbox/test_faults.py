@@ -170,8 +170,19 @@ def test_rate_limits():
              "fixed window: the whole budget comes back at the window's end")
     finally:
         sb.stop()
+    sb = sl.Sandbox("--rate-limit-scope", "declared", "--credits-get-path", rate_limit=2)
+    try:
+        R.eq([sb.api("GET", "/account/credits")[0] for _ in range(4)], [200] * 4,
+             "--rate-limit-scope declared: account calls neither count nor get 429")
+        R.eq(sb.api("POST", "/contact/reverse/email/bulk", {"name": "r", "data": [{"email": "a@b.com"}]})[0], 200,
+             "... nor reverse lookups")
+        R.eq([submit_code(sb, i) for i in range(3)], [200, 200, 429], "... enrichment calls do")
+        R.eq(sb.api("GET", "/account/credits/get")[0], 200, "--credits-get-path serves /account/credits/get")
+    finally:
+        sb.stop()
     sb = sl.Sandbox(rate_limit=None)
     try:
+        R.eq(sb.api("GET", "/account/credits/get")[0], 404, "by default /account/credits/get is 404")
         codes = [sb.api("GET", "/account/credits")[0] for _ in range(62)]
         R.eq((codes.count(200), codes[-2:]), (60, [429, 429]), "by default 60 calls a minute, as the real service")
     finally:

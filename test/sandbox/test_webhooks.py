@@ -256,6 +256,21 @@ def test_payload_switches(rcv):
         sb.stop()
 
 
+def test_signature_modes(rcv):
+    for mode, want in (("first", lambda b: sl.signature(sl.KEY, b)), ("none", lambda b: None)):
+        sb = sl.Sandbox("--api-key", "other-key", "--webhook-signature", mode, delay_ms=1)
+        try:
+            path = "/sig/" + mode
+            sb.api("POST", "/contact/enrich/bulk", {"name": "s", "data": [sl.person(1)],
+                                                    "webhook_url": rcv.url + path}, key="other-key")
+            h = rcv.wait(1, path)[0]
+            R.eq(h["headers"].get("x-signature-sha1"), want(h["body"]),
+                 "--webhook-signature %s: %s" % (mode, "signed with the first key" if want(b"")
+                                                  else "no signature header"))
+        finally:
+            sb.stop()
+
+
 def test_log_redaction(rcv):
     sb = sl.Sandbox(delay_ms=1)
     token = "ab" * 32
@@ -281,6 +296,7 @@ def main():
         test_webhook_faults(rcv)
         test_forced_status(rcv)
         test_payload_switches(rcv)
+        test_signature_modes(rcv)
         test_log_redaction(rcv)
     finally:
         rcv.stop()
