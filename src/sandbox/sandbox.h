@@ -109,6 +109,8 @@ typedef struct sb_contact
 	bool		invalid;		/* kept by silentFail "empty": never enriched */
 	int			price;			/* credits if enriched (data_outcome), 0 for
 								 * the vendor's test contact */
+	uint64_t	hk1,
+				hk2;			/* replay key (contact_key) */
 	/* processing state, under S.lock */
 	contact_state state;
 	bool		replayed;		/* served from history at zero cost */
@@ -119,6 +121,13 @@ typedef struct sb_contact
 } sb_contact;
 
 struct sb_delivery;
+
+/* A log line written after the lock is released (sandbox_jobs.c). */
+typedef struct sb_line
+{
+	char	   *text;
+	struct sb_line *next;
+} sb_line;
 
 typedef struct sb_job
 {
@@ -324,6 +333,9 @@ typedef struct sb_state
 	sb_queue	queues[2];		/* per job_kind */
 	uint64_t	sched_deadline; /* when the sleeping scheduler wakes; 0 when
 								 * awake */
+	sb_job	   *free_jobs;		/* unreferenced, freed by jobs_housekeeping */
+	sb_line    *lines_head,
+			   *lines_tail;		/* deferred log lines */
 
 	/* replay history: see sandbox_jobs.c */
 	struct sb_hist *hist;
@@ -419,11 +431,13 @@ extern void jobs_shutdown(void);
 extern void jobs_submit(sb_job *job);
 extern sb_job *job_lookup(const char *id, job_kind kind);
 extern void job_put(sb_job *job);
+extern bool jobs_housekeeping(void);
 extern void job_free(sb_job *job);
 extern bool job_force_end(const char *id, int status, char *err, size_t errsz);
 extern void *scheduler_main(void *arg);
 extern void history_clear(void);
 extern bool job_is_terminal(job_status st);
+extern void contact_key(sb_contact *c);
 extern json_object *job_envelope(sb_job *job, job_status status, int cost,
 								 const contact_state *states, int only_index,
 								 bool with_data);

@@ -730,6 +730,7 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 
 			data_outcome(c, &o);
 			c->price = data_is_free_contact(c) ? 0 : o.price;
+			contact_key(c);
 		}
 		kept++;
 		json_object_array_add(*log_items, entry);

@@ -36,6 +36,7 @@
  *-------------------------------------------------------------------------
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,12 +152,82 @@ job_free(sb_job *job)
 	free(job);
 }
 
-/* Drop a reference (under S.lock); the last one frees the job. */
+/*
+ * Drop a reference (under S.lock).  The last one does not free the job at
+ * once but hands it to the scheduler, which frees it after letting go of
+ * the lock (freeing a job is a few dozen free() calls that the HTTP threads
+ * need not wait for).
+ */
 void
 job_put(sb_job *job)
 {
 	if (--job->refcount == 0)
-		job_free(job);
+	{
+		job->hnext = S.free_jobs;
+		S.free_jobs = job;
+	}
+}
+
+/*
+ * A line for the log, written later without the lock (under S.lock).
+ */
+static void
+deferred_log(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+
+static void
+deferred_log(const char *fmt,...)
+{
+	char		line[400];
+	va_list		ap;
+	sb_line    *l;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	l = xmalloc(sizeof(*l));
+	l->text = xstrdup(line);
+	l->next = NULL;
+	if (S.lines_tail)
+		S.lines_tail->next = l;
+	else
+		S.lines_head = l;
+	S.lines_tail = l;
+}
+
+/*
+ * Free the jobs dropped and write the lines deferred so far.  Called with
+ * S.lock held; releases it while working and returns with it held again.
+ * True when there was anything to do.
+ */
+bool
+jobs_housekeeping(void)
+{
+	sb_job	   *free_jobs = S.free_jobs;
+	sb_line    *lines = S.lines_head;
+
+	if (!free_jobs && !lines)
+		return false;
+	S.free_jobs = NULL;
+	S.lines_head = S.lines_tail = NULL;
+	pthread_mutex_unlock(&S.lock);
+	while (lines)
+	{
+		sb_line    *next = lines->next;
+
+		sb_logf("%s", lines->text);
+		free(lines->text);
+		free(lines);
+		lines = next;
+	}
+	while (free_jobs)
+	{
+		sb_job	   *next = free_jobs->hnext;
+
+		job_free(free_jobs);
+		free_jobs = next;
+	}
+	pthread_mutex_lock(&S.lock);
+	return true;
 }
 
 static void
@@ -265,8 +336,12 @@ inflight_insert(sb_queue *q, sb_contact *c)
 
 /* ---- replay history ---- */
 
-static void
-hist_key(const sb_contact *c, uint64_t *k1, uint64_t *k2)
+/*
+ * The replay key of a contact: a 128-bit digest of its kind, exact input
+ * and fields (custom aside).  Computed once, when the request is parsed.
+ */
+void
+contact_key(sb_contact *c)
 {
 	char		buf[4096];
 	int			n;
@@ -279,8 +354,8 @@ hist_key(const sb_contact *c, uint64_t *k1, uint64_t *k2)
 				 c->fields);
 	if (n < 0 || (size_t) n >= sizeof(buf))
 		n = sizeof(buf) - 1;
-	*k1 = hash64(buf, (size_t) n, 0x1234);
-	*k2 = hash64(buf, (size_t) n, 0xabcdef);
+	c->hk1 = hash64(buf, (size_t) n, 0x1234);
+	c->hk2 = hash64(buf, (size_t) n, 0xabcdef);
 }
 
 static hist_entry **
@@ -325,12 +400,11 @@ static void
 hist_add(const sb_contact *c, uint64_t now)
 {
 	sb_hist    *h = S.hist;
-	uint64_t	k1,
-				k2;
+	uint64_t	k1 = c->hk1,
+				k2 = c->hk2;
 	hist_entry **pp;
 	hist_entry *e;
 
-	hist_key(c, &k1, &k2);
 	pp = hist_find(k1, k2);
 	if (*pp)
 	{
@@ -361,12 +435,8 @@ hist_add(const sb_contact *c, uint64_t now)
 static bool
 hist_replayable(const sb_contact *c, uint64_t now)
 {
-	uint64_t	k1,
-				k2;
-	hist_entry **pp;
+	hist_entry **pp = hist_find(c->hk1, c->hk2);
 
-	hist_key(c, &k1, &k2);
-	pp = hist_find(k1, k2);
 	return *pp && now - (*pp)->at <= CFG.retention_ms;
 }
 
@@ -460,8 +530,8 @@ end_job(sb_job *job, job_status status, uint64_t now)
 		 status == ST_CREDITS_INSUFFICIENT || CFG.odd_status_webhook))
 		webhook_enqueue(job, WH_JOB, -1, status, job->cost);
 	webhook_flush_held(job);
-	sb_logf("job %s %s contacts=%d cost=%d", job->id, status_name(status),
-			job->ncontacts, job->cost);
+	deferred_log("job %s %s contacts=%d cost=%d", job->id, status_name(status),
+				 job->ncontacts, job->cost);
 
 	while (S.nterminal > CFG.max_jobs && S.ahead)
 		evict(S.ahead);
@@ -614,6 +684,8 @@ scheduler_main(void *arg)
 				next = q->fhead->done_at;
 		}
 		expire_jobs(now);
+		if (jobs_housekeeping())
+			continue;			/* time has passed: look again */
 		if (budget < 500)
 			last_busy = now;
 		if (now - last_busy < SCHED_BUSY_MS && next > now + SCHED_SLACK_MS)
@@ -665,6 +737,9 @@ jobs_shutdown(void)
 	}
 	free(S.jobs);
 	S.jobs = NULL;
+	pthread_mutex_lock(&S.lock);
+	jobs_housekeeping();
+	pthread_mutex_unlock(&S.lock);
 	history_clear();
 	free(S.hist->buckets);
 	free(S.hist);
