@@ -129,6 +129,15 @@ typedef struct sb_line
 	struct sb_line *next;
 } sb_line;
 
+/* Memory for a job's strings: a few big blocks instead of many small ones. */
+typedef struct sb_chunk
+{
+	struct sb_chunk *next;
+	size_t		used;
+	size_t		cap;
+	char		data[];
+} sb_chunk;
+
 typedef struct sb_job
 {
 	char		id[37];
@@ -141,6 +150,7 @@ typedef struct sb_job
 	bool		quirks;			/* section 6.7 quirks, fixed at creation */
 	int			ncontacts;
 	sb_contact *contacts;
+	sb_chunk   *pool;			/* contacts' strings and custom arrays */
 	/* under S.lock */
 	job_status	status;
 	int			n_finished;		/* contacts processed (done or blank) */
@@ -360,6 +370,7 @@ extern sb_state S;
 /* sandbox_util.c */
 extern uint64_t mono_ms(void);
 extern void sb_logf(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+extern void sb_log_lines(const char *const *texts, int n);
 extern void *xmalloc(size_t n);
 extern void *xcalloc(size_t n, size_t m);
 extern void *xrealloc(void *p, size_t n);
@@ -433,6 +444,8 @@ extern sb_job *job_lookup(const char *id, job_kind kind);
 extern void job_put(sb_job *job);
 extern bool jobs_housekeeping(void);
 extern void job_free(sb_job *job);
+extern void *job_alloc(sb_job *job, size_t n);
+extern char *job_strndup(sb_job *job, const char *s, size_t n);
 extern bool job_force_end(const char *id, int status, char *err, size_t errsz);
 extern void *scheduler_main(void *arg);
 extern void history_clear(void);

@@ -405,7 +405,7 @@ email_ok(const char *s)
  * 17); copied into the contact when valid.
  */
 static bool
-check_custom(json_object *contact, sb_contact *c, verr *e)
+check_custom(json_object *contact, sb_job *job, sb_contact *c, verr *e)
 {
 	json_object *custom;
 	char		msg[200];
@@ -451,13 +451,13 @@ check_custom(json_object *contact, sb_contact *c, verr *e)
 		}
 	}
 	c->has_custom = true;
-	c->custom = xcalloc((size_t) json_object_object_length(custom), sizeof(sb_kv));
+	c->custom = job_alloc(job, (size_t) json_object_object_length(custom) * sizeof(sb_kv) + 1);
 	{
 		json_object_object_foreach(custom, key, val)
 		{
-			c->custom[n].key = xstrdup(key);
+			c->custom[n].key = job_strndup(job, key, strlen(key));
 			c->custom[n].val_len = (size_t) json_object_get_string_len(val);
-			c->custom[n].val = xstrndup(json_object_get_string(val), c->custom[n].val_len);
+			c->custom[n].val = job_strndup(job, json_object_get_string(val), c->custom[n].val_len);
 			n++;
 		}
 	}
@@ -466,28 +466,15 @@ check_custom(json_object *contact, sb_contact *c, verr *e)
 }
 
 static char *
-dup_field(const char *s)
+dup_field(sb_job *job, const char *s)
 {
-	return s ? xstrdup(s) : NULL;
+	return s ? job_strndup(job, s, strlen(s)) : NULL;
 }
 
+/* Forget a contact's fields (their memory is the job's). */
 static void
 contact_clear(sb_contact *c)
 {
-	int			k;
-
-	free(c->first_name);
-	free(c->last_name);
-	free(c->domain);
-	free(c->company_name);
-	free(c->linkedin_url);
-	free(c->email);
-	for (k = 0; k < c->ncustom; k++)
-	{
-		free(c->custom[k].key);
-		free(c->custom[k].val);
-	}
-	free(c->custom);
 	memset(c, 0, sizeof(*c));
 }
 
@@ -499,7 +486,7 @@ too_long(const char *s)
 
 /* One data[] element of an enrichment: identity, formats, fields, custom. */
 static bool
-check_enrich_contact(json_object *item, sb_contact *c, verr *e)
+check_enrich_contact(json_object *item, sb_job *job, sb_contact *c, verr *e)
 {
 	const char *first,
 			   *last,
@@ -562,19 +549,19 @@ check_enrich_contact(json_object *item, sb_contact *c, verr *e)
 						"contact.phones or contact.personal_emails", shown);
 		}
 	}
-	if (!check_custom(item, c, e))
+	if (!check_custom(item, job, c, e))
 		return false;
-	c->first_name = dup_field(first);
-	c->last_name = dup_field(last);
-	c->domain = dup_field(domain);
-	c->company_name = dup_field(company);
-	c->linkedin_url = dup_field(li);
+	c->first_name = dup_field(job, first);
+	c->last_name = dup_field(job, last);
+	c->domain = dup_field(job, domain);
+	c->company_name = dup_field(job, company);
+	c->linkedin_url = dup_field(job, li);
 	return true;
 }
 
 /* One data[] element of a reverse lookup: email, then custom. */
 static bool
-check_reverse_contact(json_object *item, sb_contact *c, verr *e)
+check_reverse_contact(json_object *item, sb_job *job, sb_contact *c, verr *e)
 {
 	const char *email;
 
@@ -583,9 +570,9 @@ check_reverse_contact(json_object *item, sb_contact *c, verr *e)
 		return fail(e, "error.reverse.email.empty", "Email cannot be empty", NULL);
 	if (!email_ok(email))
 		return fail(e, "error.reverse.email.invalid", "Email is invalid", NULL);
-	if (!check_custom(item, c, e))
+	if (!check_custom(item, job, c, e))
 		return false;
-	c->email = xstrdup(email);
+	c->email = dup_field(job, email);
 	return true;
 }
 
@@ -667,8 +654,8 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 		json_object *entry = json_object_new_object();
 		json_object *custom;
 
-		ok = kind == KIND_ENRICH ? check_enrich_contact(item, c, &e)
-			: check_reverse_contact(item, c, &e);
+		ok = kind == KIND_ENRICH ? check_enrich_contact(item, job, c, &e)
+			: check_reverse_contact(item, job, c, &e);
 		if (!ok && !silent)
 		{
 			json_object_put(entry);
@@ -706,18 +693,18 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 			if (json_object_is_type(item, json_type_object))
 			{
 				if (kind == KIND_REVERSE)
-					c->email = dup_field((s = str_member(item, "email")) && strlen(s) <= 320 ? s : NULL);
+					c->email = dup_field(job, (s = str_member(item, "email")) && strlen(s) <= 320 ? s : NULL);
 				else
 				{
-					c->first_name = dup_field((s = str_member(item, "first_name")) && !too_long(s) ? s : NULL);
-					c->last_name = dup_field((s = str_member(item, "last_name")) && !too_long(s) ? s : NULL);
-					c->domain = dup_field((s = str_member(item, "domain")) && !too_long(s) ? s : NULL);
-					c->company_name = dup_field((s = str_member(item, "company_name")) && !too_long(s) ? s : NULL);
-					c->linkedin_url = dup_field((s = str_member(item, "linkedin_url")) && !too_long(s) ? s : NULL);
+					c->first_name = dup_field(job, (s = str_member(item, "first_name")) && !too_long(s) ? s : NULL);
+					c->last_name = dup_field(job, (s = str_member(item, "last_name")) && !too_long(s) ? s : NULL);
+					c->domain = dup_field(job, (s = str_member(item, "domain")) && !too_long(s) ? s : NULL);
+					c->company_name = dup_field(job, (s = str_member(item, "company_name")) && !too_long(s) ? s : NULL);
+					c->linkedin_url = dup_field(job, (s = str_member(item, "linkedin_url")) && !too_long(s) ? s : NULL);
 				}
 			}
 			if (kind == KIND_REVERSE && !c->email)
-				c->email = xstrdup("");
+				c->email = dup_field(job, "");
 			json_object_object_add(entry, "invalid", json_object_new_boolean(1));
 			json_object_object_add(entry, "error", json_object_new_string(e.code));
 		}

@@ -122,28 +122,53 @@ table_remove(sb_job *job)
 	S.njobs--;
 }
 
+/*
+ * n bytes (8-aligned) that live as long as the job: the contacts' strings
+ * and custom arrays come from here, so a 100-contact job costs a handful of
+ * malloc and free calls, not several hundred.
+ */
+void *
+job_alloc(sb_job *job, size_t n)
+{
+	sb_chunk   *ch = job->pool;
+	void	   *p;
+
+	n = (n + 7) & ~(size_t) 7;
+	if (!ch || ch->cap - ch->used < n)
+	{
+		size_t		cap = n > 4096 ? n : 4096;
+
+		ch = xmalloc(sizeof(*ch) + cap);
+		ch->cap = cap;
+		ch->used = 0;
+		ch->next = job->pool;
+		job->pool = ch;
+	}
+	p = ch->data + ch->used;
+	ch->used += n;
+	return p;
+}
+
+/* Copy n bytes (NULs allowed) into the job's memory, NUL-terminated. */
+char *
+job_strndup(sb_job *job, const char *s, size_t n)
+{
+	char	   *p = job_alloc(job, n + 1);
+
+	memcpy(p, s, n);
+	p[n] = '\0';
+	return p;
+}
+
 void
 job_free(sb_job *job)
 {
-	int			i,
-				k;
-
-	for (i = 0; i < job->ncontacts; i++)
+	while (job->pool)
 	{
-		sb_contact *c = &job->contacts[i];
+		sb_chunk   *next = job->pool->next;
 
-		free(c->first_name);
-		free(c->last_name);
-		free(c->domain);
-		free(c->company_name);
-		free(c->linkedin_url);
-		free(c->email);
-		for (k = 0; k < c->ncustom; k++)
-		{
-			free(c->custom[k].key);
-			free(c->custom[k].val);
-		}
-		free(c->custom);
+		free(job->pool);
+		job->pool = next;
 	}
 	free(job->contacts);
 	free(job->name);
@@ -210,14 +235,26 @@ jobs_housekeeping(void)
 	S.free_jobs = NULL;
 	S.lines_head = S.lines_tail = NULL;
 	pthread_mutex_unlock(&S.lock);
-	while (lines)
+	if (lines)
 	{
-		sb_line    *next = lines->next;
+		const char *texts[256];
+		int			n = 0;
 
-		sb_logf("%s", lines->text);
-		free(lines->text);
-		free(lines);
-		lines = next;
+		/* batches of up to 256 lines, one write each */
+		while (lines)
+		{
+			sb_line    *l = lines;
+
+			texts[n++] = l->text;
+			lines = l->next;
+			if (n == 256 || !lines)
+			{
+				sb_log_lines(texts, n);
+				while (n > 0)
+					free((char *) texts[--n]);
+			}
+			free(l);
+		}
 	}
 	while (free_jobs)
 	{

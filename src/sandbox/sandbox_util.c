@@ -50,20 +50,56 @@ sleep_ms(long ms)
  * formatted first and written with one stdio call, so lines from different
  * threads never interleave.
  */
+/* The "<UTC time> enrich-sandbox: " that starts each log line. */
+static size_t
+log_prefix(char *buf, size_t sz)
+{
+	struct timespec ts;
+	struct tm	tm;
+	size_t		n;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	n = strftime(buf, sz, "%Y-%m-%dT%H:%M:%S", &tm);
+	n += (size_t) snprintf(buf + n, sz - n, ".%03ldZ enrich-sandbox: ", ts.tv_nsec / 1000000);
+	return n;
+}
+
+/*
+ * Write several lines (texts without the prefix) with one stdio call.
+ */
+void
+sb_log_lines(const char *const *texts, int n)
+{
+	size_t		cap = 4096,
+				len = 0;
+	char	   *buf = xmalloc(cap);
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		size_t		need = strlen(texts[i]) + 80;
+
+		if (len + need > cap)
+		{
+			cap = (len + need) * 2;
+			buf = xrealloc(buf, cap);
+		}
+		len += log_prefix(buf + len, cap - len);
+		len += (size_t) snprintf(buf + len, cap - len, "%s\n", texts[i]);
+	}
+	fwrite(buf, 1, len, stdout);
+	free(buf);
+}
+
 void
 sb_logf(const char *fmt,...)
 {
 	char		line[2048];
-	struct timespec ts;
-	struct tm	tm;
 	size_t		n;
 	va_list		ap;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-	n += snprintf(line + n, sizeof(line) - n, ".%03ldZ enrich-sandbox: ",
-				  ts.tv_nsec / 1000000);
+	n = log_prefix(line, sizeof(line));
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - n - 1, fmt, ap);
 	va_end(ap);
