@@ -23,10 +23,13 @@
  *	- a contact's input (names, custom, fields) never changes after the
  *	  submit that created it;
  *	- a contact's state only moves forward and is read under the lock (a
- *	  GET snapshots the states it needs before building outside it); once a
- *	  job is terminal nothing in it changes any more;
+ *	  GET snapshots the states it needs before building outside it), except
+ *	  that a finished contact's state, and everything in a terminal job, no
+ *	  longer changes and is read freely (webhook bodies);
  *	- jobs are reference counted: whoever builds from a job outside the lock
- *	  holds a reference, so eviction never frees a job still being read.
+ *	  holds a reference, so eviction never frees a job still being read; the
+ *	  last reference hands the job to the scheduler, which frees it after
+ *	  letting go of the lock.
  *
  * Result records are not stored: they are a pure function of the contact's
  * input, the seed and the switches fixed when the job was created, so they

@@ -6,17 +6,16 @@
  *
  * A submit creates a job in CREATED with all its contacts queued at the
  * tail of the workspace's queue (one queue for enrichment, one for reverse
- * lookup, as reference section 12 describes).  The scheduler moves
- * contacts from the queue head into processing slots, at most
- * --max-in-flight per queue, each for --contact-delay-ms; the job is
- * IN_PROGRESS from its first contact's start.  When a contact's time is
- * up it is finished:
+ * lookup, as reference section 12 describes).  Contacts move from the
+ * queue head into processing slots (the submit starts what fits, the
+ * scheduler the rest as slots free up), at most --max-in-flight per queue,
+ * each for --contact-delay-ms; the job is IN_PROGRESS from its first
+ * contact's start.  Each contact was priced when the request was parsed:
+ * 1/3/10 for what its synthetic result finds (sandbox_data.c), 0 for the
+ * vendor's test contact, and 0 ("replay") when the identical contact (same
+ * exact input and fields) had been enriched by a job that had ended within
+ * --retention-ms when the request arrived.  When a contact's time is up:
  *
- *	- its synthetic result is computed (sandbox_data.c) and priced 1/3/10
- *	  for what was found; the price is 0 when, at submit time, the identical
- *	  contact (same exact input and fields) had been enriched by a job that
- *	  had ended within --retention-ms ("replay"), or for the vendor's test
- *	  contact;
  *	- if the balance cannot cover the price, the job ends
  *	  CREDITS_INSUFFICIENT: this and every unfinished contact of the job get
  *	  an empty record;
@@ -31,7 +30,8 @@
  *
  * Terminal jobs stay readable (GET) for --retention-ms, at most --max-jobs
  * of them: the oldest are evicted first and then answer 404 like an
- * expired id.  Everything here runs under S.lock.
+ * expired id.  Everything here runs under S.lock, except freeing jobs and
+ * writing the job lines, which jobs_housekeeping does with the lock let go.
  *
  *-------------------------------------------------------------------------
  */
