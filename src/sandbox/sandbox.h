@@ -23,10 +23,13 @@
  *	- a contact's input (names, custom, fields) never changes after the
  *	  submit that created it;
  *	- a contact's state only moves forward and is read under the lock (a
- *	  GET snapshots the states it needs before building outside it); once a
- *	  job is terminal nothing in it changes any more;
+ *	  GET snapshots the states it needs before building outside it), except
+ *	  that a finished contact's state, and everything in a terminal job, no
+ *	  longer changes and is read freely (webhook bodies);
  *	- jobs are reference counted: whoever builds from a job outside the lock
- *	  holds a reference, so eviction never frees a job still being read.
+ *	  holds a reference, so eviction never frees a job still being read; the
+ *	  last reference hands the job to the scheduler, which frees it after
+ *	  letting go of the lock.
  *
  * Result records are not stored: they are a pure function of the contact's
  * input, the seed and the switches fixed when the job was created, so they
@@ -107,6 +110,10 @@ typedef struct sb_contact
 	int			ncustom;
 	bool		has_custom;
 	bool		invalid;		/* kept by silentFail "empty": never enriched */
+	int			price;			/* credits if enriched (data_outcome), 0 for
+								 * the vendor's test contact */
+	uint64_t	hk1,
+				hk2;			/* replay key (contact_key) */
 	/* processing state, under S.lock */
 	contact_state state;
 	bool		replayed;		/* served from history at zero cost */
@@ -117,6 +124,22 @@ typedef struct sb_contact
 } sb_contact;
 
 struct sb_delivery;
+
+/* A log line written after the lock is released (sandbox_jobs.c). */
+typedef struct sb_line
+{
+	char	   *text;
+	struct sb_line *next;
+} sb_line;
+
+/* Memory for a job's strings: a few big blocks instead of many small ones. */
+typedef struct sb_chunk
+{
+	struct sb_chunk *next;
+	size_t		used;
+	size_t		cap;
+	char		data[];
+} sb_chunk;
 
 typedef struct sb_job
 {
@@ -130,6 +153,7 @@ typedef struct sb_job
 	bool		quirks;			/* section 6.7 quirks, fixed at creation */
 	int			ncontacts;
 	sb_contact *contacts;
+	sb_chunk   *pool;			/* contacts' strings and custom arrays */
 	/* under S.lock */
 	job_status	status;
 	int			n_finished;		/* contacts processed (done or blank) */
@@ -172,6 +196,13 @@ typedef struct sb_delivery
 	struct sb_delivery *next;	/* held list */
 } sb_delivery;
 
+enum
+{
+	SIG_CREATOR,				/* the key that created the job signs */
+	SIG_FIRST,					/* the first --api-key signs */
+	SIG_NONE					/* no X-Signature-SHA1 header */
+};
+
 /* Options fixed at start. */
 typedef struct sb_config
 {
@@ -203,6 +234,9 @@ typedef struct sb_config
 	bool		reverse_contact_webhook;
 	bool		odd_status_webhook; /* final webhook for RATE_LIMIT/UNKNOWN */
 	bool		strict_input;	/* domain/linkedin_url format checks */
+	int			signature_mode; /* SIG_CREATOR, SIG_FIRST, SIG_NONE */
+	bool		rate_declared_only; /* only endpoints that declare 429 count */
+	bool		credits_get_path;	/* also serve /account/credits/get */
 	uint64_t	retention_ms;
 	int			max_jobs;
 	int			log_max;
@@ -265,7 +299,7 @@ typedef struct sb_stats
 /* A bounded, clearable log of JSON elements for the /_sandbox/ listings. */
 typedef struct sb_log
 {
-	json_object **items;
+	char	  **items;			/* compact JSON text */
 	int			cap;
 	int			head;			/* index of the oldest kept element */
 	int			count;
@@ -310,6 +344,11 @@ typedef struct sb_state
 			   *atail;			/* terminal jobs in end order */
 	int			nterminal;
 	sb_queue	queues[2];		/* per job_kind */
+	uint64_t	sched_deadline; /* when the sleeping scheduler wakes; 0 when
+								 * awake */
+	sb_job	   *free_jobs;		/* unreferenced, freed by jobs_housekeeping */
+	sb_line    *lines_head,
+			   *lines_tail;		/* deferred log lines */
 
 	/* replay history: see sandbox_jobs.c */
 	struct sb_hist *hist;
@@ -334,6 +373,7 @@ extern sb_state S;
 /* sandbox_util.c */
 extern uint64_t mono_ms(void);
 extern void sb_logf(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+extern void sb_log_lines(const char *const *texts, int n);
 extern void *xmalloc(size_t n);
 extern void *xcalloc(size_t n, size_t m);
 extern void *xrealloc(void *p, size_t n);
@@ -360,7 +400,8 @@ extern int	status_parse(const char *s);
 extern void log_init(sb_log *log, int cap);
 extern void log_clear(sb_log *log);
 extern void log_free(sb_log *log);
-extern void log_append(sb_log *log, json_object *item);
+extern char *log_item(json_object *item);
+extern void log_append(sb_log *log, char *text);
 extern json_object *log_list(sb_log *log, uint64_t offset, long limit);
 
 /* sandbox_http.c */
@@ -404,11 +445,15 @@ extern void jobs_shutdown(void);
 extern void jobs_submit(sb_job *job);
 extern sb_job *job_lookup(const char *id, job_kind kind);
 extern void job_put(sb_job *job);
+extern bool jobs_housekeeping(void);
 extern void job_free(sb_job *job);
+extern void *job_alloc(sb_job *job, size_t n);
+extern char *job_strndup(sb_job *job, const char *s, size_t n);
 extern bool job_force_end(const char *id, int status, char *err, size_t errsz);
 extern void *scheduler_main(void *arg);
 extern void history_clear(void);
 extern bool job_is_terminal(job_status st);
+extern void contact_key(sb_contact *c);
 extern json_object *job_envelope(sb_job *job, job_status status, int cost,
 								 const contact_state *states, int only_index,
 								 bool with_data);

@@ -9,7 +9,8 @@
  *	   the wrong method 405 error.method.not_allowed (with Allow);
  *	2. authentication: the three 401s of reference section 1.2/11.2;
  *	3. the rate limit: --rate-limit calls per --rate-window-ms for all
- *	   endpoints together (sliding window unless --rate-window fixed),
+ *	   endpoints together (sliding window unless --rate-window fixed; only
+ *	   the endpoints that declare a 429 with --rate-limit-scope declared),
  *	   counting only authenticated calls; beyond it 429 error.rate.limit;
  *	4. transport faults: hang_rate, reset_rate (and response_delay_ms,
  *	   applied by the HTTP layer to every answer);
@@ -109,7 +110,8 @@ route(const char *path, char *id, size_t idsz, bool *bad_id)
 	rest = p + 7;
 	if (!strcmp(rest, "/account/keys/verify"))
 		return R_VERIFY;
-	if (!strcmp(rest, "/account/credits"))
+	if (!strcmp(rest, "/account/credits") ||
+		(CFG.credits_get_path && !strcmp(rest, "/account/credits/get")))
 		return R_CREDITS;
 	if (!strcmp(rest, "/contact/enrich/bulk"))
 		return R_ENRICH_POST;
@@ -146,6 +148,16 @@ route_method(route_id r)
 		default:
 			return "POST";
 	}
+}
+
+/*
+ * Endpoints whose OAS entry declares a 429 (enrichment, search, lookup);
+ * with --rate-limit-scope declared only these count and get 429.
+ */
+static bool
+declares_429(route_id r)
+{
+	return r == R_ENRICH_POST || r == R_ENRICH_GET || r == R_SEARCH;
 }
 
 static bool
@@ -393,7 +405,7 @@ email_ok(const char *s)
  * 17); copied into the contact when valid.
  */
 static bool
-check_custom(json_object *contact, sb_contact *c, verr *e)
+check_custom(json_object *contact, sb_job *job, sb_contact *c, verr *e)
 {
 	json_object *custom;
 	char		msg[200];
@@ -439,13 +451,13 @@ check_custom(json_object *contact, sb_contact *c, verr *e)
 		}
 	}
 	c->has_custom = true;
-	c->custom = xcalloc((size_t) json_object_object_length(custom), sizeof(sb_kv));
+	c->custom = job_alloc(job, (size_t) json_object_object_length(custom) * sizeof(sb_kv) + 1);
 	{
 		json_object_object_foreach(custom, key, val)
 		{
-			c->custom[n].key = xstrdup(key);
+			c->custom[n].key = job_strndup(job, key, strlen(key));
 			c->custom[n].val_len = (size_t) json_object_get_string_len(val);
-			c->custom[n].val = xstrndup(json_object_get_string(val), c->custom[n].val_len);
+			c->custom[n].val = job_strndup(job, json_object_get_string(val), c->custom[n].val_len);
 			n++;
 		}
 	}
@@ -454,28 +466,15 @@ check_custom(json_object *contact, sb_contact *c, verr *e)
 }
 
 static char *
-dup_field(const char *s)
+dup_field(sb_job *job, const char *s)
 {
-	return s ? xstrdup(s) : NULL;
+	return s ? job_strndup(job, s, strlen(s)) : NULL;
 }
 
+/* Forget a contact's fields (their memory is the job's). */
 static void
 contact_clear(sb_contact *c)
 {
-	int			k;
-
-	free(c->first_name);
-	free(c->last_name);
-	free(c->domain);
-	free(c->company_name);
-	free(c->linkedin_url);
-	free(c->email);
-	for (k = 0; k < c->ncustom; k++)
-	{
-		free(c->custom[k].key);
-		free(c->custom[k].val);
-	}
-	free(c->custom);
 	memset(c, 0, sizeof(*c));
 }
 
@@ -487,7 +486,7 @@ too_long(const char *s)
 
 /* One data[] element of an enrichment: identity, formats, fields, custom. */
 static bool
-check_enrich_contact(json_object *item, sb_contact *c, verr *e)
+check_enrich_contact(json_object *item, sb_job *job, sb_contact *c, verr *e)
 {
 	const char *first,
 			   *last,
@@ -550,19 +549,19 @@ check_enrich_contact(json_object *item, sb_contact *c, verr *e)
 						"contact.phones or contact.personal_emails", shown);
 		}
 	}
-	if (!check_custom(item, c, e))
+	if (!check_custom(item, job, c, e))
 		return false;
-	c->first_name = dup_field(first);
-	c->last_name = dup_field(last);
-	c->domain = dup_field(domain);
-	c->company_name = dup_field(company);
-	c->linkedin_url = dup_field(li);
+	c->first_name = dup_field(job, first);
+	c->last_name = dup_field(job, last);
+	c->domain = dup_field(job, domain);
+	c->company_name = dup_field(job, company);
+	c->linkedin_url = dup_field(job, li);
 	return true;
 }
 
 /* One data[] element of a reverse lookup: email, then custom. */
 static bool
-check_reverse_contact(json_object *item, sb_contact *c, verr *e)
+check_reverse_contact(json_object *item, sb_job *job, sb_contact *c, verr *e)
 {
 	const char *email;
 
@@ -571,9 +570,9 @@ check_reverse_contact(json_object *item, sb_contact *c, verr *e)
 		return fail(e, "error.reverse.email.empty", "Email cannot be empty", NULL);
 	if (!email_ok(email))
 		return fail(e, "error.reverse.email.invalid", "Email is invalid", NULL);
-	if (!check_custom(item, c, e))
+	if (!check_custom(item, job, c, e))
 		return false;
-	c->email = xstrdup(email);
+	c->email = dup_field(job, email);
 	return true;
 }
 
@@ -582,7 +581,8 @@ check_reverse_contact(json_object *item, sb_contact *c, verr *e)
  * validation error fill resp with the 400 and return NULL.  silentFail
  * drops (or, with --silent-fail empty, keeps as empty) contacts that fail
  * the per-contact checks instead of rejecting the request.  The per-contact
- * entries for the /_sandbox/contacts log are returned in *log_items.
+ * entries for the /_sandbox/contacts log are returned in *log_items; they
+ * share objects with root, so serialise them before freeing root.
  */
 static sb_job *
 build_job(json_object *root, job_kind kind, bool silent, int key_index,
@@ -652,11 +652,10 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 		sb_contact *c = &job->contacts[kept];
 		bool		ok;
 		json_object *entry = json_object_new_object();
-		json_object *copy = NULL;
 		json_object *custom;
 
-		ok = kind == KIND_ENRICH ? check_enrich_contact(item, c, &e)
-			: check_reverse_contact(item, c, &e);
+		ok = kind == KIND_ENRICH ? check_enrich_contact(item, job, c, &e)
+			: check_reverse_contact(item, job, c, &e);
 		if (!ok && !silent)
 		{
 			json_object_put(entry);
@@ -669,17 +668,13 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 			return NULL;
 		}
 		json_object_object_add(entry, "index", json_object_new_int((int) i));
+		/* shared with the request tree; serialised before it is freed */
 		if (json_object_is_type(item, json_type_object) &&
 			json_object_object_get_ex(item, "custom", &custom))
-		{
-			json_object_deep_copy(custom, &copy, NULL);
-			json_object_object_add(entry, "custom", copy);
-			copy = NULL;
-		}
+			json_object_object_add(entry, "custom", json_object_get(custom));
 		else
 			json_object_object_add(entry, "custom", NULL);
-		json_object_deep_copy(item, &copy, NULL);
-		json_object_object_add(entry, "input", copy);
+		json_object_object_add(entry, "input", json_object_get(item));
 		if (!ok && !CFG.silent_fail_empty)
 		{
 			contact_clear(c);
@@ -698,23 +693,32 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 			if (json_object_is_type(item, json_type_object))
 			{
 				if (kind == KIND_REVERSE)
-					c->email = dup_field((s = str_member(item, "email")) && strlen(s) <= 320 ? s : NULL);
+					c->email = dup_field(job, (s = str_member(item, "email")) && strlen(s) <= 320 ? s : NULL);
 				else
 				{
-					c->first_name = dup_field((s = str_member(item, "first_name")) && !too_long(s) ? s : NULL);
-					c->last_name = dup_field((s = str_member(item, "last_name")) && !too_long(s) ? s : NULL);
-					c->domain = dup_field((s = str_member(item, "domain")) && !too_long(s) ? s : NULL);
-					c->company_name = dup_field((s = str_member(item, "company_name")) && !too_long(s) ? s : NULL);
-					c->linkedin_url = dup_field((s = str_member(item, "linkedin_url")) && !too_long(s) ? s : NULL);
+					c->first_name = dup_field(job, (s = str_member(item, "first_name")) && !too_long(s) ? s : NULL);
+					c->last_name = dup_field(job, (s = str_member(item, "last_name")) && !too_long(s) ? s : NULL);
+					c->domain = dup_field(job, (s = str_member(item, "domain")) && !too_long(s) ? s : NULL);
+					c->company_name = dup_field(job, (s = str_member(item, "company_name")) && !too_long(s) ? s : NULL);
+					c->linkedin_url = dup_field(job, (s = str_member(item, "linkedin_url")) && !too_long(s) ? s : NULL);
 				}
 			}
 			if (kind == KIND_REVERSE && !c->email)
-				c->email = xstrdup("");
+				c->email = dup_field(job, "");
 			json_object_object_add(entry, "invalid", json_object_new_boolean(1));
 			json_object_object_add(entry, "error", json_object_new_string(e.code));
 		}
 		c->job = job;
 		c->index = kept;
+		if (!c->invalid)
+		{
+			/* a pure function of the input: priced here, outside the lock */
+			sb_outcome	o;
+
+			data_outcome(c, &o);
+			c->price = data_is_free_contact(c) ? 0 : o.price;
+			contact_key(c);
+		}
 		kept++;
 		json_object_array_add(*log_items, entry);
 	}
@@ -740,7 +744,9 @@ handle_submit(job_kind kind, bool silent, int key_index, const char *body, size_
 	json_object *log_items = NULL;
 	json_object *ok;
 	sb_job	   *job;
-	size_t		i;
+	size_t		i,
+				nlog;
+	char	  **texts;
 
 	if (!root)
 	{
@@ -751,27 +757,35 @@ handle_submit(job_kind kind, bool silent, int key_index, const char *body, size_
 		return;
 	}
 	job = build_job(root, kind, silent, key_index, resp, &log_items);
-	json_object_put(root);
 	if (!job)
+	{
+		json_object_put(root);
 		return;
+	}
 	uuid_random(job->id);
+
+	nlog = json_object_array_length(log_items);
+	texts = xmalloc(nlog * sizeof(char *));
+	for (i = 0; i < nlog; i++)
+	{
+		json_object *entry = json_object_array_get_idx(log_items, i);
+
+		json_object_object_add(entry, "enrichment_id", json_object_new_string(job->id));
+		texts[i] = json_dump(entry, NULL);
+	}
+	json_object_put(log_items);
+	json_object_put(root);
 
 	pthread_mutex_lock(&S.lock);
 	job->quirks = S.faults.quirks;
-	for (i = 0; i < json_object_array_length(log_items); i++)
-	{
-		json_object *entry = NULL;
-
-		json_object_deep_copy(json_object_array_get_idx(log_items, i), &entry, NULL);
-		json_object_object_add(entry, "enrichment_id", json_object_new_string(job->id));
-		log_append(&S.log_contacts, entry);
-	}
+	for (i = 0; i < nlog; i++)
+		log_append(&S.log_contacts, texts[i]);
 	S.stats.submits_accepted++;
-	S.stats.contacts_received += (uint64_t) json_object_array_length(log_items);
+	S.stats.contacts_received += (uint64_t) nlog;
 	resp->contacts = job->ncontacts;
 	jobs_submit(job);
 	pthread_mutex_unlock(&S.lock);
-	json_object_put(log_items);
+	free(texts);
 
 	ok = json_object_new_object();
 	json_object_object_add(ok, "enrichment_id", json_object_new_string(job->id));
@@ -856,6 +870,18 @@ fault_answer(sb_response *resp, int status)
 	resp_error(resp, status, "error.sandbox.fault", msg);
 }
 
+/* response_delay_ms, for answers given before the main locked section. */
+static long
+current_delay(void)
+{
+	long		ms;
+
+	pthread_mutex_lock(&S.lock);
+	ms = S.faults.response_delay_ms;
+	pthread_mutex_unlock(&S.lock);
+	return ms;
+}
+
 /* The entry point for everything that is not under /_sandbox/. */
 void
 api_handle(const char *method, const char *path, const char *auth,
@@ -874,12 +900,9 @@ api_handle(const char *method, const char *path, const char *auth,
 	int			fault_status = 0;
 	bool		is_submit = r == R_ENRICH_POST || r == R_REVERSE_POST;
 
-	pthread_mutex_lock(&S.lock);
-	resp->delay_ms = S.faults.response_delay_ms;
-	pthread_mutex_unlock(&S.lock);
-
 	if (r == R_NONE)
 	{
+		resp->delay_ms = current_delay();
 		resp_error(resp, 404, "error.not_found", "Not found");
 		return;
 	}
@@ -887,6 +910,7 @@ api_handle(const char *method, const char *path, const char *auth,
 	if (strcmp(method, want) != 0 && !(strcmp(want, "GET") == 0 && strcmp(method, "HEAD") == 0))
 	{
 		resp->allow = strcmp(want, "GET") == 0 ? "GET, HEAD" : "POST";
+		resp->delay_ms = current_delay();
 		resp_error(resp, 405, "error.method.not_allowed", "Method not allowed");
 		return;
 	}
@@ -895,15 +919,20 @@ api_handle(const char *method, const char *path, const char *auth,
 		char		msg[100];
 
 		snprintf(msg, sizeof(msg), "Request body larger than %zu bytes", CFG.max_body);
+		resp->delay_ms = current_delay();
 		resp_error(resp, 413, "error.request.too_large", msg);
 		return;
 	}
 	key = authenticate(auth, resp);
 	if (key < 0)
+	{
+		resp->delay_ms = current_delay();
 		return;
+	}
 
 	pthread_mutex_lock(&S.lock);
-	if (!rate_allow(mono_ms()))
+	resp->delay_ms = S.faults.response_delay_ms;
+	if ((!CFG.rate_declared_only || declares_429(r)) && !rate_allow(mono_ms()))
 	{
 		pthread_mutex_unlock(&S.lock);
 		resp_error(resp, 429, "error.rate.limit", "Too many requests. Try again in 1m");

@@ -466,6 +466,7 @@ handle_job_status(const char *id, const char *body, size_t len, sb_response *res
 	}
 	pthread_mutex_lock(&S.lock);
 	ok = job_force_end(id, st, err, sizeof(err));
+	jobs_housekeeping();		/* its log line now, not at the next tick */
 	pthread_mutex_unlock(&S.lock);
 	if (!ok && !strcmp(err, "404"))
 		resp_error(resp, 404, "error.enrichment.not_found", "Enrichment ID not found");

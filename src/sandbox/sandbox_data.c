@@ -457,9 +457,12 @@ ends_with(const char *s, const char *suffix)
 	return a >= b && strcmp(s + a - b, suffix) == 0;
 }
 
-/* A phone number of the location's country, display or E.164 formatted. */
+/*
+ * A phone number of the location's country, display or E.164 formatted
+ * (only the digits are drawn when render is false).
+ */
 static void
-make_phone(uint64_t *rng, const loc *l, bool mobile, char *out, size_t outsz)
+make_phone(uint64_t *rng, const loc *l, bool mobile, char *out, size_t outsz, bool render)
 {
 	unsigned	d[10];
 	int			i;
@@ -468,6 +471,8 @@ make_phone(uint64_t *rng, const loc *l, bool mobile, char *out, size_t outsz)
 
 	for (i = 0; i < 10; i++)
 		d[i] = (unsigned) (splitmix64(rng) % 10);
+	if (!render)
+		return;
 	if (!strcmp(cc, "US") || !strcmp(cc, "CA"))
 		snprintf(tmp, sizeof(tmp), "+1 %u%u%u-%u%u%u-%u%u%u%u", 2 + d[0] % 8, d[1], d[2],
 				 2 + d[3] % 8, d[4], d[5], d[6], d[7], d[8], d[9]);
@@ -541,9 +546,14 @@ work_status_draw(uint64_t *rng)
 	return u < 0.65 ? ES_DELIVERABLE : u < 0.85 ? ES_HIGH_PROBABILITY : ES_CATCH_ALL;
 }
 
-/* Decide everything about a contact (the heart of determinism). */
+/*
+ * Decide everything about a contact (the heart of determinism).  With
+ * render false only the decisions are made (what is found, and so the
+ * price), skipping the formatting of addresses and numbers: the draws are
+ * the same either way, so the two never disagree.
+ */
 static void
-gen_contact(const sb_contact *c, gen *g)
+gen_contact(const sb_contact *c, gen *g, bool render)
 {
 	uint64_t	rng;
 	char		key[2048];
@@ -636,15 +646,19 @@ gen_contact(const sb_contact *c, gen *g)
 		snprintf(g->company, sizeof(g->company), "%s", c->company_name);
 	else
 		company_from_domain(g->domain, g->company, sizeof(g->company));
-	ascii_fold(g->first, fa, sizeof(fa));
-	ascii_fold(g->last, la, sizeof(la));
-	if (!fa[0])
-		snprintf(fa, sizeof(fa), "contact");
-	if (!la[0])
-		snprintf(la, sizeof(la), "person");
-	if (!g->handle[0])
-		snprintf(g->handle, sizeof(g->handle), "%s-%s-%04x", fa, la,
-				 (unsigned) (g->h & 0xffff));
+	fa[0] = la[0] = '\0';
+	if (render)
+	{
+		ascii_fold(g->first, fa, sizeof(fa));
+		ascii_fold(g->last, la, sizeof(la));
+		if (!fa[0])
+			snprintf(fa, sizeof(fa), "contact");
+		if (!la[0])
+			snprintf(la, sizeof(la), "person");
+		if (!g->handle[0])
+			snprintf(g->handle, sizeof(g->handle), "%s-%s-%04x", fa, la,
+					 (unsigned) (g->h & 0xffff));
+	}
 
 	/* what is found */
 	if (g->reverse)
@@ -658,40 +672,50 @@ gen_contact(const sb_contact *c, gen *g)
 	{
 		g->work_invalid_only = true;
 		g->work_alt_status = ES_INVALID_DOMAIN;
-		work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
 		(void) splitmix64(&rng);
 	}
 	else if (g->identified && chance(&rng, g->li ? 0.92 : 0.85))
 	{
-		uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
-		int			pattern = (int) (splitmix64(&crng) % 5);
-
 		g->work_found = true;
 		g->work_status = work_status_draw(&rng);
-		work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
 		if (chance(&rng, 0.3))
 		{
 			g->work_alt = true;
 			g->work_alt_status = chance(&rng, 0.5) ? ES_INVALID : ES_CATCH_ALL;
-			work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
-						 sizeof(g->work_alt_email));
+		}
+		if (render)
+		{
+			/* the address pattern is the company's: a function of the domain */
+			uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
+			int			pattern = (int) (splitmix64(&crng) % 5);
+
+			work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
+			if (g->work_alt)
+				work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
+							 sizeof(g->work_alt_email));
 		}
 	}
 	else if (g->identified && chance(&rng, 0.4))
 	{
 		g->work_invalid_only = true;
 		g->work_alt_status = ES_INVALID;
-		work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
 	}
 
 	if (g->identified && chance(&rng, g->li ? 0.6 : 0.45))
 	{
 		const char *pd = pick(&rng, personal_domains, N(personal_domains));
+		bool		dot;
 
 		g->pers_found = true;
 		g->pers_status = chance(&rng, 0.8) ? ES_DELIVERABLE : ES_HIGH_PROBABILITY;
-		snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
-				 chance(&rng, 0.5) ? "." : "", la, pd);
+		dot = chance(&rng, 0.5);
+		if (render)
+			snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
+					 dot ? "." : "", la, pd);
 	}
 
 	if (g->identified && chance(&rng, g->li ? 0.7 : 0.47))
@@ -699,13 +723,13 @@ gen_contact(const sb_contact *c, gen *g)
 		if (chance(&rng, 0.85))
 		{
 			g->mobile_found = true;
-			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile));
+			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile), render);
 		}
 		if (!g->mobile_found || chance(&rng, 0.25))
 		{
 			g->landline_found = true;
 			g->landline_loc = g->loc;
-			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline));
+			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline), render);
 		}
 	}
 }
@@ -732,7 +756,7 @@ data_outcome(const sb_contact *c, sb_outcome *o)
 {
 	gen			g;
 
-	gen_contact(c, &g);
+	gen_contact(c, &g, false);
 	memset(o, 0, sizeof(*o));
 	o->identified = g.identified;
 	if (c->email)
@@ -1272,7 +1296,7 @@ data_record(const sb_contact *c, contact_state state, bool quirks)
 	gen			g;
 	bool		blank = state != C_DONE || c->invalid;
 
-	gen_contact(c, &g);
+	gen_contact(c, &g, true);
 	json_object_object_add(r, "input", input_json(c, quirks, g.q, blank));
 	if (c->has_custom)
 		json_object_object_add(r, "custom", custom_json(c));

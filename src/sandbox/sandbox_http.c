@@ -112,8 +112,11 @@ record_call(const char *method, const char *url, int status, int contacts,
 	json_object_object_add(item, "path", json_object_new_string(url));
 	json_object_object_add(item, "status", json_object_new_int(status));
 	json_object_object_add(item, "contacts", json_object_new_int(contacts));
+	char	   *text;
+
 	if (what)
 		json_object_object_add(item, "fault", json_object_new_string(what));
+	text = log_item(item);
 
 	pthread_mutex_lock(&S.lock);
 	S.stats.calls++;
@@ -129,7 +132,7 @@ record_call(const char *method, const char *url, int status, int contacts,
 		S.stats.calls_5xx++;
 	if (status >= 400 && status < 500)
 		S.stats.calls_4xx++;
-	log_append(&S.log_calls, item);
+	log_append(&S.log_calls, text);
 	pthread_mutex_unlock(&S.lock);
 
 	printable(url, path, sizeof(path));

@@ -6,17 +6,16 @@
  *
  * A submit creates a job in CREATED with all its contacts queued at the
  * tail of the workspace's queue (one queue for enrichment, one for reverse
- * lookup, as reference section 12 describes).  The scheduler moves
- * contacts from the queue head into processing slots, at most
- * --max-in-flight per queue, each for --contact-delay-ms; the job is
- * IN_PROGRESS from its first contact's start.  When a contact's time is
- * up it is finished:
+ * lookup, as reference section 12 describes).  Contacts move from the
+ * queue head into processing slots (the submit starts what fits, the
+ * scheduler the rest as slots free up), at most --max-in-flight per queue,
+ * each for --contact-delay-ms; the job is IN_PROGRESS from its first
+ * contact's start.  Each contact was priced when the request was parsed:
+ * 1/3/10 for what its synthetic result finds (sandbox_data.c), 0 for the
+ * vendor's test contact, and 0 ("replay") when the identical contact (same
+ * exact input and fields) had been enriched by a job that had ended within
+ * --retention-ms when the request arrived.  When a contact's time is up:
  *
- *	- its synthetic result is computed (sandbox_data.c) and priced 1/3/10
- *	  for what was found; the price is 0 when, at submit time, the identical
- *	  contact (same exact input and fields) had been enriched by a job that
- *	  had ended within --retention-ms ("replay"), or for the vendor's test
- *	  contact;
  *	- if the balance cannot cover the price, the job ends
  *	  CREDITS_INSUFFICIENT: this and every unfinished contact of the job get
  *	  an empty record;
@@ -31,11 +30,13 @@
  *
  * Terminal jobs stay readable (GET) for --retention-ms, at most --max-jobs
  * of them: the oldest are evicted first and then answer 404 like an
- * expired id.  Everything here runs under S.lock.
+ * expired id.  Everything here runs under S.lock, except freeing jobs and
+ * writing the job lines, which jobs_housekeeping does with the lock let go.
  *
  *-------------------------------------------------------------------------
  */
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,28 +122,53 @@ table_remove(sb_job *job)
 	S.njobs--;
 }
 
+/*
+ * n bytes (8-aligned) that live as long as the job: the contacts' strings
+ * and custom arrays come from here, so a 100-contact job costs a handful of
+ * malloc and free calls, not several hundred.
+ */
+void *
+job_alloc(sb_job *job, size_t n)
+{
+	sb_chunk   *ch = job->pool;
+	void	   *p;
+
+	n = (n + 7) & ~(size_t) 7;
+	if (!ch || ch->cap - ch->used < n)
+	{
+		size_t		cap = n > 4096 ? n : 4096;
+
+		ch = xmalloc(sizeof(*ch) + cap);
+		ch->cap = cap;
+		ch->used = 0;
+		ch->next = job->pool;
+		job->pool = ch;
+	}
+	p = ch->data + ch->used;
+	ch->used += n;
+	return p;
+}
+
+/* Copy n bytes (NULs allowed) into the job's memory, NUL-terminated. */
+char *
+job_strndup(sb_job *job, const char *s, size_t n)
+{
+	char	   *p = job_alloc(job, n + 1);
+
+	memcpy(p, s, n);
+	p[n] = '\0';
+	return p;
+}
+
 void
 job_free(sb_job *job)
 {
-	int			i,
-				k;
-
-	for (i = 0; i < job->ncontacts; i++)
+	while (job->pool)
 	{
-		sb_contact *c = &job->contacts[i];
+		sb_chunk   *next = job->pool->next;
 
-		free(c->first_name);
-		free(c->last_name);
-		free(c->domain);
-		free(c->company_name);
-		free(c->linkedin_url);
-		free(c->email);
-		for (k = 0; k < c->ncustom; k++)
-		{
-			free(c->custom[k].key);
-			free(c->custom[k].val);
-		}
-		free(c->custom);
+		free(job->pool);
+		job->pool = next;
 	}
 	free(job->contacts);
 	free(job->name);
@@ -151,12 +177,94 @@ job_free(sb_job *job)
 	free(job);
 }
 
-/* Drop a reference (under S.lock); the last one frees the job. */
+/*
+ * Drop a reference (under S.lock).  The last one does not free the job at
+ * once but hands it to the scheduler, which frees it after letting go of
+ * the lock (freeing a job is a few dozen free() calls that the HTTP threads
+ * need not wait for).
+ */
 void
 job_put(sb_job *job)
 {
 	if (--job->refcount == 0)
-		job_free(job);
+	{
+		job->hnext = S.free_jobs;
+		S.free_jobs = job;
+	}
+}
+
+/*
+ * A line for the log, written later without the lock (under S.lock).
+ */
+static void
+deferred_log(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+
+static void
+deferred_log(const char *fmt,...)
+{
+	char		line[400];
+	va_list		ap;
+	sb_line    *l;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	l = xmalloc(sizeof(*l));
+	l->text = xstrdup(line);
+	l->next = NULL;
+	if (S.lines_tail)
+		S.lines_tail->next = l;
+	else
+		S.lines_head = l;
+	S.lines_tail = l;
+}
+
+/*
+ * Free the jobs dropped and write the lines deferred so far.  Called with
+ * S.lock held; releases it while working and returns with it held again.
+ * True when there was anything to do.
+ */
+bool
+jobs_housekeeping(void)
+{
+	sb_job	   *free_jobs = S.free_jobs;
+	sb_line    *lines = S.lines_head;
+
+	if (!free_jobs && !lines)
+		return false;
+	S.free_jobs = NULL;
+	S.lines_head = S.lines_tail = NULL;
+	pthread_mutex_unlock(&S.lock);
+	if (lines)
+	{
+		const char *texts[256];
+		int			n = 0;
+
+		/* batches of up to 256 lines, one write each */
+		while (lines)
+		{
+			sb_line    *l = lines;
+
+			texts[n++] = l->text;
+			lines = l->next;
+			if (n == 256 || !lines)
+			{
+				sb_log_lines(texts, n);
+				while (n > 0)
+					free((char *) texts[--n]);
+			}
+			free(l);
+		}
+	}
+	while (free_jobs)
+	{
+		sb_job	   *next = free_jobs->hnext;
+
+		job_free(free_jobs);
+		free_jobs = next;
+	}
+	pthread_mutex_lock(&S.lock);
+	return true;
 }
 
 static void
@@ -265,8 +373,12 @@ inflight_insert(sb_queue *q, sb_contact *c)
 
 /* ---- replay history ---- */
 
-static void
-hist_key(const sb_contact *c, uint64_t *k1, uint64_t *k2)
+/*
+ * The replay key of a contact: a 128-bit digest of its kind, exact input
+ * and fields (custom aside).  Computed once, when the request is parsed.
+ */
+void
+contact_key(sb_contact *c)
 {
 	char		buf[4096];
 	int			n;
@@ -279,8 +391,8 @@ hist_key(const sb_contact *c, uint64_t *k1, uint64_t *k2)
 				 c->fields);
 	if (n < 0 || (size_t) n >= sizeof(buf))
 		n = sizeof(buf) - 1;
-	*k1 = hash64(buf, (size_t) n, 0x1234);
-	*k2 = hash64(buf, (size_t) n, 0xabcdef);
+	c->hk1 = hash64(buf, (size_t) n, 0x1234);
+	c->hk2 = hash64(buf, (size_t) n, 0xabcdef);
 }
 
 static hist_entry **
@@ -325,12 +437,11 @@ static void
 hist_add(const sb_contact *c, uint64_t now)
 {
 	sb_hist    *h = S.hist;
-	uint64_t	k1,
-				k2;
+	uint64_t	k1 = c->hk1,
+				k2 = c->hk2;
 	hist_entry **pp;
 	hist_entry *e;
 
-	hist_key(c, &k1, &k2);
 	pp = hist_find(k1, k2);
 	if (*pp)
 	{
@@ -361,12 +472,8 @@ hist_add(const sb_contact *c, uint64_t now)
 static bool
 hist_replayable(const sb_contact *c, uint64_t now)
 {
-	uint64_t	k1,
-				k2;
-	hist_entry **pp;
+	hist_entry **pp = hist_find(c->hk1, c->hk2);
 
-	hist_key(c, &k1, &k2);
-	pp = hist_find(k1, k2);
 	return *pp && now - (*pp)->at <= CFG.retention_ms;
 }
 
@@ -378,6 +485,11 @@ history_clear(void)
 }
 
 /* ---- job life ---- */
+
+#define SCHED_SLACK_MS	5		/* how late a contact may end */
+#define SCHED_BUSY_MS	100		/* after work, tick at SCHED_SLACK_MS this long */
+
+static void fill_slots(sb_queue *q, uint64_t now);
 
 /* Accept a new job (its contacts queued); the table takes the reference. */
 void
@@ -399,7 +511,15 @@ jobs_submit(sb_job *job)
 		q->nqueued++;
 	}
 	S.stats.jobs_created++;
-	pthread_cond_signal(&S.sched_cond);
+
+	/*
+	 * Start what fits now, and wake the scheduler only if it would sleep
+	 * past the new contacts' end by more than SCHED_SLACK_MS: a futex wake
+	 * per submit is a measurable share of a submit's cost.
+	 */
+	fill_slots(q, job->created_ms);
+	if (q->fhead && q->fhead->done_at + SCHED_SLACK_MS < S.sched_deadline)
+		pthread_cond_signal(&S.sched_cond);
 }
 
 static void
@@ -447,8 +567,8 @@ end_job(sb_job *job, job_status status, uint64_t now)
 		 status == ST_CREDITS_INSUFFICIENT || CFG.odd_status_webhook))
 		webhook_enqueue(job, WH_JOB, -1, status, job->cost);
 	webhook_flush_held(job);
-	sb_logf("job %s %s contacts=%d cost=%d", job->id, status_name(status),
-			job->ncontacts, job->cost);
+	deferred_log("job %s %s contacts=%d cost=%d", job->id, status_name(status),
+				 job->ncontacts, job->cost);
 
 	while (S.nterminal > CFG.max_jobs && S.ahead)
 		evict(S.ahead);
@@ -488,7 +608,6 @@ complete_contact(sb_contact *c, uint64_t now)
 {
 	sb_job	   *job = c->job;
 	sb_queue   *q = &S.queues[job->kind];
-	sb_outcome	o;
 	int			price = 0;
 	int			endst = -1;
 	bool		last;
@@ -499,15 +618,12 @@ complete_contact(sb_contact *c, uint64_t now)
 
 	if (!c->invalid)
 	{
-		data_outcome(c, &o);
-		price = o.price;
+		price = c->price;
 		if (c->replayed)
 		{
 			S.stats.contacts_replayed++;
 			price = 0;
 		}
-		else if (data_is_free_contact(c))
-			price = 0;
 		if (price > 0 && (double) price > S.credits)
 		{
 			c->state = C_BLANK;
@@ -569,12 +685,18 @@ expire_jobs(uint64_t now)
 
 /*
  * The scheduler thread: start contacts, finish them when due, sleep until
- * the next deadline or a new submit.  It gives the lock up every 500
- * completions so HTTP threads are not starved when the delay is zero.
+ * the next deadline.  It gives the lock up every 500 completions so HTTP
+ * threads are not starved when the delay is zero.  A submit starts its
+ * contacts itself and wakes this thread only when it would otherwise
+ * finish them more than SCHED_SLACK_MS late; while there is work (for
+ * SCHED_BUSY_MS after the last completion) the thread ticks every
+ * SCHED_SLACK_MS, so a stream of submits needs no wake-ups at all.
  */
 void *
 scheduler_main(void *arg)
 {
+	uint64_t	last_busy = 0;
+
 	pthread_mutex_lock(&S.lock);
 	while (!S.stopping)
 	{
@@ -599,6 +721,12 @@ scheduler_main(void *arg)
 				next = q->fhead->done_at;
 		}
 		expire_jobs(now);
+		if (jobs_housekeeping())
+			continue;			/* time has passed: look again */
+		if (budget < 500)
+			last_busy = now;
+		if (now - last_busy < SCHED_BUSY_MS && next > now + SCHED_SLACK_MS)
+			next = now + SCHED_SLACK_MS;
 		if (budget == 0)
 		{
 			pthread_mutex_unlock(&S.lock);
@@ -616,7 +744,9 @@ scheduler_main(void *arg)
 			ts.tv_sec++;
 			ts.tv_nsec -= 1000000000L;
 		}
+		S.sched_deadline = next;
 		pthread_cond_timedwait(&S.sched_cond, &S.lock, &ts);
+		S.sched_deadline = 0;
 	}
 	pthread_mutex_unlock(&S.lock);
 	return NULL;
@@ -644,6 +774,9 @@ jobs_shutdown(void)
 	}
 	free(S.jobs);
 	S.jobs = NULL;
+	pthread_mutex_lock(&S.lock);
+	jobs_housekeeping();
+	pthread_mutex_unlock(&S.lock);
 	history_clear();
 	free(S.hist->buckets);
 	free(S.hist);
@@ -654,8 +787,9 @@ jobs_shutdown(void)
  * The result envelope of reference section 6.1: id, name, status,
  * cost.credits and, when with_data, the records of processed contacts
  * (only the one at only_index when >= 0).  states is a snapshot of the
- * contacts' states taken under the lock, or NULL when the job is terminal
- * (its states no longer change).  Called without the lock.
+ * contacts' states taken under the lock, or NULL when the states read no
+ * longer change: the job is terminal, or only_index names a finished
+ * contact.  Called without the lock.
  */
 json_object *
 job_envelope(sb_job *job, job_status status, int cost, const contact_state *states,
@@ -676,10 +810,12 @@ job_envelope(sb_job *job, job_status status, int cost, const contact_state *stat
 
 		for (i = 0; i < job->ncontacts; i++)
 		{
-			contact_state st = states ? states[i] : job->contacts[i].state;
+			contact_state st;
 
+			/* skip before reading: other contacts' states may be changing */
 			if (only_index >= 0 && i != only_index)
 				continue;
+			st = states ? states[i] : job->contacts[i].state;
 			if (st == C_DONE || st == C_BLANK)
 				json_object_array_add(data, data_record(&job->contacts[i], st, job->quirks));
 		}

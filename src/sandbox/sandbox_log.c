@@ -3,12 +3,14 @@
  * sandbox_log.c
  *		The bounded logs behind GET /_sandbox/calls, /contacts and /webhooks.
  *
- * Each log is a ring of json-c objects holding at most --log-max elements
- * (default 100000): when full, the oldest element is dropped, so memory
- * stays bounded in long benchmark runs.  Every element gets a sequence
- * number ("seq", counted from the last reset) so a reader can ask for
- * what is new with ?offset=N, and notice drops.  All functions are called
- * under S.lock; the elements are owned by the log alone.
+ * Each log is a ring holding at most --log-max elements (default 100000):
+ * when full, the oldest element is dropped, so memory stays bounded in
+ * long benchmark runs.  Elements are kept as compact JSON text, serialised
+ * by json-c before the lock is taken (a json-c object tree costs ten times
+ * the memory of its text); a listing parses them back with json-c.  Every
+ * element gets a sequence number ("seq", counted from the last reset) so a
+ * reader can ask for what is new with ?offset=N, and notice drops.
+ * log_append, log_clear and log_list are called under S.lock.
  *
  *-------------------------------------------------------------------------
  */
@@ -20,7 +22,7 @@ void
 log_init(sb_log *log, int cap)
 {
 	log->cap = cap > 0 ? cap : 1;
-	log->items = xcalloc((size_t) log->cap, sizeof(json_object *));
+	log->items = xcalloc((size_t) log->cap, sizeof(char *));
 	log->head = 0;
 	log->count = 0;
 	log->total = 0;
@@ -33,7 +35,7 @@ log_clear(sb_log *log)
 	int			i;
 
 	for (i = 0; i < log->count; i++)
-		json_object_put(log->items[(log->head + i) % log->cap]);
+		free(log->items[(log->head + i) % log->cap]);
 	log->head = 0;
 	log->count = 0;
 	log->total = 0;
@@ -47,27 +49,35 @@ log_free(sb_log *log)
 	log->items = NULL;
 }
 
-/* Append an element, taking ownership; "seq" is added to it. */
-void
-log_append(sb_log *log, json_object *item)
+/* Serialise an element for log_append (without the lock); frees item. */
+char *
+log_item(json_object *item)
 {
-	json_object_object_add(item, "seq", json_object_new_int64((int64_t) log->total));
+	char	   *text = json_dump(item, NULL);
+
+	json_object_put(item);
+	return text;
+}
+
+/* Append an element's text (from log_item), taking ownership. */
+void
+log_append(sb_log *log, char *text)
+{
 	log->total++;
 	if (log->count == log->cap)
 	{
-		json_object_put(log->items[log->head]);
-		log->items[log->head] = item;
+		free(log->items[log->head]);
+		log->items[log->head] = text;
 		log->head = (log->head + 1) % log->cap;
 		return;
 	}
-	log->items[(log->head + log->count) % log->cap] = item;
+	log->items[(log->head + log->count) % log->cap] = text;
 	log->count++;
 }
 
 /*
- * A new JSON array of deep copies of the elements with seq >= offset (at
- * most limit of them, limit < 0 meaning all), oldest first.  Copies, so
- * the caller may serialise it after releasing the lock.
+ * A new JSON array of the elements with seq >= offset (at most limit of
+ * them, limit < 0 meaning all), oldest first, each with its "seq".
  */
 json_object *
 log_list(sb_log *log, uint64_t offset, long limit)
@@ -75,16 +85,23 @@ log_list(sb_log *log, uint64_t offset, long limit)
 	json_object *arr = json_object_new_array();
 	uint64_t	first_seq = log->total - (uint64_t) log->count;
 	uint64_t	skip = offset > first_seq ? offset - first_seq : 0;
+	json_tokener *tok = json_tokener_new_ex(128);	/* deeper than any input */
 	int			i;
 
 	for (i = (int) (skip < (uint64_t) log->count ? skip : (uint64_t) log->count);
-		 i < log->count && (limit < 0 || (long) json_object_array_length(arr) < limit);
+		 tok && i < log->count && (limit < 0 || (long) json_object_array_length(arr) < limit);
 		 i++)
 	{
-		json_object *copy = NULL;
+		json_object *item;
 
-		json_object_deep_copy(log->items[(log->head + i) % log->cap], &copy, NULL);
-		json_object_array_add(arr, copy);
+		json_tokener_reset(tok);
+		item = json_tokener_parse_ex(tok, log->items[(log->head + i) % log->cap], -1);
+		if (!item)
+			continue;			/* cannot happen: json-c wrote it */
+		json_object_object_add(item, "seq", json_object_new_int64((int64_t) (first_seq + (uint64_t) i)));
+		json_object_array_add(arr, item);
 	}
+	if (tok)
+		json_tokener_free(tok);
 	return arr;
 }

@@ -72,6 +72,10 @@ usage(FILE *out)
 		  "  --odd-status-webhook yes|no   final webhook for RATE_LIMIT/UNKNOWN (yes)\n"
 		  "  --quirks                      the data quirks of section 6.7 (also a fault switch)\n"
 		  "  --lenient-input               no domain/linkedin_url format checks\n"
+		  "  --webhook-signature creator|first|none   key that signs webhooks (creator)\n"
+		  "  --rate-limit-scope all|declared   all endpoints, or only those whose OAS\n"
+		  "                                entry declares a 429 (enrichment, search)\n"
+		  "  --credits-get-path            also answer GET /account/credits/get\n"
 		  "\n"
 		  "Limits:\n"
 		  "  --max-body-bytes N            request body limit (10485760), 413 beyond\n"
@@ -193,7 +197,8 @@ enum
 	O_NEWER, O_TECH, O_CUSTOM_KEYS, O_CUSTOM_LEN, O_CUSTOM_KEY_LEN, O_SILENT,
 	O_CONTACT_COST, O_LAST_STATUS, O_REVERSE_CW, O_ODD_WH, O_LENIENT, O_RETENTION,
 	O_MAX_JOBS, O_LOG_MAX, O_HISTORY_MAX, O_MAX_BODY, O_WH_TIMEOUT, O_WH_CONC,
-	O_SHUFFLE_GAP, O_FAULT, O_HMAC_TEST, O_HELP, O_VERSION
+	O_SHUFFLE_GAP, O_FAULT, O_HMAC_TEST, O_HELP, O_VERSION, O_SIGNATURE, O_RATE_SCOPE,
+	O_CREDITS_GET
 };
 
 static const struct option options[] = {
@@ -235,6 +240,9 @@ static const struct option options[] = {
 	{"webhook-concurrency", required_argument, NULL, O_WH_CONC},
 	{"shuffle-gap-ms", required_argument, NULL, O_SHUFFLE_GAP},
 	{"fault", required_argument, NULL, O_FAULT},
+	{"webhook-signature", required_argument, NULL, O_SIGNATURE},
+	{"rate-limit-scope", required_argument, NULL, O_RATE_SCOPE},
+	{"credits-get-path", no_argument, NULL, O_CREDITS_GET},
 	{"hmac-test", no_argument, NULL, O_HMAC_TEST},
 	{"help", no_argument, NULL, O_HELP},
 	{"version", no_argument, NULL, O_VERSION},
@@ -320,6 +328,7 @@ main(int argc, char **argv)
 	pthread_condattr_t cattr;
 	struct MHD_Daemon *d;
 	int			sig = 0;
+	double		start_credits;
 	int			opt,
 				i;
 
@@ -446,6 +455,22 @@ main(int argc, char **argv)
 			case O_FAULT:
 				faults[nfaults++] = optarg;
 				break;
+			case O_SIGNATURE:
+				if (!strcmp(optarg, "creator"))
+					CFG.signature_mode = SIG_CREATOR;
+				else if (!strcmp(optarg, "first"))
+					CFG.signature_mode = SIG_FIRST;
+				else if (!strcmp(optarg, "none"))
+					CFG.signature_mode = SIG_NONE;
+				else
+					die_usage("--webhook-signature takes creator, first or none, not %s", optarg);
+				break;
+			case O_RATE_SCOPE:
+				CFG.rate_declared_only = choice_arg("rate-limit-scope", optarg, "all", "declared");
+				break;
+			case O_CREDITS_GET:
+				CFG.credits_get_path = true;
+				break;
 			case O_HMAC_TEST:
 				do_hmac = true;
 				break;
@@ -497,6 +522,7 @@ main(int argc, char **argv)
 	}
 	free(faults);
 	S.faults_initial = S.faults;
+	start_credits = S.credits;
 	log_init(&S.log_calls, CFG.log_max);
 	log_init(&S.log_contacts, CFG.log_max);
 	log_init(&S.log_webhooks, CFG.log_max);
@@ -525,13 +551,14 @@ main(int argc, char **argv)
 		pthread_join(wh_thread, NULL);
 		return 1;
 	}
+	/* S.faults_initial and CFG are read-only once the threads run */
 	sb_logf("listening on %s:%d (keys=%d contact-delay=%ldms max-in-flight=%d rate-limit=%ld/%ldms "
 			"%s credits=%.0f retries=%d%s every %ldms seed=%llu get-in-progress=%d)",
 			CFG.listen_host, CFG.listen_port, CFG.napi_keys, CFG.contact_delay_ms,
-			CFG.max_in_flight, S.faults.rate_limit, CFG.rate_window_ms,
-			CFG.rate_fixed ? "fixed" : "sliding", S.credits, CFG.retries,
+			CFG.max_in_flight, S.faults_initial.rate_limit, CFG.rate_window_ms,
+			CFG.rate_fixed ? "fixed" : "sliding", start_credits, CFG.retries,
 			CFG.retries_total ? " in all" : "", CFG.retry_interval_ms,
-			(unsigned long long) CFG.seed, S.faults.get_in_progress);
+			(unsigned long long) CFG.seed, S.faults_initial.get_in_progress);
 
 	for (;;)
 	{

@@ -10,7 +10,7 @@
  * time, builds the body the first time (outside the lock: the envelope of
  * reference section 6.1 with one record or all of them), signs it with
  * X-Signature-SHA1 = hex HMAC-SHA1(api key that created the job, body)
- * and POSTs it, at most --webhook-concurrency at once, each bounded by
+ * (or the first key, or not at all: --webhook-signature) and POSTs it, at most --webhook-concurrency at once, each bounded by
  * --webhook-timeout-ms.  A non-2xx answer or a connection failure puts
  * the identical bytes back on the heap --retry-interval-ms later, until
  * max_attempts() attempts were made.
@@ -261,8 +261,12 @@ build_body(sb_delivery *d)
 					   d->kind == WH_CONTACT ? d->contact_index : -1, true);
 	d->body = json_dump(env, &d->body_len);
 	json_object_put(env);
-	hmac_sha1_hex(CFG.api_keys[job->key_index], CFG.api_key_lens[job->key_index],
-				  d->body, d->body_len, d->signature);
+	if (CFG.signature_mode != SIG_NONE)
+	{
+		int			k = CFG.signature_mode == SIG_FIRST ? 0 : job->key_index;
+
+		hmac_sha1_hex(CFG.api_keys[k], CFG.api_key_lens[k], d->body, d->body_len, d->signature);
+	}
 	sha256_hex(d->body, d->body_len, d->body_sha256);
 }
 
@@ -283,9 +287,12 @@ start_transfer(CURLM *multi, sb_delivery *d)
 		free(t);
 		return NULL;
 	}
-	snprintf(sig, sizeof(sig), "X-Signature-SHA1: %s", d->signature);
 	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
-	t->headers = curl_slist_append(t->headers, sig);
+	if (d->signature[0])
+	{
+		snprintf(sig, sizeof(sig), "X-Signature-SHA1: %s", d->signature);
+		t->headers = curl_slist_append(t->headers, sig);
+	}
 	t->headers = curl_slist_append(t->headers, "User-Agent: enrich-sandbox/" SB_VERSION);
 	t->headers = curl_slist_append(t->headers, "Expect:");
 	curl_easy_setopt(t->easy, CURLOPT_URL, d->url);
@@ -334,6 +341,7 @@ finish_transfer(CURLM *multi, transfer *t, CURLcode rc)
 	bool		ok;
 	char		url[512];
 	json_object *item;
+	char	   *text;
 	uint64_t	now = mono_ms();
 
 	if (rc == CURLE_OK)
@@ -365,11 +373,12 @@ finish_transfer(CURLM *multi, transfer *t, CURLcode rc)
 		json_object_object_add(item, "error",
 							   json_object_new_string(t->errbuf[0] ? t->errbuf : curl_easy_strerror(rc)));
 	transfer_free(multi, t);
+	text = log_item(item);
 
 	pthread_mutex_lock(&S.lock);
 	S.wh_active--;
 	S.stats.webhooks_attempted++;
-	log_append(&S.log_webhooks, item);
+	log_append(&S.log_webhooks, text);
 	if (ok)
 	{
 		S.stats.webhooks_delivered++;
@@ -406,6 +415,7 @@ webhook_main(void *arg)
 	for (;;)
 	{
 		int			nstart = 0;
+		int			finished = 0;
 		int			running = 0;
 		int			timeout = 1000;
 		int			i;
@@ -453,9 +463,11 @@ webhook_main(void *arg)
 
 				curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
 				finish_transfer(multi, t, msg->data.result);
+				finished++;
 			}
 		}
-		if (nstart == 0)
+		/* a finished transfer may have queued a retry: recompute the wait */
+		if (nstart == 0 && finished == 0)
 			curl_multi_poll(multi, NULL, 0, timeout, NULL);
 	}
 	free(start);

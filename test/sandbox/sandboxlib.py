@@ -43,7 +43,9 @@ class Sandbox:
         self.key = key
         argv = [et.daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % self.port,
                 "--api-key", key, "--contact-delay-ms", str(delay_ms),
-                "--rate-limit", str(rate_limit), "--retry-interval-ms", str(retry_ms)]
+                "--retry-interval-ms", str(retry_ms)]
+        if rate_limit is not None:
+            argv += ["--rate-limit", str(rate_limit)]
         argv += [str(o) for o in options]
         if valgrind:
             argv = valgrind + argv
@@ -78,9 +80,9 @@ class Sandbox:
             raise AssertionError("submit failed: %d %r" % (st, js))
         return js["enrichment_id"]
 
-    def get(self, eid, force=False, kind="enrich"):
+    def get(self, eid, force=False, kind="enrich", timeout=10):
         path = "/contact/enrich/bulk/" if kind == "enrich" else "/contact/reverse/email/bulk/"
-        return self.api("GET", path + eid, query="?forceResults=true" if force else "")
+        return self.api("GET", path + eid, query="?forceResults=true" if force else "", timeout=timeout)
 
     def wait_job(self, eid, timeout=20, kind="enrich"):
         """Poll (forceResults) until the job is terminal; return its body."""
@@ -126,6 +128,7 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", "0"))
@@ -151,9 +154,14 @@ class Receiver:
             def log_message(self, *a):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client (the sandbox) closing a keep-alive connection
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.url = "http://127.0.0.1:%d" % self.port
 
