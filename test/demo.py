@@ -30,9 +30,12 @@ CREATE TABLE crm.contacts (
     company     text,
     website     text,
     linkedin    text,
-    owner       text
+    owner       text,
+    email       text,       -- filled by enrich.apply_results() below
+    mobile      text,
+    title       text
 );
-INSERT INTO crm.contacts VALUES
+INSERT INTO crm.contacts (id, first_name, last_name, company, website, linkedin, owner) VALUES
  (1,  'Ada',       'Lovelace', 'Analytical Engines', 'analytical.example', NULL, 'emma'),
  (2,  'Grace',     'Hopper',   'Cobol Systems',      'https://www.cobol.example/', NULL, 'emma'),
  (3,  'Alan',      'Turing',   'Bletchley Labs',     'bletchley.example', 'https://www.linkedin.com/in/alan-turing', 'noah'),
@@ -141,9 +144,15 @@ FROM crm.contacts c
 JOIN enrich.enriched_contacts e ON e.source_table = 'crm.contacts'::regclass
                                AND e.source_id = c.id::text
 ORDER BY c.id""")
+        say("Copy the answers back into the CRM rows that asked for them")
+        show(cluster, """SELECT enrich.apply_results('crm.contacts',
+       '{"email": "work_email", "mobile": "phone", "title": "job_title"}')""")
+        show(cluster, "SELECT id, first_name, last_name, email, mobile, title FROM crm.contacts ORDER BY id")
+
         say("The job, as the API reported it")
         show(cluster, "SELECT batch_id, state, contact_count, done, failed, credits_used FROM enrich.batch_status")
         show(cluster, "SELECT outcome, count(*) FROM enrich.deliveries GROUP BY 1 ORDER BY 1")
+        show(cluster, "SELECT state, detail, calls, batches_sent, contacts_sent FROM enrich.dispatcher")
 
         say("Submitting the same people again costs nothing: fresh results are reused")
         show(cluster, """SELECT count(enrich.submit(c, '{work_email}')) FROM crm.contacts c
@@ -153,6 +162,7 @@ WHERE id IN (1, 2)""")
             timeout=60, what="reused results")
         show(cluster, """SELECT request_id, state, reused_from, batch_id FROM enrich.request_status
 ORDER BY request_id DESC LIMIT 2""")
+        show(cluster, "SELECT calls, contacts_sent, contacts_reused FROM enrich.dispatcher")
         say("Done")
         if args.keep:
             print("   left running: psql -h %s -p %d crm_demo   (logs in %s)" % (
