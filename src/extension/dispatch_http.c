@@ -412,7 +412,12 @@ dispatch_http_free(DispatchCall *call)
 	if (call->easy != NULL)
 		curl_easy_cleanup(call->easy);
 	if (call->headers != NULL)
+	{
+		/* The first header carries the API key: wipe it before freeing. */
+		for (struct curl_slist *h = call->headers; h != NULL; h = h->next)
+			explicit_bzero(h->data, strlen(h->data));
 		curl_slist_free_all(call->headers);
+	}
 	free(call->body);
 	free(call->response);
 	free(call);

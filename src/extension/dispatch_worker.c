@@ -140,6 +140,16 @@ static int	polls_running = 0;
 static int	credits_running = 0;
 static DispatchCall *unrecorded = NULL;
 
+/*
+ * Waiting for room under enrich.max_in_flight: how many contacts must leave
+ * flight before a batch can go, and the wakeup count when we last looked.
+ * Every commit that ends requests in flight (a webhook, a poll) wakes us
+ * once, so fewer wakeups than the deficit cannot have made room: no need to
+ * look at the queue again until then (or until a timer falls due).
+ */
+static int64 capacity_deficit = 0;
+static uint64 wakeups_at_plan = 0;
+
 /* Status for enrich.dispatcher, published each iteration. */
 static DispatchStatus status;
 
@@ -202,6 +212,18 @@ publish_status(void)
 	dispatch_status_update(&status);
 	snprintf(activity, sizeof(activity), "%s: %s", status.state, status.detail);
 	pgstat_report_activity(status.calls_running > 0 ? STATE_RUNNING : STATE_IDLE, activity);
+}
+
+/* Commits that woke the dispatcher since the server started. */
+static uint64
+read_wakeups(void)
+{
+	uint64		n;
+
+	SpinLockAcquire(&enrich_shared->mutex);
+	n = enrich_shared->wakeups;
+	SpinLockRelease(&enrich_shared->mutex);
+	return n;
 }
 
 /* Milliseconds from now until t, at least 0. */
@@ -735,6 +757,8 @@ dispatch_step(void)
 
 	rate_resize();
 	status.calls_last_minute = rate_recent(now);
+	wakeups_at_plan = read_wakeups();
+	capacity_deficit = 0;
 
 	memset(&plan, 0, sizeof(plan));
 	if (!run_tx("reading the queue", tx_plan, &plan))
@@ -802,8 +826,11 @@ dispatch_step(void)
 			int			n = Min(plan.ready, 100);
 
 			if (capacity < n)
+			{
 				set_state("waiting", "%d contact(s) ready, " INT64_FORMAT " in flight: waiting for results to free room (enrich.max_in_flight = %d)",
 						  plan.ready, plan.in_flight, enrich_max_in_flight);
+				capacity_deficit = n - capacity;
+			}
 			else if (n >= 100 ||
 					 now >= plan.ready_since + (TimestampTz) enrich_batch_delay * 1000)
 				max_new = (int) Min(capacity, 100);
@@ -1453,9 +1480,14 @@ enrich_dispatch_main(Datum main_arg)
 		 * Look at the queue when a call ended, when the time we planned for
 		 * came, or when someone woke us, but after a wakeup not more often
 		 * than every MIN_REPLAN_MS: every webhook wakes us, and with results
-		 * pouring in one look per result would be wasted work.
+		 * pouring in one look per result would be wasted work.  While waiting
+		 * for room, wakeups that cannot have made enough of it are ignored
+		 * (see capacity_deficit).
 		 */
 		now = GetCurrentTimestamp();
+		if (woken && capacity_deficit > 0 &&
+			read_wakeups() - wakeups_at_plan < (uint64) capacity_deficit)
+			woken = false;		/* not enough results yet to make room */
 		if (handle_finished_calls() || now >= plan_at ||
 			(woken && now >= last_plan + MIN_REPLAN_MS * 1000))
 		{

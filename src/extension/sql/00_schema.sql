@@ -78,6 +78,9 @@ CREATE TABLE enrich.batches (
 );
 CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
     WHERE state IN ('sending', 'sent');
+-- The latest job that ran out of credits (the dispatcher pauses after it).
+CREATE INDEX batches_credits_idx ON enrich.batches (finished_at)
+    WHERE state = 'credits_insufficient';
 
 COMMENT ON TABLE enrich.batches IS 'One row per FullEnrich job (a POST of 1-100 contacts).';
 

@@ -32,15 +32,22 @@ LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
 -- Up to p_limit requests the dispatcher may send now, oldest first: queued,
 -- not backing off (or their time has come), and no identical input already
--- on its way (that one's result will answer them).  Each part walks its
--- partial index and stops after p_limit entries, so the cost does not grow
--- with the backlog, whatever the planner's statistics say after a bulk
--- submission.  ready_at is when the request became ready.
+-- on its way (that one's result will answer them).  The cost must not grow
+-- with the backlog, whatever the planner's statistics say right after a
+-- bulk submission: each part walks its partial index and stops after
+-- p_limit entries, and the inputs on their way are read once (at most
+-- enrich.max_in_flight rows) instead of probed per candidate.  ready_at is
+-- when the request became ready.  PL/pgSQL, so the plan is kept.
 CREATE FUNCTION enrich._dispatch_ready(p_limit integer)
 RETURNS TABLE (id bigint, ready_at timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
+    RETURN QUERY
+    WITH busy AS MATERIALIZED (
+        SELECT o.input_key FROM enrich.requests o WHERE o.state IN ('sending', 'in_flight')
+    )
     SELECT c.id, c.ready_at
       FROM ((SELECT q.id, q.input_key, q.created_at AS ready_at
                FROM enrich.requests q
@@ -53,11 +60,10 @@ AS $$
               WHERE q.state = 'queued' AND q.next_attempt_at <= now()
               ORDER BY q.next_attempt_at
               LIMIT p_limit)) c
-     WHERE NOT EXISTS (SELECT FROM enrich.requests o
-                        WHERE o.input_key = c.input_key
-                          AND o.state IN ('sending', 'in_flight'))
+     WHERE NOT EXISTS (SELECT FROM busy WHERE busy.input_key = c.input_key)
      ORDER BY c.id
-     LIMIT p_limit
+     LIMIT p_limit;
+END
 $$;
 
 -- The worker's view of the queue, read before each decision: contacts in
@@ -68,28 +74,28 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
                                       OUT credits_out_at timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH ready AS MATERIALIZED (
-        SELECT r.ready_at FROM enrich._dispatch_ready(100) r
-    )
-    SELECT (SELECT count(*) FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight')),
-           (SELECT count(*)::integer FROM ready),
-           (SELECT min(r.ready_at) FROM ready r),
-           (SELECT min(r.next_attempt_at) FROM enrich.requests r
-             WHERE r.state = 'queued' AND r.next_attempt_at > now()),
-           EXISTS (SELECT FROM enrich.batches b
-                    WHERE b.state = 'sending'
-                      AND ((b.attempts = 0 AND b.next_attempt_at IS NULL)
-                           OR b.next_attempt_at <= now())),
-           (SELECT min(b.next_attempt_at) FROM enrich.batches b
-             WHERE b.state = 'sending' AND b.next_attempt_at > now()),
-           EXISTS (SELECT FROM enrich.batches b
-                    WHERE b.state = 'sent' AND b.next_poll_at <= now()),
-           (SELECT min(b.next_poll_at) FROM enrich.batches b WHERE b.state = 'sent'),
-           (SELECT max(b.finished_at) FROM enrich.batches b
-             WHERE b.state = 'credits_insufficient')
+BEGIN
+    SELECT count(*) INTO in_flight
+      FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
+    SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
+      FROM enrich._dispatch_ready(100) r;
+    SELECT min(r.next_attempt_at) INTO next_ready
+      FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
+    batch_due := EXISTS (SELECT FROM enrich.batches b
+                          WHERE b.state = 'sending'
+                            AND ((b.attempts = 0 AND b.next_attempt_at IS NULL)
+                                 OR b.next_attempt_at <= now()));
+    SELECT min(b.next_attempt_at) INTO next_batch
+      FROM enrich.batches b WHERE b.state = 'sending' AND b.next_attempt_at > now();
+    poll_due := EXISTS (SELECT FROM enrich.batches b
+                         WHERE b.state = 'sent' AND b.next_poll_at <= now());
+    SELECT min(b.next_poll_at) INTO next_poll FROM enrich.batches b WHERE b.state = 'sent';
+    SELECT max(b.finished_at) INTO credits_out_at
+      FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+END
 $$;
 
 -- Contacts of a batch as the worker sends them.
