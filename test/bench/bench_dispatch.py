@@ -14,8 +14,9 @@ Printed, all from this run:
     the vendor's own ceiling (60 calls x 100 contacts a minute = 100/s);
   - contacts done (result filed) per second, same run;
   - the worker's CPU time (user + system, from /proc) per 10,000 contacts;
-  - the worker's private memory (RssAnon) after 10,000 and after 200,000
-    contacts: it must not grow with the number of contacts.
+  - the worker's memory after 10,000 and after 200,000 contacts, both what
+    its memory contexts hold (pg_log_backend_memory_contexts) and its private
+    resident memory: it must not grow with the number of contacts.
 
 Usage: python3 test/bench/bench_dispatch.py [--total 200000]
 """
@@ -44,6 +45,16 @@ def rss_anon_kb(pid):
             if line.startswith("RssAnon:"):
                 return int(line.split()[1])
     return 0
+
+
+def context_total(c, pid):
+    """Bytes palloc'd by the worker in all its memory contexts, as
+    pg_log_backend_memory_contexts() reports them in the server log."""
+    before = c.log().count("Grand total:")
+    c.psql("SELECT pg_log_backend_memory_contexts(%s)" % pid)
+    wait_for(lambda: c.log().count("Grand total:") > before, 30, 0.1, "the memory context dump")
+    line = [l for l in c.log().splitlines() if "Grand total:" in l][-1]
+    return int(line.split("Grand total:")[1].split()[0])
 
 
 def main():
@@ -110,9 +121,19 @@ def main():
             return t_submit, t_dispatch, t_done, proc_cpu(pid) - cpu0
 
         s1, d1, e1, cpu1 = run(first, 0)
-        mem1 = rss_anon_kb(pid)
-        s2, d2, e2, cpu2 = run(args.total - first, first)
-        mem2 = rss_anon_kb(pid)
+        mem1, ctx1 = rss_anon_kb(pid), context_total(c, pid)
+        # The rest in steps of 50,000, memory read after each: a leak grows
+        # step by step, heap fragmentation levels off.
+        s2 = d2 = e2 = cpu2 = 0.0
+        steps = [(first, mem1, ctx1)]
+        done_so_far = first
+        while done_so_far < args.total:
+            n = min(50000, args.total - done_so_far)
+            s, d, e, cpu = run(n, done_so_far)
+            s2, d2, e2, cpu2 = s2 + s, d2 + d, e2 + e, cpu2 + cpu
+            done_so_far += n
+            steps.append((done_so_far, rss_anon_kb(pid), context_total(c, pid)))
+        mem2, ctx2 = steps[-1][1], steps[-1][2]
         calls = int(c.scalar("SELECT calls FROM enrich.dispatcher"))
         failed = int(c.scalar("SELECT calls_failed FROM enrich.dispatcher"))
 
@@ -129,8 +150,12 @@ def main():
               % (submit_rate, rate / submit_rate))
         print("  worker CPU per 10,000 contacts: %.3f s (first 10,000), %.3f s (the rest)"
               % (cpu1, cpu2 / ((args.total - first) / 10000.0)))
-        print("  worker private memory (RssAnon): %d kB after %d contacts, %d kB after %d (%+.1f%%)"
-              % (mem1, first, mem2, args.total, 100.0 * (mem2 - mem1) / mem1))
+        print("  worker memory after %d and after %d contacts:" % (first, args.total))
+        print("    memory contexts (palloc): %d and %d bytes (%+.1f%%)"
+              % (ctx1, ctx2, 100.0 * (ctx2 - ctx1) / ctx1))
+        print("    private resident (RssAnon, also libcurl, json-c, malloc arenas): %d and %d kB (%+.1f%%)"
+              % (mem1, mem2, 100.0 * (mem2 - mem1) / mem1))
+        print("    by step: " + ", ".join("%d: %d kB / %d B" % st for st in steps))
     finally:
         if recv is not None:
             recv.stop()
