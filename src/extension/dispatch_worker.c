@@ -898,39 +898,16 @@ tx_outcome(void *arg)
 		o->result = spi_text(0, 1);
 }
 
-/* Set argument i of an outcome. */
+/* Set argument i of an outcome to a non-null value of the given type. */
 static void
-arg_int8(Outcome *o, int i, int64 v)
+arg_set(Outcome *o, int i, Oid type, Datum value)
 {
-	o->types[i] = INT8OID;
-	o->values[i] = Int64GetDatum(v);
+	o->types[i] = type;
+	o->values[i] = value;
 	o->nulls[i] = ' ';
 }
 
-static void
-arg_int4(Outcome *o, int i, int32 v)
-{
-	o->types[i] = INT4OID;
-	o->values[i] = Int32GetDatum(v);
-	o->nulls[i] = ' ';
-}
-
-static void
-arg_float8(Outcome *o, int i, double v)
-{
-	o->types[i] = FLOAT8OID;
-	o->values[i] = Float8GetDatum(v);
-	o->nulls[i] = ' ';
-}
-
-static void
-arg_bool(Outcome *o, int i, bool v)
-{
-	o->types[i] = BOOLOID;
-	o->values[i] = BoolGetDatum(v);
-	o->nulls[i] = ' ';
-}
-
+/* Set argument i of an outcome to a text value, or NULL. */
 static void
 arg_text(Outcome *o, int i, const char *v)
 {
@@ -996,10 +973,10 @@ record_submit(DispatchCall *call, TimestampTz now)
 	{
 		o.sql = "SELECT enrich._dispatch_accepted($1, $2, $3, make_interval(secs => $4))";
 		o.nargs = 4;
-		arg_int8(&o, 0, call->batch_id);
+		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 		arg_text(&o, 1, a.enrichment_id);
-		arg_int4(&o, 2, (int32) st);
-		arg_float8(&o, 3, (double) enrich_poll_after);
+		arg_set(&o, 2, INT4OID, Int32GetDatum((int32) st));
+		arg_set(&o, 3, FLOAT8OID, Float8GetDatum((double) enrich_poll_after));
 		if (!run_tx("recording an accepted batch", tx_outcome, &o))
 			return false;
 		consecutive_failures = 0;
@@ -1026,8 +1003,8 @@ record_submit(DispatchCall *call, TimestampTz now)
 		{
 			o.sql = "SELECT enrich._dispatch_rejected($1, $2, $3, $4)";
 			o.nargs = 4;
-			arg_int8(&o, 0, call->batch_id);
-			arg_int4(&o, 1, 400);
+			arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
+			arg_set(&o, 1, INT4OID, Int32GetDatum(400));
 			arg_text(&o, 2, code);
 			arg_text(&o, 3, message);
 		}
@@ -1039,12 +1016,12 @@ record_submit(DispatchCall *call, TimestampTz now)
 					 errhint("Check enrich.webhook_base_url and enrich.api_url; the contacts are queued again.")));
 			o.sql = "SELECT enrich._dispatch_requeue($1, 'rejected', $2, $3, $4, make_interval(secs => $5), $6)";
 			o.nargs = 6;
-			arg_int8(&o, 0, call->batch_id);
-			arg_int4(&o, 1, 400);
+			arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
+			arg_set(&o, 1, INT4OID, Int32GetDatum(400));
 			arg_text(&o, 2, code);
 			arg_text(&o, 3, message);
-			arg_float8(&o, 4, backoff_ms(call->attempt) / 1000.0);
-			arg_int4(&o, 5, enrich_max_attempts);
+			arg_set(&o, 4, FLOAT8OID, Float8GetDatum(backoff_ms(call->attempt) / 1000.0));
+			arg_set(&o, 5, INT4OID, Int32GetDatum(enrich_max_attempts));
 		}
 		if (!run_tx("recording a refused batch", tx_outcome, &o))
 			return false;
@@ -1111,15 +1088,15 @@ record_submit(DispatchCall *call, TimestampTz now)
 
 		o.sql = "SELECT enrich._dispatch_retry($1, $2, $3, $4, make_interval(secs => $5), $6, $7)";
 		o.nargs = 7;
-		arg_int8(&o, 0, call->batch_id);
-		arg_int4(&o, 1, (int32) st);
+		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
+		arg_set(&o, 1, INT4OID, Int32GetDatum((int32) st));
 		if (!answered)
 			o.nulls[1] = 'n';
 		arg_text(&o, 2, code);
 		arg_text(&o, 3, message);
-		arg_float8(&o, 4, delay_ms / 1000.0);
-		arg_bool(&o, 5, counts);
-		arg_int4(&o, 6, enrich_max_attempts);
+		arg_set(&o, 4, FLOAT8OID, Float8GetDatum(delay_ms / 1000.0));
+		arg_set(&o, 5, BOOLOID, BoolGetDatum(counts));
+		arg_set(&o, 6, INT4OID, Int32GetDatum(enrich_max_attempts));
 		if (!run_tx("recording a failed POST", tx_outcome, &o))
 			return false;
 		ereport(o.result && strcmp(o.result, "abandoned") == 0 ? WARNING : LOG,
@@ -1157,12 +1134,12 @@ record_poll(DispatchCall *call, TimestampTz now)
 						call->batch_id, message)));
 		o.sql = "SELECT enrich._dispatch_requeue($1, 'abandoned', $2, $3, $4, make_interval(secs => $5), $6)";
 		o.nargs = 6;
-		arg_int8(&o, 0, call->batch_id);
-		arg_int4(&o, 1, 404);
+		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
+		arg_set(&o, 1, INT4OID, Int32GetDatum(404));
 		arg_text(&o, 2, code);
 		arg_text(&o, 3, message);
-		arg_float8(&o, 4, 0);
-		arg_int4(&o, 5, enrich_max_attempts);
+		arg_set(&o, 4, FLOAT8OID, Float8GetDatum(0));
+		arg_set(&o, 5, INT4OID, Int32GetDatum(enrich_max_attempts));
 		return run_tx("recording a lost job", tx_outcome, &o);
 	}
 
@@ -1211,15 +1188,15 @@ record_poll(DispatchCall *call, TimestampTz now)
 
 	o.sql = "SELECT enrich._dispatch_polled($1, $2, $3, $4, $5, $6, make_interval(secs => $7))";
 	o.nargs = 7;
-	arg_int8(&o, 0, call->batch_id);
-	arg_int4(&o, 1, (int32) st);
+	arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
+	arg_set(&o, 1, INT4OID, Int32GetDatum((int32) st));
 	if (!answered)
 		o.nulls[1] = 'n';
 	arg_text(&o, 2, body);
 	arg_text(&o, 3, a.status);
 	arg_text(&o, 4, code);
 	arg_text(&o, 5, message);
-	arg_float8(&o, 6, next_s);
+	arg_set(&o, 6, FLOAT8OID, Float8GetDatum(next_s));
 	if (!run_tx("recording a poll", tx_outcome, &o))
 		return false;
 	if (body != NULL)
