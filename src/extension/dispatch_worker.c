@@ -115,7 +115,6 @@ static char *api_key = NULL;
 static const char *key_source = "none";
 
 /* Extension state in our database. */
-static bool extension_ready = false;
 static bool extension_warned = false;
 static bool recovered = false;
 
@@ -312,18 +311,25 @@ rate_resize(void)
 	rate_head = cap > 0 ? keep % cap : 0;
 }
 
-/* Record a call made at t. */
+/* Put a call made at t in the window. */
 static void
-rate_record(TimestampTz t)
+rate_remember(TimestampTz t)
 {
-	status.calls++;
-	status.last_call_at = t;
 	if (rate_cap == 0)
 		return;
 	rate_ring[rate_head] = t;
 	rate_head = (rate_head + 1) % rate_cap;
 	if (rate_count < rate_cap)
 		rate_count++;
+}
+
+/* Record a call we make now (at t). */
+static void
+rate_record(TimestampTz t)
+{
+	status.calls++;
+	status.last_call_at = t;
+	rate_remember(t);
 }
 
 /* When the next call may start (<= now: at once). */
@@ -506,8 +512,7 @@ tx_recover(void *arg)
 	/* Seed the rate window with the calls the tables remember. */
 	spi_run("SELECT t FROM enrich._dispatch_recent_calls() t ORDER BY t", 0, NULL, NULL, NULL);
 	for (uint64 i = 0; i < SPI_processed; i++)
-		rate_record(spi_ts(i, 1));
-	status.calls -= SPI_processed;
+		rate_remember(spi_ts(i, 1));
 }
 
 /* Log when the extension appears in or leaves our database, once each. */
@@ -532,7 +537,6 @@ note_extension(bool installed)
 	}
 	if (!installed)
 		recovered = false;		/* a new installation starts afresh */
-	extension_ready = installed;
 }
 
 /*-------------------------------------------------------------------------
