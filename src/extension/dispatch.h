@@ -91,11 +91,9 @@ typedef struct DispatchCall
 	bool		response_too_big;
 	char		errbuf[CURL_ERROR_SIZE];
 	/* Filled in when the call ends. */
-	bool		finished;
 	CURLcode	result;
 	long		http_status;	/* 0 when no answer came */
 	bool		body_sent;		/* the whole request went out */
-	TimestampTz started_at;
 	int			record_tries;	/* failed attempts to record the outcome */
 	struct DispatchCall *next;
 } DispatchCall;

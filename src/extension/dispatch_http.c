@@ -186,7 +186,6 @@ dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
 	call->kind = kind;
 	call->body = body;
 	call->body_len = body_len;
-	call->started_at = GetCurrentTimestamp();
 	call->easy = curl_easy_init();
 	if (call->easy == NULL)
 	{
@@ -247,6 +246,35 @@ dispatch_http_running(void)
 	return nrunning;
 }
 
+/*
+ * A running call ended with result: take it off the multi handle and the
+ * running list, note its HTTP status and whether the whole request went out
+ * (an answer came, or every body byte was uploaded), and queue it for
+ * dispatch_http_next_finished().
+ */
+static void
+end_call(DispatchCall *call, CURLcode result)
+{
+	DispatchCall **p;
+	curl_off_t	uploaded = 0;
+
+	call->result = result;
+	curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
+	curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
+	call->body_sent = call->http_status > 0 || (curl_off_t) call->body_len <= uploaded;
+	curl_multi_remove_handle(multi, call->easy);
+
+	for (p = &running; *p != NULL; p = &(*p)->next)
+		if (*p == call)
+		{
+			*p = call->next;
+			nrunning--;
+			break;
+		}
+	call->next = finished;
+	finished = call;
+}
+
 /* Move calls libcurl reports done from the running list to finished. */
 static void
 collect_finished(void)
@@ -257,30 +285,11 @@ collect_finished(void)
 	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
 	{
 		DispatchCall *call = NULL;
-		DispatchCall **p;
-		curl_off_t	uploaded = 0;
 
 		if (msg->msg != CURLMSG_DONE)
 			continue;
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
-		call->finished = true;
-		call->result = msg->data.result;
-		curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
-		curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
-		call->body_sent = call->http_status > 0 || (curl_off_t) call->body_len <= uploaded;
-		if (call->body == NULL)
-			call->body_sent = call->http_status > 0 || call->result != CURLE_COULDNT_CONNECT;
-		curl_multi_remove_handle(multi, call->easy);
-
-		for (p = &running; *p != NULL; p = &(*p)->next)
-			if (*p == call)
-			{
-				*p = call->next;
-				nrunning--;
-				break;
-			}
-		call->next = finished;
-		finished = call;
+		end_call(call, msg->data.result);
 	}
 }
 
@@ -387,22 +396,7 @@ void
 dispatch_http_abort_all(void)
 {
 	while (running != NULL)
-	{
-		DispatchCall *call = running;
-		curl_off_t	uploaded = 0;
-
-		running = call->next;
-		nrunning--;
-		curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
-		curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
-		call->finished = true;
-		call->result = CURLE_ABORTED_BY_CALLBACK;
-		call->body_sent = call->body != NULL ? (curl_off_t) call->body_len <= uploaded
-			: true;
-		curl_multi_remove_handle(multi, call->easy);
-		call->next = finished;
-		finished = call;
-	}
+		end_call(running, CURLE_ABORTED_BY_CALLBACK);
 }
 
 /* Release a call (it must not be running). */
