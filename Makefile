@@ -3,7 +3,7 @@
 # installs everything.  The daemons' rules live in src/*/*.mk.
 
 EXTENSION   = enrich
-EXTVERSION  = 0.1.0
+EXTVERSION  = 0.2.0
 
 # The control file carries default_version too (PostgreSQL reads it); the
 # build refuses to run when the two disagree, so EXTVERSION stays the source.
@@ -19,7 +19,8 @@ OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/extension/*.c)))
 # the schema (tables, submission, ingest, dispatcher, views) reads on its own.
 SQL_PARTS   = $(sort $(wildcard src/extension/sql/*.sql))
 DATA_built  = sql-build/enrich--$(EXTVERSION).sql
-DATA        = $(filter-out $(DATA_built),$(wildcard src/extension/upgrade/enrich--*--*.sql))
+# Released install scripts (never edited) and the upgrade scripts from them.
+DATA        = $(wildcard src/extension/upgrade/enrich--*.sql)
 
 REGRESS     = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
 REGRESS_OPTS = --temp-instance=tmp_check --temp-config=test/regress.conf \
