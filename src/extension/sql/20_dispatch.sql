@@ -128,7 +128,7 @@ DECLARE
     v_served bigint[];
 BEGIN
     IF p_window <= interval '0' OR p_ids IS NULL THEN
-        RETURN '{}';
+        RETURN '{}'::bigint[];
     END IF;
     WITH src AS (
         SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want,

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""plpgsql_check over every PL/pgSQL function of the extension: no errors and
+no warnings (extra and security warnings included, which also flag dynamic
+SQL open to injection).  Trigger functions are checked against each table
+they are attached to.  A finding that is right to keep goes into ALLOWED with
+the reason; everything else fails the suite."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
+import enrichtest  # noqa: E402
+
+# (function signature, message fragment) -> why the finding is fine.
+ALLOWED = {
+}
+
+CHECK = r"""
+WITH fns AS (
+    SELECT p.oid, NULL::oid AS rel
+    FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+    WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace
+      AND p.prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype)
+    UNION ALL
+    SELECT DISTINCT p.oid, t.tgrelid
+    FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+    JOIN pg_trigger t ON t.tgfoid = p.oid
+    WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace
+      AND p.prorettype = 'trigger'::regtype
+)
+SELECT format('%s|%s|%s|%s|%s', f.oid::regprocedure, c.level, c.message,
+              coalesce(c.lineno::text, '-'), coalesce(c.detail, ''))
+FROM fns f
+CROSS JOIN LATERAL plpgsql_check_function_tb(f.oid, coalesce(f.rel, 0),
+                                              extra_warnings => true,
+                                              security_warnings => true) c
+ORDER BY 1;
+"""
+
+
+def main():
+    r = enrichtest.Results("plpgsql_check")
+    c = enrichtest.Cluster("plpgsql-check").start()
+    try:
+        c.psql("CREATE EXTENSION enrich; CREATE EXTENSION plpgsql_check;")
+        n = int(c.scalar("""SELECT count(*) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+                            WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace"""))
+        r.check(n > 0, "the extension has PL/pgSQL functions to check (%d)" % n)
+        findings = [line for line in c.psql(CHECK).splitlines() if line]
+        unexplained = []
+        for line in findings:
+            fn, level, msg = line.split("|")[:3]
+            if not any(f == fn and m in msg for (f, m) in ALLOWED):
+                unexplained.append(line)
+        r.check(not unexplained,
+                "%d functions checked, %d findings, none unexplained" % (n, len(findings)),
+                "\n".join(unexplained))
+    finally:
+        c.destroy()
+    r.finish()
+
+
+if __name__ == "__main__":
+    main()
