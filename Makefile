@@ -22,19 +22,19 @@ DATA_built  = sql-build/enrich--$(EXTVERSION).sql
 # Released install scripts (never edited) and the upgrade scripts from them.
 DATA        = $(wildcard src/extension/upgrade/enrich--*.sql)
 
-REGRESS     = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
-REGRESS_OPTS = --temp-instance=tmp_check --temp-config=test/regress.conf \
-               --load-extension=enrich
-NO_INSTALLCHECK = 1
+# The pg_regress suite (sql/, expected/) and the isolation specs
+# (test/isolation/) need enrich preloaded, which PGXS's installcheck cannot
+# arrange on a running server: test/regress and test/isolate run them on
+# temporary instances instead, and test/all runs both.
 
 PG_CONFIG  ?= pg_config
 PKG_CONFIG ?= pkg-config
 
-PG_CPPFLAGS = -Isrc/common -DENRICH_VERSION=\"$(EXTVERSION)\" $(shell $(PKG_CONFIG) --cflags libcurl json-c)
+PG_CPPFLAGS = -DENRICH_VERSION=\"$(EXTVERSION)\" $(shell $(PKG_CONFIG) --cflags libcurl json-c)
 PG_CFLAGS   = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare
 SHLIB_LINK  = $(shell $(PKG_CONFIG) --libs libcurl json-c)
 
-EXTRA_CLEAN = sql-build tmp_check results regression.diffs regression.out
+EXTRA_CLEAN = sql-build
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
@@ -46,7 +46,7 @@ sql-build/enrich--$(EXTVERSION).sql: $(SQL_PARTS)
 # Daemons: installed into $(prefix)/bin (default /usr/local/bin) so they are on
 # the PATH, not into PostgreSQL's private bindir.
 prefix     ?= /usr/local
-DAEMON_CFLAGS = -O2 -g -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -Isrc/common
+DAEMON_CFLAGS = -O2 -g -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE
 DAEMONS    =
 -include $(sort $(wildcard src/*/*.mk))
 
@@ -58,6 +58,6 @@ install-daemons: $(DAEMONS)
 
 clean: clean-daemons
 clean-daemons:
-	rm -f $(DAEMONS) src/receiver/*.o src/sandbox/*.o src/common/*.o
+	rm -f $(DAEMONS) src/receiver/*.o src/sandbox/*.o
 
 .PHONY: install-daemons clean-daemons
