@@ -16,6 +16,7 @@
 #include <curl/curl.h>
 
 #include "datatype/timestamp.h"
+#include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 
@@ -56,6 +57,8 @@ typedef struct EnrichShared
 	pid_t		worker_pid;
 	uint64		wakeups;		/* commits that asked for the worker */
 	DispatchStatus status;
+	/* Broadcast by those commits too: enrich.wait() sleeps on it. */
+	ConditionVariable requests_cv;
 } EnrichShared;
 
 extern EnrichShared *enrich_shared;

@@ -14,6 +14,7 @@
 
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/condition_variable.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/latch.h"
@@ -54,6 +55,7 @@ enrich_shmem_startup(void)
 	{
 		memset(enrich_shared, 0, sizeof(EnrichShared));
 		SpinLockInit(&enrich_shared->mutex);
+		ConditionVariableInit(&enrich_shared->requests_cv);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -68,7 +70,11 @@ enrich_dispatch_shmem_init(void)
 	shmem_startup_hook = enrich_shmem_startup;
 }
 
-/* Set the dispatcher's latch, if it runs.  Safe to call from any backend. */
+/*
+ * Set the dispatcher's latch, if it runs, and wake the backends waiting in
+ * enrich.wait(): called after commits that queued requests or moved them
+ * on.  Safe to call from any backend.
+ */
 void
 enrich_dispatch_wake(void)
 {
@@ -82,6 +88,7 @@ enrich_dispatch_wake(void)
 	SpinLockRelease(&enrich_shared->mutex);
 	if (latch)
 		SetLatch(latch);
+	ConditionVariableBroadcast(&enrich_shared->requests_cv);
 }
 
 /* Publish the worker's status (called by the worker only). */

@@ -93,11 +93,14 @@ COMMENT ON TABLE enrich.batches IS 'One row per FullEnrich job (a POST of 1-100 
 -- in_flight  the API accepted its batch; waiting for the result   no
 -- done       a result row exists in enrich.results                yes
 -- failed     no result will come; error_code/error_message say why yes
+-- canceled   withdrawn by enrich.cancel() before it was sent       yes
+--            (error_code 'canceled', error_message says by whom)
 ------------------------------------------------------------------------
 CREATE TABLE enrich.requests (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     state           text NOT NULL DEFAULT 'queued'
-                    CHECK (state IN ('queued', 'sending', 'in_flight', 'done', 'failed')),
+                    CHECK (state IN ('queued', 'sending', 'in_flight', 'done', 'failed',
+                                     'canceled')),
     batch_id        bigint REFERENCES enrich.batches (id),
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
@@ -125,7 +128,7 @@ CREATE TABLE enrich.requests (
     error_message   text,
     -- Set when the result was served from an earlier request's result.
     reused_from     bigint,
-    CHECK (state <> 'failed' OR error_code IS NOT NULL),
+    CHECK (state NOT IN ('failed', 'canceled') OR error_code IS NOT NULL),
     CHECK (state NOT IN ('sending', 'in_flight') OR batch_id IS NOT NULL)
 );
 -- Queued requests in the order they go out (those not backing off; the

@@ -30,7 +30,7 @@ SELECT s.state,
        pg_catalog.min(r.created_at) AS oldest,
        pg_catalog.min(r.next_attempt_at) AS next_attempt_at
 FROM (VALUES ('queued', false, 1), ('sending', false, 2), ('in_flight', false, 3),
-             ('done', true, 4), ('failed', true, 5)) AS s(state, terminal, ord)
+             ('done', true, 4), ('failed', true, 5), ('canceled', true, 6)) AS s(state, terminal, ord)
 LEFT JOIN enrich.requests r ON r.state = s.state
 GROUP BY s.state, s.terminal, s.ord
 ORDER BY s.ord;

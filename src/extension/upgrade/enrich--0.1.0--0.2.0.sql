@@ -67,3 +67,70 @@ BEGIN
     RETURN coalesce(v_served, '{}');
 END
 $$;
+-- == control: enrich.wait(), enrich.cancel(), the request state 'canceled' ==
+ALTER TABLE enrich.requests DROP CONSTRAINT requests_state_check;
+ALTER TABLE enrich.requests ADD CONSTRAINT requests_state_check
+    CHECK (state IN ('queued', 'sending', 'in_flight', 'done', 'failed', 'canceled'));
+ALTER TABLE enrich.requests DROP CONSTRAINT requests_check;
+ALTER TABLE enrich.requests ADD CONSTRAINT requests_check
+    CHECK (state NOT IN ('failed', 'canceled') OR error_code IS NOT NULL);
+CREATE OR REPLACE VIEW enrich.queue AS
+SELECT s.state,
+       s.terminal,
+       pg_catalog.count(r.id) AS requests,
+       pg_catalog.min(r.created_at) AS oldest,
+       pg_catalog.min(r.next_attempt_at) AS next_attempt_at
+FROM (VALUES ('queued', false, 1), ('sending', false, 2), ('in_flight', false, 3),
+             ('done', true, 4), ('failed', true, 5), ('canceled', true, 6)) AS s(state, terminal, ord)
+LEFT JOIN enrich.requests r ON r.state = s.state
+GROUP BY s.state, s.terminal, s.ord
+ORDER BY s.ord;
+
+------------------------------------------------------------------------
+-- Control from SQL (control.c): wait for requests to end, cancel queued
+-- ones.  Neither is SECURITY DEFINER: each checks the caller itself and
+-- makes its change as the owner of the extension's tables.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich.wait(request_ids bigint[], timeout interval DEFAULT '5 min')
+RETURNS TABLE (request_id bigint, state text, outcome text, error_code text)
+AS 'MODULE_PATHNAME', 'enrich_wait'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION enrich.wait(bigint[], interval) IS
+'One row per request once all are done, failed or canceled, or at the timeout; refuses ids of the current transaction.';
+
+CREATE FUNCTION enrich.wait(request_id bigint, timeout interval DEFAULT '5 min')
+RETURNS TABLE (request_id bigint, state text, outcome text, error_code text)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM enrich.wait(ARRAY[request_id], timeout) $$;
+
+COMMENT ON FUNCTION enrich.wait(bigint, interval) IS
+'enrich.wait() for one request.';
+
+CREATE FUNCTION enrich.cancel(request_ids bigint[])
+RETURNS TABLE (request_id bigint, canceled boolean, reason text)
+AS 'MODULE_PATHNAME', 'enrich_cancel'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION enrich.cancel(bigint[]) IS
+'Cancel queued requests the caller submitted; sent ones cannot be recalled and are reported as not canceled.';
+
+CREATE FUNCTION enrich.cancel(source_table regclass, source_ids text[])
+RETURNS TABLE (request_id bigint, canceled boolean, reason text)
+AS 'MODULE_PATHNAME', 'enrich_cancel_source'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION enrich.cancel(regclass, text[]) IS
+'Cancel the open requests of those CRM rows (source_table, source_id), as enrich.cancel(bigint[]).';
+
+GRANT EXECUTE ON FUNCTION enrich.wait(bigint[], interval), enrich.wait(bigint, interval)
+    TO enrich_submitter, enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich.cancel(bigint[]), enrich.cancel(regclass, text[])
+    TO enrich_submitter;
+
+REVOKE ALL ON FUNCTION enrich.wait(bigint[], interval), enrich.wait(bigint, interval),
+    enrich.cancel(bigint[]), enrich.cancel(regclass, text[]) FROM PUBLIC;
