@@ -33,8 +33,9 @@
  * transactions are logged and retried; an outcome that could not be
  * recorded is kept in memory and recorded later.
  *
- * Security.  The worker is a superuser in a database that an ordinary role
- * may own.  It pins search_path to pg_catalog, pg_temp, and every statement
+ * Security.  The worker is a superuser (unless enrich.worker_role names an
+ * ordinary role) in a database that an ordinary role may own.  It pins
+ * search_path to pg_catalog, pg_temp, and every statement
  * below names the schema of each function and type it uses (the functions
  * it calls pin search_path themselves); test/dispatch/test_hostile.py
  * checks both, with planted look-alikes and a lint of these strings.
@@ -1399,6 +1400,33 @@ dispatch_shutdown(void)
 	dispatch_http_shutdown();
 }
 
+/* enrich.worker_role, or NULL for the bootstrap superuser. */
+static const char *
+worker_role_name(void)
+{
+	if (enrich_worker_role == NULL || enrich_worker_role[0] == '\0')
+		return NULL;
+	return enrich_worker_role;
+}
+
+/* Say where the worker runs and as whom (catalog lookups: a transaction). */
+static void
+log_started(void)
+{
+	char	   *role;
+	bool		is_super;
+
+	StartTransactionCommand();
+	role = MemoryContextStrdup(worker_ctx, GetUserNameFromId(GetUserId(), false));
+	is_super = superuser();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(worker_ctx);
+	ereport(LOG,
+			(errmsg("enrich dispatcher started in database \"%s\" as role \"%s\"%s",
+					enrich_database_name, role, is_super ? " (a superuser)" : "")));
+	pfree(role);
+}
+
 /* Entry point of the dispatcher worker. */
 void
 enrich_dispatch_main(Datum main_arg)
@@ -1412,7 +1440,8 @@ enrich_dispatch_main(Datum main_arg)
 	pqsignal(SIGINT, dispatch_sigint);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(enrich_database_name, NULL, 0);
+	BackgroundWorkerInitializeConnection(enrich_database_name,
+										 worker_role_name(), 0);
 
 	/*
 	 * We run as a superuser in a database whose owner need not be one.
@@ -1440,8 +1469,7 @@ enrich_dispatch_main(Datum main_arg)
 
 	dispatch_http_init();
 	load_api_key();
-	ereport(LOG,
-			(errmsg("enrich dispatcher started in database \"%s\"", enrich_database_name)));
+	log_started();
 
 	while (!ShutdownRequestPending)
 	{

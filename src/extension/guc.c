@@ -42,6 +42,7 @@ char	   *enrich_api_key_file = NULL;
 char	   *enrich_api_key_previous = NULL;
 char	   *enrich_api_key_previous_file = NULL;
 char	   *enrich_database_name = NULL;
+char	   *enrich_worker_role = NULL;
 char	   *enrich_webhook_base_url = NULL;
 
 /* Dispatcher settings; see enrich_guc_init for their meaning. */
@@ -201,6 +202,21 @@ enrich_guc_init(void)
 							   NULL,
 							   &enrich_database_name,
 							   "postgres",
+							   process_shared_preload_libraries_in_progress
+							   ? PGC_POSTMASTER : PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	/*
+	 * Empty: the bootstrap superuser, as before.  A role named here needs
+	 * LOGIN (PostgreSQL 15 checks it for background workers too) and the
+	 * rights of enrich_dispatcher, which the install script grants.
+	 */
+	DefineCustomStringVariable("enrich.worker_role",
+							   "Role the dispatcher worker connects as; empty means the bootstrap superuser.",
+							   "Name a LOGIN role that is a member of enrich_dispatcher to run the worker without superuser rights.",
+							   &enrich_worker_role,
+							   "",
 							   process_shared_preload_libraries_in_progress
 							   ? PGC_POSTMASTER : PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,

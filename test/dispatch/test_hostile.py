@@ -297,6 +297,8 @@ def wait_settled(c, ids, timeout=60):
         return True
     except TimeoutError:
         print(q(c, "SELECT * FROM enrich.dispatcher"))
+        print(q(c, "SELECT id, state, error_code, error_message FROM enrich.requests WHERE id "
+                   "OPERATOR(pg_catalog.=) ANY('{%s}')" % ",".join(map(str, ids))))
         return False
 
 
@@ -374,7 +376,11 @@ def test_traps():
     R.check(wait_settled(c, ids4), "a refused contact: the batch settles")
 
     # Webhook mode through enrich-receiver (ingest as SECURITY DEFINER).
-    c.psql("CREATE ROLE recv LOGIN IN ROLE enrich_receiver")
+    # The receiver is not what this suite attacks; its login role pins its
+    # search_path as the README's Security section advises (a role's
+    # setting outranks the database's).
+    c.psql("CREATE ROLE recv LOGIN IN ROLE enrich_receiver; "
+           "ALTER ROLE recv SET search_path = pg_catalog, pg_temp")
     port = free_port()
     d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
                 "--dsn", c.dsn(user="recv")], "receiver").start()
@@ -388,6 +394,8 @@ def test_traps():
     # Startup recovery and the rate window's seed run again at a restart.
     c.restart()
     wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker after a restart")
+    wait_for(lambda: http("GET", "http://127.0.0.1:%d/healthz" % port)[0] == 200, 15, 0.1,
+             "the receiver to reach the database again")
     idsr = submit(c, "Restarted", 5)
     R.check(wait_settled(c, idsr), "after a restart: contacts settle")
 
@@ -405,12 +413,49 @@ def test_traps():
     R.eq(q(c, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'mallory'"),
          "f", "the database owner is still an ordinary role")
     R.check("enrich-trap fired" not in c.log()[log_from:], "the server log shows no trap since")
+    R.check('as role "%s" (a superuser)' % "postgres" in c.log() or "(a superuser)" in c.log(),
+            "by default the worker says it runs as the bootstrap superuser")
+    return c, sb
+
+
+def test_worker_role(c, sb):
+    """enrich.worker_role: the same work as an ordinary member of enrich_dispatcher."""
+    c.psql("CREATE ROLE dispatch_login LOGIN IN ROLE enrich_dispatcher")
+    q(c, "ALTER SYSTEM SET enrich.worker_role = 'dispatch_login'; "
+         "ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'")
+    log_from = len(c.log())
+    c.restart()
+    wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker as dispatch_login")
+    R.eq(q(c, "SELECT usename FROM pg_catalog.pg_stat_activity WHERE backend_type "
+              "OPERATOR(pg_catalog.=) 'enrich dispatcher'"), "dispatch_login",
+         "worker_role: pg_stat_activity shows the worker as dispatch_login")
+    R.check('started in database "%s" as role "dispatch_login"\n' % c.dbname in c.log()[log_from:],
+            "the log says as whom it runs, and not as a superuser")
+
+    ids = submit(c, "Asrole", 20)
+    R.check(wait_settled(c, ids), "worker_role: 20 contacts POSTed, polled and settled")
+    again = submit(c, "Asrole", 2)
+    R.check(wait_settled(c, again), "worker_role: a repeat is served from earlier results")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+              "AND reused_from IS NOT NULL" % ",".join(map(str, again))), "2",
+         "worker_role: both repeats say reused_from")
+    sb.faults(submit_fail_next=1, submit_fail_status=503)
+    ids5 = submit(c, "Asrole5xx", 5)
+    R.check(wait_settled(c, ids5), "worker_role: a 503 is retried and the contacts settle")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+              "AND state OPERATOR(pg_catalog.=) 'done'" % ",".join(map(str, ids + again + ids5))),
+         str(len(ids + again + ids5)), "worker_role: every contact is done")
+    R.check("enrich dispatcher:" not in "".join(l for l in c.log()[log_from:].splitlines(True)
+                                                  if "WARNING" in l or "ERROR" in l),
+            "worker_role: no failed transaction (no missing privilege)")
+    R.eq(superuser_traps(c), "", "worker_role: no trap ran as a superuser")
 
 
 def main():
     try:
         test_lint()
-        test_traps()
+        c, sb = test_traps()
+        test_worker_role(c, sb)
     finally:
         for f in reversed(cleanup):
             try:
