@@ -149,6 +149,12 @@ def test_lint():
                 problems += ["%s: %s in: %s" % (name, p, sql) for p in sql_problems(sql)]
     R.check(len(statements) >= 10, "the lint found the worker's statements (%d)" % len(statements))
     R.eq(problems, [], "every SQL statement of dispatch_*.c is schema-qualified")
+    # The traps must keep up with the worker's statements.
+    used_functions = {m.lower() for sql in statements
+                      for m in re.findall(r"pg_catalog\.(\w+)\s*\(", sql)}
+    used_types = {m.lower() for sql in statements for m in re.findall(r"::\s*pg_catalog\.(\w+)", sql)}
+    R.eq(sorted(used_functions - TRAPPED_FUNCTIONS) + sorted(used_types - TRAPPED_TYPES), [],
+         "every pg_catalog function and type the worker's statements use has a trap below")
     return statements
 
 
@@ -156,6 +162,10 @@ def test_lint():
 # The hostile database.
 
 PIN = "SET search_path = pg_catalog, pg_temp;\n"
+
+# What TRAPS below plants a look-alike of in public.
+TRAPPED_FUNCTIONS = {"array_to_string", "make_interval", "now"}
+TRAPPED_TYPES = {"text"}
 
 TRAPS = r"""
 CREATE TABLE public.trap_log (what text, who text, superuser boolean,
@@ -348,6 +358,8 @@ def test_traps():
     c.psql("CREATE ROLE mallory LOGIN; ALTER DATABASE %s OWNER TO mallory" % c.dbname)
     c.psql(TRAPS, user="mallory")
     c.psql("ALTER DATABASE %s SET search_path = public, pg_catalog" % c.dbname, user="mallory")
+    R.eq(q(c, "SELECT pg_catalog.has_schema_privilege('mallory', 'enrich', 'CREATE')"), "f",
+         "the owner cannot plant anything in schema enrich itself")
 
     # The traps are live: a superuser session with the owner's search_path trips them.
     c.psql("SELECT array_to_string(ARRAY['a'], ','), make_interval(secs => 1), now(), 1::bigint = 2::bigint, "
