@@ -103,6 +103,11 @@ def test_without_preload():
             "and the superuser is told why, with a hint", r.stderr)
     out = peek(c, "alice", "SELECT enrich.preloaded();")
     R.check(DIRECT_KEY not in out, "a session that loaded the library does not show that key either")
+    R.check("are ignored because" not in out, "an ordinary role is not told about it (the log is)")
+    # Why it is ignored: PostgreSQL shows the placeholder to a session that
+    # has not loaded the library, and no library code can run there.
+    R.check(DIRECT_KEY in peek(c, "alice"),
+            "(PostgreSQL itself shows that placeholder to a session that never loaded enrich)")
 
 
 def test_with_preload():
