@@ -35,10 +35,10 @@
  *
  * Security.  The worker is a superuser (unless enrich.worker_role names an
  * ordinary role) in a database that an ordinary role may own.  It pins
- * search_path to pg_catalog, pg_temp, and every statement
- * below names the schema of each function and type it uses (the functions
- * it calls pin search_path themselves); test/dispatch/test_hostile.py
- * checks both, with planted look-alikes and a lint of these strings.
+ * search_path to pg_catalog, pg_temp, and every statement below names the
+ * schema of each function and type it uses (the functions it calls pin
+ * search_path themselves); test/dispatch/test_hostile.py checks both, with
+ * planted look-alikes and a lint of these strings.
  *
  *-------------------------------------------------------------------------
  */
@@ -1444,7 +1444,7 @@ enrich_dispatch_main(Datum main_arg)
 										 worker_role_name(), 0);
 
 	/*
-	 * We run as a superuser in a database whose owner need not be one.
+	 * We may run as a superuser in a database whose owner is not one.
 	 * Whatever search_path ALTER DATABASE or ALTER ROLE set, our SQL only
 	 * finds pg_catalog's functions, operators and types (and every
 	 * statement names its schema anyway).  PGC_S_OVERRIDE outranks those
