@@ -93,6 +93,13 @@ def test_without_preload():
     R.check("must be superuser or have privileges of pg_read_all_settings" in out,
             "SHOW and current_setting() refuse the key settings once defined")
 
+    # A session cannot bring its own key file: a value SET on the
+    # placeholder before the library loads is refused when it does.
+    c.psql("CREATE ROLE carol LOGIN IN ROLE enrich_submitter, pg_read_all_settings")
+    r = c.psql("SET enrich.api_key_file = '/tmp/carol.key'; SELECT enrich.preloaded(); "
+               "SHOW enrich.api_key_file;", user="carol", check=False)
+    R.eq(r.stdout.strip().split("\n")[-1], keyfile,
+         "a key file SET by a session before loading is not taken")
     # A key set directly is not used without preloading.
     c.write_conf({"enrich.api_key": "'%s'" % DIRECT_KEY, "enrich.api_key_file": "''"})
     c.reload()
