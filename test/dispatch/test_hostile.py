@@ -18,9 +18,13 @@ worker's SQL resolves to:
     functions compare; then sets ALTER DATABASE ... SET search_path =
     public, pg_catalog.  A superuser session with that search_path does
     fire the traps (so they are live); the restarted worker then sends
-    contacts through webhooks, polling, a 5xx retry and a refused contact
-    against enrich-sandbox, and no trap ever runs as a superuser: the owner
-    stays an ordinary role.
+    contacts through webhooks, polling, a 5xx retry, a refused contact and
+    a restart against enrich-sandbox, and no trap ever runs as a superuser:
+    the owner stays an ordinary role.  (On the old code the traps fired and
+    the owner became a superuser.)
+  - enrich.worker_role: the same cycle (POST, poll, reuse, 503 retry) with
+    the worker connected as an ordinary LOGIN member of enrich_dispatcher,
+    without a missing privilege.
 """
 
 import os
