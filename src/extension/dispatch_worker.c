@@ -33,6 +33,13 @@
  * transactions are logged and retried; an outcome that could not be
  * recorded is kept in memory and recorded later.
  *
+ * Security.  The worker is a superuser (unless enrich.worker_role names an
+ * ordinary role) in a database that an ordinary role may own.  It pins
+ * search_path to pg_catalog, pg_temp, and every statement below names the
+ * schema of each function and type it uses (the functions it calls pin
+ * search_path themselves); test/dispatch/test_hostile.py checks both, with
+ * planted look-alikes and a lint of these strings.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -500,7 +507,7 @@ tx_recover(void *arg)
 	bool		isnull;
 	int			n;
 
-	spi_run("SELECT enrich._dispatch_recover(make_interval(secs => $1))",
+	spi_run("SELECT enrich._dispatch_recover(pg_catalog.make_interval(secs => $1))",
 			1, types, values, NULL);
 	n = DatumGetInt32(spi_value(0, 1, &isnull));
 	if (n > 0)
@@ -597,7 +604,7 @@ tx_claim(void *arg)
 	values[0] = Int32GetDatum(Max(ca->max_new, 1));
 	values[1] = BoolGetDatum(ca->max_new > 0);
 	values[2] = Float8GetDatum((double) enrich_reuse_window);
-	spi_run("SELECT batch_id, reused FROM enrich._dispatch_next_batch($1, $2, make_interval(secs => $3))",
+	spi_run("SELECT batch_id, reused FROM enrich._dispatch_next_batch($1, $2, pg_catalog.make_interval(secs => $3))",
 			3, types, values, NULL);
 	ca->reused = DatumGetInt32(spi_value(0, 2, &isnull));
 	if (isnull)
@@ -610,7 +617,7 @@ tx_claim(void *arg)
 	types[0] = INT8OID;
 	values[0] = Int64GetDatum(ca->batch.batch_id);
 	spi_run("SELECT token, attempt, request_id, first_name, last_name, domain, company_name, "
-			"linkedin_url, array_to_string(fields, ','), custom::text "
+			"linkedin_url, pg_catalog.array_to_string(fields, ','), custom::pg_catalog.text "
 			"FROM enrich._dispatch_batch_rows($1)", 1, types, values, NULL);
 	ca->batch.ncontacts = (int) SPI_processed;
 	ca->batch.contacts = MemoryContextAllocZero(iter_ctx,
@@ -698,7 +705,7 @@ tx_poll_claim(void *arg)
 	values[0] = Int32GetDatum(1);
 	/* Not polled again before this call has surely ended. */
 	values[1] = Float8GetDatum(enrich_poll_interval + enrich_request_timeout / 1000.0);
-	spi_run("SELECT batch_id, enrichment_id FROM enrich._dispatch_poll_claim($1, make_interval(secs => $2))",
+	spi_run("SELECT batch_id, enrichment_id FROM enrich._dispatch_poll_claim($1, pg_catalog.make_interval(secs => $2))",
 			2, types, values, NULL);
 	if (SPI_processed == 0)
 		return;
@@ -975,7 +982,7 @@ record_submit(DispatchCall *call, TimestampTz now)
 
 	if (answered && st >= 200 && st < 300 && a.enrichment_id != NULL)
 	{
-		o.sql = "SELECT enrich._dispatch_accepted($1, $2, $3, make_interval(secs => $4))";
+		o.sql = "SELECT enrich._dispatch_accepted($1, $2, $3, pg_catalog.make_interval(secs => $4))";
 		o.nargs = 4;
 		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 		arg_text(&o, 1, a.enrichment_id);
@@ -1018,7 +1025,7 @@ record_submit(DispatchCall *call, TimestampTz now)
 					(errmsg("enrich dispatcher: the API refused batch " INT64_FORMAT " as a whole: %s",
 							call->batch_id, message),
 					 errhint("Check enrich.webhook_base_url and enrich.api_url; the contacts are queued again.")));
-			o.sql = "SELECT enrich._dispatch_requeue($1, 'rejected', $2, $3, $4, make_interval(secs => $5), $6)";
+			o.sql = "SELECT enrich._dispatch_requeue($1, 'rejected'::pg_catalog.text, $2, $3, $4, pg_catalog.make_interval(secs => $5), $6)";
 			o.nargs = 6;
 			arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 			arg_set(&o, 1, INT4OID, Int32GetDatum(400));
@@ -1090,7 +1097,7 @@ record_submit(DispatchCall *call, TimestampTz now)
 			paused_until = now + (TimestampTz) (backoff_ms(consecutive_failures) * 1000);
 		}
 
-		o.sql = "SELECT enrich._dispatch_retry($1, $2, $3, $4, make_interval(secs => $5), $6, $7)";
+		o.sql = "SELECT enrich._dispatch_retry($1, $2, $3, $4, pg_catalog.make_interval(secs => $5), $6, $7)";
 		o.nargs = 7;
 		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 		arg_set(&o, 1, INT4OID, Int32GetDatum((int32) st));
@@ -1136,7 +1143,7 @@ record_poll(DispatchCall *call, TimestampTz now)
 		ereport(WARNING,
 				(errmsg("enrich dispatcher: the API does not know the job of batch " INT64_FORMAT " (%s); its unanswered contacts are queued again",
 						call->batch_id, message)));
-		o.sql = "SELECT enrich._dispatch_requeue($1, 'abandoned', $2, $3, $4, make_interval(secs => $5), $6)";
+		o.sql = "SELECT enrich._dispatch_requeue($1, 'abandoned'::pg_catalog.text, $2, $3, $4, pg_catalog.make_interval(secs => $5), $6)";
 		o.nargs = 6;
 		arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 		arg_set(&o, 1, INT4OID, Int32GetDatum(404));
@@ -1190,7 +1197,7 @@ record_poll(DispatchCall *call, TimestampTz now)
 						call->batch_id, code, message)));
 	}
 
-	o.sql = "SELECT enrich._dispatch_polled($1, $2, $3, $4, $5, $6, make_interval(secs => $7))";
+	o.sql = "SELECT enrich._dispatch_polled($1, $2, $3, $4, $5, $6, pg_catalog.make_interval(secs => $7))";
 	o.nargs = 7;
 	arg_set(&o, 0, INT8OID, Int64GetDatum(call->batch_id));
 	arg_set(&o, 1, INT4OID, Int32GetDatum((int32) st));
@@ -1393,6 +1400,33 @@ dispatch_shutdown(void)
 	dispatch_http_shutdown();
 }
 
+/* enrich.worker_role, or NULL for the bootstrap superuser. */
+static const char *
+worker_role_name(void)
+{
+	if (enrich_worker_role == NULL || enrich_worker_role[0] == '\0')
+		return NULL;
+	return enrich_worker_role;
+}
+
+/* Say where the worker runs and as whom (catalog lookups: a transaction). */
+static void
+log_started(void)
+{
+	char	   *role;
+	bool		is_super;
+
+	StartTransactionCommand();
+	role = MemoryContextStrdup(worker_ctx, GetUserNameFromId(GetUserId(), false));
+	is_super = superuser();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(worker_ctx);
+	ereport(LOG,
+			(errmsg("enrich dispatcher started in database \"%s\" as role \"%s\"%s",
+					enrich_database_name, role, is_super ? " (a superuser)" : "")));
+	pfree(role);
+}
+
 /* Entry point of the dispatcher worker. */
 void
 enrich_dispatch_main(Datum main_arg)
@@ -1406,7 +1440,17 @@ enrich_dispatch_main(Datum main_arg)
 	pqsignal(SIGINT, dispatch_sigint);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(enrich_database_name, NULL, 0);
+	BackgroundWorkerInitializeConnection(enrich_database_name,
+										 worker_role_name(), 0);
+
+	/*
+	 * We may run as a superuser in a database whose owner is not one.
+	 * Whatever search_path ALTER DATABASE or ALTER ROLE set, our SQL only
+	 * finds pg_catalog's functions, operators and types (and every
+	 * statement names its schema anyway).  PGC_S_OVERRIDE outranks those
+	 * settings and survives configuration reloads.
+	 */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
 	worker_ctx = AllocSetContextCreate(TopMemoryContext, "enrich dispatcher",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -1425,8 +1469,7 @@ enrich_dispatch_main(Datum main_arg)
 
 	dispatch_http_init();
 	load_api_key();
-	ereport(LOG,
-			(errmsg("enrich dispatcher started in database \"%s\"", enrich_database_name)));
+	log_started();
 
 	while (!ShutdownRequestPending)
 	{

@@ -4,12 +4,13 @@
  *		Entry point of the enrich extension: _PG_init only calls the
  *		subsystems' init functions.
  *
- * The library must be in shared_preload_libraries: the dispatcher worker
- * and its shared memory can only be set up by the postmaster.  Loaded any
- * other way (a plain LOAD, or a backend that found it through
- * module_pathname) the settings are still defined so that the SQL functions
- * that need no worker keep working, and the functions that do need it say
- * so with a hint.
+ * The dispatcher worker and its shared memory can only be set up by the
+ * postmaster, so they need the library in shared_preload_libraries.
+ * Loaded any other way (CREATE EXTENSION, a plain LOAD, or a backend that
+ * found it through module_pathname) the settings are still defined, so
+ * that no enrich.* value stays a placeholder every role could read, and
+ * the extension installs and queues submissions; the functions that need
+ * the worker say so with a hint (see guc.c for the API key in that mode).
  *
  *-------------------------------------------------------------------------
  */

@@ -26,6 +26,7 @@ extern char *enrich_api_key_file;
 extern char *enrich_api_key_previous;
 extern char *enrich_api_key_previous_file;
 extern char *enrich_database_name;
+extern char *enrich_worker_role;
 extern char *enrich_webhook_base_url;
 extern int	enrich_batch_delay;
 extern int	enrich_max_calls_per_minute;

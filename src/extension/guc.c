@@ -10,12 +10,26 @@
  * would expose them.  GUC_SUPERUSER_ONLY keeps SHOW and pg_settings from
  * revealing them to anyone else.
  *
+ * That protection only holds in a process that has defined the variables.
+ * Until then PostgreSQL keeps a value from postgresql.conf as a
+ * placeholder that SHOW and current_setting() show to every role.  With
+ * the library in shared_preload_libraries the postmaster defines them
+ * before any backend exists, so no session ever sees a placeholder.
+ * Loaded later (CREATE EXTENSION, or a session calling one of our
+ * functions) each backend defines them only when it first loads the
+ * library: the placeholder's value carries over and is protected from
+ * then on, but a session that has not loaded it could read it.  So
+ * without preloading the keys are taken only from the files named by
+ * enrich.api_key_file and enrich.api_key_previous_file (only their names
+ * could be seen), and a key set directly is ignored with a warning.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <sys/stat.h>
 
+#include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
 #include "utils/guc.h"
@@ -28,6 +42,7 @@ char	   *enrich_api_key_file = NULL;
 char	   *enrich_api_key_previous = NULL;
 char	   *enrich_api_key_previous_file = NULL;
 char	   *enrich_database_name = NULL;
+char	   *enrich_worker_role = NULL;
 char	   *enrich_webhook_base_url = NULL;
 
 /* Dispatcher settings; see enrich_guc_init for their meaning. */
@@ -44,6 +59,12 @@ int			enrich_rate_limit_backoff = 60000;
 int			enrich_max_attempts = 10;
 int			enrich_reuse_window = 30 * 86400;
 int			enrich_credits_check_interval = 300;
+
+/*
+ * Whether the variables were defined before any session could read their
+ * placeholders (the library is preloaded); see the header comment.
+ */
+static bool keys_protected = false;
 
 /* Longest key file we are willing to read; real keys are ~40 bytes. */
 #define API_KEY_FILE_MAX 4096
@@ -87,10 +108,41 @@ check_webhook_base_url(char **newval, void **extra, GucSource source)
 
 static void enrich_guc_init_dispatcher(void);
 
-/* Define every enrich.* setting and reserve the prefix. */
+/* Is a key setting (not a key file) set? */
+static bool
+key_set_directly(void)
+{
+	return (enrich_api_key != NULL && enrich_api_key[0] != '\0') ||
+		(enrich_api_key_previous != NULL && enrich_api_key_previous[0] != '\0');
+}
+
+/*
+ * Without preloading, say once per backend that a key set directly is
+ * ignored.  A superuser (who runs CREATE EXTENSION) gets a WARNING; other
+ * sessions only leave a line in the server log.
+ */
+static void
+warn_exposed_keys(void)
+{
+	if (!key_set_directly())
+		return;
+	ereport(IsTransactionState() && superuser() ? WARNING : LOG,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("enrich.api_key and enrich.api_key_previous are ignored because enrich is not in shared_preload_libraries"),
+			 errdetail("Until a session loads the enrich library, PostgreSQL shows these settings to every role."),
+			 errhint("Remove them from the configuration and set enrich.api_key_file (and enrich.api_key_previous_file) instead, or preload enrich.")));
+}
+
+/*
+ * Define every enrich.* setting and reserve the prefix.  Called from
+ * _PG_init however the library is loaded: a setting left undefined would
+ * stay a placeholder that every role can read.
+ */
 void
 enrich_guc_init(void)
 {
+	keys_protected = process_shared_preload_libraries_in_progress;
+
 	DefineCustomStringVariable("enrich.api_url",
 							   "Base URL of the FullEnrich API (v2).",
 							   "Point it at enrich-sandbox for development and tests.",
@@ -140,12 +192,33 @@ enrich_guc_init(void)
 							   GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
+	/*
+	 * PostgreSQL allows PGC_POSTMASTER settings only while preloading (it is
+	 * FATAL later).  Loaded late there is no worker for the setting to
+	 * steer, so it is merely defined (and reloadable) there.
+	 */
 	DefineCustomStringVariable("enrich.database_name",
 							   "Database in which the dispatcher worker runs.",
 							   NULL,
 							   &enrich_database_name,
 							   "postgres",
-							   PGC_POSTMASTER,
+							   process_shared_preload_libraries_in_progress
+							   ? PGC_POSTMASTER : PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	/*
+	 * Empty: the bootstrap superuser, as before.  A role named here needs
+	 * LOGIN (PostgreSQL 15 checks it for background workers too) and the
+	 * rights of enrich_dispatcher, which the install script grants.
+	 */
+	DefineCustomStringVariable("enrich.worker_role",
+							   "Role the dispatcher worker connects as; empty means the bootstrap superuser.",
+							   "Name a LOGIN role that is a member of enrich_dispatcher to run the worker without superuser rights.",
+							   &enrich_worker_role,
+							   "",
+							   process_shared_preload_libraries_in_progress
+							   ? PGC_POSTMASTER : PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
@@ -160,6 +233,9 @@ enrich_guc_init(void)
 
 	enrich_guc_init_dispatcher();
 	MarkGUCPrefixReserved("enrich");
+
+	if (!keys_protected)
+		warn_exposed_keys();
 }
 
 /*
@@ -321,7 +397,7 @@ read_key_file(const char *path)
 char *
 enrich_read_api_key(const char **source)
 {
-	if (enrich_api_key != NULL && enrich_api_key[0] != '\0')
+	if (keys_protected && enrich_api_key != NULL && enrich_api_key[0] != '\0')
 	{
 		if (source)
 			*source = "enrich.api_key";
@@ -344,7 +420,7 @@ enrich_read_api_key(const char **source)
 char *
 enrich_read_api_key_previous(void)
 {
-	if (enrich_api_key_previous != NULL && enrich_api_key_previous[0] != '\0')
+	if (keys_protected && enrich_api_key_previous != NULL && enrich_api_key_previous[0] != '\0')
 		return pstrdup(enrich_api_key_previous);
 	if (enrich_api_key_previous_file == NULL || enrich_api_key_previous_file[0] == '\0')
 		return NULL;

@@ -134,3 +134,32 @@ GRANT EXECUTE ON FUNCTION enrich.cancel(bigint[]), enrich.cancel(regclass, text[
 
 REVOKE ALL ON FUNCTION enrich.wait(bigint[], interval), enrich.wait(bigint, interval),
     enrich.cancel(bigint[]), enrich.cancel(regclass, text[]) FROM PUBLIC;
+-- == dispatcher worker role (enrich.worker_role) ==
+------------------------------------------------------------------------
+-- The dispatcher worker's rights when enrich.worker_role names an
+-- ordinary role (a LOGIN member of enrich_dispatcher): the batch, request
+-- and result tables, their sequences, and the functions the worker calls
+-- (all of them SECURITY INVOKER).  Nothing else: no deliveries, no other
+-- schema.  Left unset, the worker runs as the bootstrap superuser.
+------------------------------------------------------------------------
+DO $dispatcher$
+DECLARE
+    f regprocedure;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+                    WHERE rolname OPERATOR(pg_catalog.=) 'enrich_dispatcher') THEN
+        CREATE ROLE enrich_dispatcher NOLOGIN;
+    END IF;
+    FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace OPERATOR(pg_catalog.=) 'enrich'::pg_catalog.regnamespace
+                AND (p.proname OPERATOR(pg_catalog.~) '^_dispatch_'
+                     OR p.proname OPERATOR(pg_catalog.=) ANY ('{_wake_dispatcher,ingest_result,_ingest_envelope,_envelope_problem}'))
+              ORDER BY p.oid LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO enrich_dispatcher', f);
+    END LOOP;
+END
+$dispatcher$;
+
+GRANT USAGE ON SCHEMA enrich TO enrich_dispatcher;
+GRANT SELECT, INSERT, UPDATE ON enrich.batches, enrich.requests, enrich.results TO enrich_dispatcher;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA enrich TO enrich_dispatcher;

@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""The dispatcher worker in a hostile database.
+
+The worker runs as a superuser inside enrich.database_name, whose owner need
+not be one.  Nothing that owner can create or configure may change what the
+worker's SQL resolves to:
+
+  - lint: every SQL statement in src/extension/dispatch_*.c names its
+    functions, casts and relations with their schema (pg_catalog or enrich)
+    and uses no bare operator (a small tokenizer; it is checked against
+    known-bad statements too);
+  - catalog: every SQL or PL/pgSQL function of the extension pins
+    search_path = pg_catalog, pg_temp (or has a pre-parsed SQL body);
+  - traps, end to end: a non-superuser database owner plants, in public,
+    look-alikes of every function the worker's statements call
+    (array_to_string, make_interval, now), a public.text domain (casts),
+    and operators (=, <>, <, <=, >, >=, ||) on the types the dispatcher's
+    functions compare; then sets ALTER DATABASE ... SET search_path =
+    public, pg_catalog.  A superuser session with that search_path does
+    fire the traps (so they are live); the restarted worker then sends
+    contacts through webhooks, polling, a 5xx retry, a refused contact and
+    a restart against enrich-sandbox, and no trap ever runs as a superuser:
+    the owner stays an ordinary role.  (On the old code the traps fired and
+    the owner became a superuser.)
+  - enrich.worker_role: the same cycle (POST, poll, reuse, 503 retry) with
+    the worker connected as an ordinary LOGIN member of enrich_dispatcher,
+    without a missing privilege.
+"""
+
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from enrichtest import (ROOT, Cluster, Daemon, Results, daemon_path, free_port, http,  # noqa: E402
+                        wait_for, wait_port)
+
+KEY = "hostile-test-key-0123456789"
+R = Results("hostile")
+cleanup = []
+
+# ---------------------------------------------------------------------------
+# Lint of the worker's SQL text.
+
+SQL_START = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH|CALL)\b", re.I)
+# Words that may stand before "(" without being a function call.
+PAREN_WORDS = {"in", "values", "exists", "any", "all", "array", "and", "or", "not", "on",
+               "using", "where", "select", "from", "join", "as", "operator", "over", "filter"}
+SAFE_SCHEMAS = {"pg_catalog", "enrich"}
+TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<str>'(?:[^']|'')*')
+  | (?P<param>\$\d+)
+  | (?P<num>\d+(?:\.\d+)?)
+  | (?P<ident>[A-Za-z_][A-Za-z_0-9]*|"(?:[^"]|"")+")
+  | (?P<cast>::)
+  | (?P<arrow>=>)
+  | (?P<op>[-+*/<>=~!@#%^&|`?]+)
+  | (?P<punct>[(),.;\[\]])
+""", re.X)
+
+
+def c_string_literals(src):
+    """SQL statements among a C file's string literals (adjacent ones joined)."""
+    src = re.sub(r"/\*.*?\*/", " ", src, flags=re.S)
+    src = re.sub(r"//[^\n]*", " ", src)
+    out = []
+    # A run of string literals separated only by white space is one string.
+    for run in re.finditer(r'"(?:[^"\\\n]|\\.)*"(?:\s*"(?:[^"\\\n]|\\.)*")*', src):
+        parts = re.findall(r'"((?:[^"\\\n]|\\.)*)"', run.group(0))
+        s = "".join(parts).encode().decode("unicode_escape")
+        if SQL_START.match(s):
+            out.append(s)
+    return out
+
+
+def sql_problems(sql):
+    """Unqualified functions, casts, relations and bare operators in one statement."""
+    toks = []
+    pos = 0
+    while pos < len(sql):
+        m = TOKEN.match(sql, pos)
+        if not m:
+            return ["cannot tokenize at %r" % sql[pos:pos + 20]]
+        pos = m.end()
+        if m.lastgroup != "ws":
+            toks.append((m.lastgroup, m.group(0)))
+    problems = []
+
+    def qualified_at(i):
+        """toks[i] is an identifier: is it schema.name with a safe schema?"""
+        return (i >= 2 and toks[i - 1] == ("punct", ".") and toks[i - 2][0] == "ident"
+                and toks[i - 2][1].strip('"').lower() in SAFE_SCHEMAS)
+
+    i = 0
+    while i < len(toks):
+        kind, val = toks[i]
+        nxt = toks[i + 1] if i + 1 < len(toks) else (None, None)
+        if kind == "ident" and val.lower() == "operator" and nxt == ("punct", "("):
+            # OPERATOR(pg_catalog.=) is the qualified way to write one.
+            inner = toks[i + 2:i + 6]
+            if (len(inner) == 4 and inner[0][0] == "ident" and inner[0][1].lower() == "pg_catalog"
+                    and inner[1] == ("punct", ".") and inner[2][0] == "op" and inner[3] == ("punct", ")")):
+                i += 6
+                continue
+            problems.append("OPERATOR() without pg_catalog")
+        elif kind == "ident" and nxt == ("punct", "(") and val.lower() not in PAREN_WORDS:
+            if not qualified_at(i):
+                problems.append("unqualified function %s()" % val)
+        elif kind == "cast":
+            # ::schema.type
+            if not (i + 3 < len(toks) and toks[i + 1][0] == "ident"
+                    and toks[i + 1][1].lower() in SAFE_SCHEMAS and toks[i + 2] == ("punct", ".")):
+                problems.append("cast to an unqualified type ::%s" % (nxt[1],))
+        elif kind == "ident" and val.lower() in ("from", "join", "into", "update") and nxt[0] == "ident":
+            j = i + 1
+            if not (j + 2 < len(toks) and toks[j][1].lower() in SAFE_SCHEMAS and toks[j + 1] == ("punct", ".")):
+                problems.append("unqualified relation after %s: %s" % (val, nxt[1]))
+        elif kind == "op":
+            prev = toks[i - 1] if i > 0 else (None, None)
+            if not (val == "*" and (prev[1] in ("(", ",", ".") or (prev[0] == "ident" and prev[1].lower() == "select"))):
+                problems.append("bare operator %s (write OPERATOR(pg_catalog.%s))" % (val, val))
+        i += 1
+    return problems
+
+
+def test_lint():
+    bad = {
+        "SELECT array_to_string(fields, ',') FROM enrich.x()": "unqualified function",
+        "SELECT enrich.f(make_interval(secs => $1))": "unqualified function",
+        "SELECT custom::text FROM enrich.x()": "cast to an unqualified type",
+        "SELECT a FROM public.t": "unqualified relation",
+        "SELECT 1 FROM enrich.t WHERE a = $1": "bare operator",
+        "SELECT public.array_to_string(a, ',') FROM enrich.x()": "unqualified function",
+        "SELECT 1 FROM enrich.t WHERE a OPERATOR(public.=) $1": "OPERATOR() without pg_catalog",
+    }
+    caught = [w for s, w in bad.items() if not any(p.startswith(w) for p in sql_problems(s))]
+    R.eq(caught, [], "the lint catches each kind of unqualified name it looks for")
+    good = ("SELECT pg_catalog.array_to_string(f, ','), c::pg_catalog.text, count(*) "
+            "FROM enrich.x($1, pg_catalog.make_interval(secs => $2)) WHERE a OPERATOR(pg_catalog.=) $1")
+    R.eq([p for p in sql_problems(good) if "count" not in p], [], "and passes qualified text")
+
+    srcdir = os.path.join(ROOT, "src", "extension")
+    statements = []
+    problems = []
+    for name in sorted(os.listdir(srcdir)):
+        if not (name.startswith("dispatch_") and name.endswith(".c")):
+            continue
+        with open(os.path.join(srcdir, name)) as f:
+            for sql in c_string_literals(f.read()):
+                statements.append(sql)
+                problems += ["%s: %s in: %s" % (name, p, sql) for p in sql_problems(sql)]
+    R.check(len(statements) >= 10, "the lint found the worker's statements (%d)" % len(statements))
+    R.eq(problems, [], "every SQL statement of dispatch_*.c is schema-qualified")
+    # The traps must keep up with the worker's statements.
+    used_functions = {m.lower() for sql in statements
+                      for m in re.findall(r"pg_catalog\.(\w+)\s*\(", sql)}
+    used_types = {m.lower() for sql in statements for m in re.findall(r"::\s*pg_catalog\.(\w+)", sql)}
+    R.eq(sorted(used_functions - TRAPPED_FUNCTIONS) + sorted(used_types - TRAPPED_TYPES), [],
+         "every pg_catalog function and type the worker's statements use has a trap below")
+    return statements
+
+
+# ---------------------------------------------------------------------------
+# The hostile database.
+
+PIN = "SET search_path = pg_catalog, pg_temp;\n"
+
+# What TRAPS below plants a look-alike of in public.
+TRAPPED_FUNCTIONS = {"array_to_string", "make_interval", "now"}
+TRAPPED_TYPES = {"text"}
+
+TRAPS = r"""
+CREATE TABLE public.trap_log (what text, who text, superuser boolean,
+                              at timestamptz DEFAULT pg_catalog.clock_timestamp());
+GRANT INSERT, SELECT ON public.trap_log TO PUBLIC;
+
+-- What every trap does: note who ran it, and as a superuser hand the owner
+-- superuser rights (the escalation the traps stand for).
+CREATE FUNCTION public.trap_fired(what text) RETURNS boolean
+LANGUAGE plpgsql AS $f$
+DECLARE
+    su boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r
+                    WHERE r.rolname OPERATOR(pg_catalog.=) pg_catalog.current_user());
+BEGIN
+    INSERT INTO public.trap_log (what, who, superuser) VALUES (what, pg_catalog.current_user(), su);
+    IF su THEN
+        RAISE WARNING 'enrich-trap fired as superuser: %', what;
+        EXECUTE 'ALTER ROLE mallory SUPERUSER';
+    END IF;
+    RETURN true;
+END
+$f$;
+
+CREATE FUNCTION public.array_to_string(a anyarray, d text) RETURNS text
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('array_to_string');
+    RETURN pg_catalog.array_to_string(a, d);
+END
+$f$;
+
+CREATE FUNCTION public.array_to_string(a text[], d text) RETURNS text
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('array_to_string(text[])');
+    RETURN pg_catalog.array_to_string(a, d);
+END
+$f$;
+
+CREATE FUNCTION public.make_interval(years integer DEFAULT 0, months integer DEFAULT 0,
+                                     weeks integer DEFAULT 0, days integer DEFAULT 0,
+                                     hours integer DEFAULT 0, mins integer DEFAULT 0,
+                                     secs double precision DEFAULT 0.0) RETURNS interval
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('make_interval');
+    RETURN pg_catalog.make_interval(years, months, weeks, days, hours, mins, secs);
+END
+$f$;
+
+CREATE FUNCTION public.now() RETURNS timestamptz
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('now');
+    RETURN pg_catalog.now();
+END
+$f$;
+
+-- A cast to an unqualified "text" finds this domain first.
+CREATE DOMAIN public.text AS pg_catalog.text CHECK (public.trap_fired('cast to text'));
+
+-- Operators on the types the dispatcher's functions compare.
+DO $d$
+DECLARE
+    t text;
+    o record;
+    fn text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['bigint', 'integer', 'pg_catalog.text', 'timestamptz', 'boolean'] LOOP
+        FOR o IN SELECT * FROM (VALUES ('=', 'eq'), ('<>', 'ne'), ('<', 'lt'), ('<=', 'le'),
+                                       ('>', 'gt'), ('>=', 'ge')) v(op, nm) LOOP
+            fn := pg_catalog.format('trap_%s_%s', o.nm, pg_catalog.replace(t, 'pg_catalog.', ''));
+            EXECUTE pg_catalog.format($x$
+                CREATE FUNCTION public.%I(a %s, b %s) RETURNS boolean LANGUAGE plpgsql AS $b$
+                BEGIN
+                    PERFORM public.trap_fired(%L);
+                    RETURN a OPERATOR(pg_catalog.%s) b;
+                END $b$$x$, fn, t, t, o.op || ' ' || t, o.op);
+            EXECUTE pg_catalog.format('CREATE OPERATOR public.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = public.%I)',
+                                      o.op, t, t, fn);
+        END LOOP;
+    END LOOP;
+END
+$d$;
+
+CREATE FUNCTION public.trap_cat(a pg_catalog.text, b pg_catalog.text) RETURNS pg_catalog.text
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('||');
+    RETURN a OPERATOR(pg_catalog.||) b;
+END
+$f$;
+CREATE OPERATOR public.|| (LEFTARG = pg_catalog.text, RIGHTARG = pg_catalog.text, FUNCTION = public.trap_cat);
+"""
+
+
+class Sandbox:
+    """enrich-sandbox on a free loopback port."""
+
+    def __init__(self, *args):
+        self.port = free_port()
+        self.daemon = Daemon([daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % self.port,
+                              "--api-key", KEY] + list(args), "sandbox").start()
+        cleanup.append(self.daemon.stop)
+        wait_port(self.port)
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def faults(self, **kw):
+        st, body, _ = http("POST", "%s/_sandbox/faults" % self.url, kw)
+        assert st == 200, (st, body)
+
+
+def q(c, sql, **kw):
+    """SQL in a session whose search_path is pinned (the test's own sessions)."""
+    return c.psql(PIN + sql, **kw)
+
+
+def submit(c, prefix, n):
+    out = q(c, """
+        SELECT enrich.submit(pg_catalog.jsonb_build_object(
+                   'first_name', pg_catalog.concat('%s', g), 'last_name', 'Tester',
+                   'domain', 'example.com'))
+          FROM pg_catalog.generate_series(1, %d) g;""" % (prefix, n))
+    return [int(x) for x in out.split("\n") if x.strip().isdigit()]
+
+
+def open_count(c, ids):
+    try:
+        return int(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) "
+                        "ANY('{%s}') AND state OPERATOR(pg_catalog.<>) ALL('{done,failed}')"
+                     % ",".join(map(str, ids))).split("\n")[-1])
+    except RuntimeError:
+        return None
+
+
+def wait_settled(c, ids, timeout=60):
+    try:
+        wait_for(lambda: open_count(c, ids) == 0, timeout, 0.2, "requests to settle")
+        return True
+    except TimeoutError:
+        print(q(c, "SELECT * FROM enrich.dispatcher"))
+        print(q(c, "SELECT id, state, error_code, error_message FROM enrich.requests WHERE id "
+                   "OPERATOR(pg_catalog.=) ANY('{%s}')" % ",".join(map(str, ids))))
+        return False
+
+
+def dispatcher_pid(c):
+    try:
+        return q(c, "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type "
+                    "OPERATOR(pg_catalog.=) 'enrich dispatcher'")
+    except RuntimeError:
+        return ""
+
+
+def superuser_traps(c):
+    return q(c, "SELECT pg_catalog.string_agg(DISTINCT what, ', ') FROM public.trap_log WHERE superuser")
+
+
+def test_catalog(c):
+    bad = q(c, """
+        SELECT pg_catalog.string_agg(p.oid::pg_catalog.regprocedure::pg_catalog.text, ', ')
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_language l ON l.oid OPERATOR(pg_catalog.=) p.prolang
+         WHERE p.pronamespace OPERATOR(pg_catalog.=) 'enrich'::pg_catalog.regnamespace
+           AND l.lanname OPERATOR(pg_catalog.=) ANY ('{sql,plpgsql}')
+           AND p.prosqlbody IS NULL
+           AND NOT coalesce(p.proconfig, '{}') OPERATOR(pg_catalog.@>)
+                   '{"search_path=pg_catalog, pg_temp"}'""")
+    R.eq(bad, "", "every SQL/PL/pgSQL function of the extension pins search_path = pg_catalog, pg_temp")
+
+
+def test_traps():
+    sb = Sandbox("--contact-delay-ms", "20", "--retry-interval-ms", "1000", "--seed", "3")
+    c = Cluster("hostile", conf={
+        "enrich.api_url": "'%s/api/v2'" % sb.url,
+        "enrich.api_key": "'%s'" % KEY,
+        "enrich.batch_delay": "'200ms'",
+        "enrich.resend_grace": "'2s'",
+        "enrich.retry_base": "'200ms'",
+        "enrich.retry_max": "'2s'",
+        "enrich.poll_after": "'1s'",
+        "enrich.poll_interval": "'1s'",
+    })
+    cleanup.append(c.destroy)
+    c.start()
+    c.psql("CREATE EXTENSION enrich")
+    test_catalog(c)
+
+    # The database belongs to an ordinary role, who plants the traps.
+    c.psql("CREATE ROLE mallory LOGIN; ALTER DATABASE %s OWNER TO mallory" % c.dbname)
+    c.psql(TRAPS, user="mallory")
+    c.psql("ALTER DATABASE %s SET search_path = public, pg_catalog" % c.dbname, user="mallory")
+    R.eq(q(c, "SELECT pg_catalog.has_schema_privilege('mallory', 'enrich', 'CREATE')"), "f",
+         "the owner cannot plant anything in schema enrich itself")
+
+    # The traps are live: a superuser session with the owner's search_path trips them.
+    c.psql("SELECT array_to_string(ARRAY['a'], ','), make_interval(secs => 1), now(), 1::bigint = 2::bigint, "
+           "'x'::text")
+    R.eq(superuser_traps(c), "= bigint, array_to_string(text[]), cast to text, make_interval, now",
+         "the traps fire for a superuser who uses the database's search_path")
+    q(c, "TRUNCATE public.trap_log; ALTER ROLE mallory NOSUPERUSER")
+    log_from = len(c.log())
+
+    # The worker reconnects and so picks up the database's settings.
+    old = wait_for(lambda: dispatcher_pid(c), 15, 0.1, "the worker")
+    q(c, "SELECT pg_catalog.pg_terminate_backend(%s)" % old)
+    wait_for(lambda: dispatcher_pid(c) not in ("", old), 15, 0.1, "the worker to come back")
+
+    # Polling mode (no webhook URL): claim, POST, accepted, poll, polled.
+    ids = submit(c, "Polled", 30)
+    R.check(wait_settled(c, ids), "polling mode: 30 contacts settle")
+
+    # A 5xx (retry after the resend grace), then a refused contact (bisection).
+    sb.faults(submit_fail_next=1, submit_fail_status=503)
+    ids5 = submit(c, "Fivexx", 10)
+    R.check(wait_settled(c, ids5), "a 503 then success: contacts settle")
+    bad = q(c, "INSERT INTO enrich.requests (first_name, domain, fields, input_key) "
+               "VALUES ('Nolast', 'example.com', '{work_email}', 'hostile-bad') RETURNING id;")
+    ids4 = submit(c, "Bisect", 3) + [int(bad.split("\n")[-1])]
+    R.check(wait_settled(c, ids4), "a refused contact: the batch settles")
+
+    # Webhook mode through enrich-receiver (ingest as SECURITY DEFINER).
+    # The receiver is not what this suite attacks; its login role pins its
+    # search_path as the README's Security section advises (a role's
+    # setting outranks the database's).
+    c.psql("CREATE ROLE recv LOGIN IN ROLE enrich_receiver; "
+           "ALTER ROLE recv SET search_path = pg_catalog, pg_temp")
+    port = free_port()
+    d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
+                "--dsn", c.dsn(user="recv")], "receiver").start()
+    cleanup.append(d.stop)
+    wait_port(port)
+    q(c, "ALTER SYSTEM SET enrich.webhook_base_url = 'http://127.0.0.1:%d'; "
+         "ALTER SYSTEM SET enrich.poll_after = '1min'; SELECT pg_catalog.pg_reload_conf()" % port)
+    time.sleep(0.5)
+    idsw = submit(c, "Hooked", 30)
+    R.check(wait_settled(c, idsw), "webhook mode: 30 contacts settle")
+    # Startup recovery and the rate window's seed run again at a restart.
+    c.restart()
+    wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker after a restart")
+    wait_for(lambda: http("GET", "http://127.0.0.1:%d/healthz" % port)[0] == 200, 15, 0.1,
+             "the receiver to reach the database again")
+    idsr = submit(c, "Restarted", 5)
+    R.check(wait_settled(c, idsr), "after a restart: contacts settle")
+
+    everything = ids + ids5 + ids4 + idsw + idsr
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+              "AND state OPERATOR(pg_catalog.=) 'done'" % ",".join(map(str, everything))),
+         str(len(everything) - 1), "every valid contact is done")
+    R.eq(q(c, "SELECT pg_catalog.string_agg(DISTINCT b.state, ',' ORDER BY b.state) FROM enrich.batches b"),
+         "finished,rejected", "batches finished (and the refused halves say rejected)")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.batches WHERE last_polled_at IS NOT NULL")
+         != "0", True, "some batches were polled")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.deliveries") != "0", True,
+         "webhooks were delivered")
+    R.eq(superuser_traps(c), "", "no trap ran as a superuser while the worker sent, polled and recorded")
+    R.eq(q(c, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'mallory'"),
+         "f", "the database owner is still an ordinary role")
+    R.check("enrich-trap fired" not in c.log()[log_from:], "the server log shows no trap since")
+    R.check('as role "%s" (a superuser)' % "postgres" in c.log() or "(a superuser)" in c.log(),
+            "by default the worker says it runs as the bootstrap superuser")
+    return c, sb
+
+
+def test_worker_role(c, sb):
+    """enrich.worker_role: the same work as an ordinary member of enrich_dispatcher."""
+    c.psql("CREATE ROLE dispatch_login LOGIN IN ROLE enrich_dispatcher")
+    q(c, "ALTER SYSTEM SET enrich.worker_role = 'dispatch_login'; "
+         "ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'")
+    log_from = len(c.log())
+    c.restart()
+    wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker as dispatch_login")
+    R.eq(q(c, "SELECT usename FROM pg_catalog.pg_stat_activity WHERE backend_type "
+              "OPERATOR(pg_catalog.=) 'enrich dispatcher'"), "dispatch_login",
+         "worker_role: pg_stat_activity shows the worker as dispatch_login")
+    R.check('started in database "%s" as role "dispatch_login"\n' % c.dbname in c.log()[log_from:],
+            "the log says as whom it runs, and not as a superuser")
+
+    ids = submit(c, "Asrole", 20)
+    R.check(wait_settled(c, ids), "worker_role: 20 contacts POSTed, polled and settled")
+    again = submit(c, "Asrole", 2)
+    R.check(wait_settled(c, again), "worker_role: a repeat is served from earlier results")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+              "AND reused_from IS NOT NULL" % ",".join(map(str, again))), "2",
+         "worker_role: both repeats say reused_from")
+    sb.faults(submit_fail_next=1, submit_fail_status=503)
+    ids5 = submit(c, "Asrole5xx", 5)
+    R.check(wait_settled(c, ids5), "worker_role: a 503 is retried and the contacts settle")
+    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+              "AND state OPERATOR(pg_catalog.=) 'done'" % ",".join(map(str, ids + again + ids5))),
+         str(len(ids + again + ids5)), "worker_role: every contact is done")
+    R.check("enrich dispatcher:" not in "".join(l for l in c.log()[log_from:].splitlines(True)
+                                                  if "WARNING" in l or "ERROR" in l),
+            "worker_role: no failed transaction (no missing privilege)")
+    R.eq(superuser_traps(c), "", "worker_role: no trap ran as a superuser")
+
+
+def main():
+    try:
+        test_lint()
+        c, sb = test_traps()
+        test_worker_role(c, sb)
+    finally:
+        for f in reversed(cleanup):
+            try:
+                f()
+            except Exception as e:  # noqa: BLE001
+                print("cleanup: %s" % e)
+    R.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""enrich without shared_preload_libraries, and the API key in every mode.
+
+Without preloading:
+  - CREATE EXTENSION works (it used to be FATAL: "cannot create
+    PGC_POSTMASTER variables after startup", from enrich.database_name),
+    enrich.preloaded() says false, and a submitter's contacts are queued
+    with a warning that no dispatcher will send them;
+  - the key comes from enrich.api_key_file and verifies signatures;
+  - an ordinary role sees neither key nor key file through SHOW,
+    current_setting() or pg_settings, whether its session has loaded the
+    library or not (a session that connected before the library was ever
+    loaded in it, and one that loaded it afterwards);
+  - a key set directly with enrich.api_key is not used (PostgreSQL shows
+    such a value to sessions that have not loaded the library), and the
+    superuser is told why.
+With preloading: the same ordinary role sees nothing of the key, from its
+very first statement, in a fresh session.
+"""
+
+import hashlib
+import hmac
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from enrichtest import Cluster, Results  # noqa: E402
+
+KEY = "nopreload-file-key-0123456789"
+DIRECT_KEY = "nopreload-direct-key-9876543210"
+R = Results("nopreload")
+cleanup = []
+BODY = b'{"id": "x", "status": "FINISHED"}'
+
+
+def sign(key):
+    return hmac.new(key.encode(), BODY, hashlib.sha1).hexdigest()
+
+
+def signature_check(c, key):
+    return c.scalar("SELECT enrich._signature_valid('\\x%s'::bytea, '%s')" % (BODY.hex(), sign(key)))
+
+
+def peek(c, user, first=""):
+    """What an ordinary role can learn of the key settings, in one fresh session.
+
+    Each probe runs in its own savepoint so that a refusal does not end the
+    session; the output is every line psql printed, errors included.
+    """
+    probes = []
+    for name in ("enrich.api_key", "enrich.api_key_file", "enrich.api_key_previous"):
+        probes.append("SHOW %s;" % name)
+        probes.append("SELECT current_setting('%s', true);" % name)
+    probes.append("SELECT name, setting FROM pg_settings WHERE name LIKE 'enrich.api_key%';")
+    probes.append("SHOW ALL;")
+    probes.append("SELECT pg_catalog.string_agg(name || '=' || setting, ' ') FROM pg_settings;")
+    sql = first + "\n" + "\n".join("BEGIN; %s ROLLBACK;" % p for p in probes)
+    r = c.psql("\\set ON_ERROR_STOP 0\n" + sql, user=user, check=False)
+    return r.stdout + r.stderr
+
+
+def test_without_preload():
+    c = Cluster("nopreload", conf={"shared_preload_libraries": "''"})
+    cleanup.append(c.destroy)
+    keyfile = os.path.join(c.base, "fullenrich.key")
+    c._run(["sh", "-c", "umask 077 && cat > '%s'" % keyfile], input=KEY + "\n")
+    c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
+    c.start()
+    c.psql("CREATE ROLE alice LOGIN")
+
+    # A session of an ordinary role before the library was ever loaded in it.
+    out = peek(c, "alice")
+    # (PostgreSQL shows the file's name as a placeholder here; never the key.)
+    R.check(KEY not in out, "before any load: an ordinary role does not see the key", out[-300:])
+
+    r = c.psql("CREATE EXTENSION enrich", check=False)
+    R.eq((r.returncode, "FATAL" in r.stderr), (0, False),
+         "CREATE EXTENSION works without shared_preload_libraries")
+    R.check("PGC_POSTMASTER" not in c.log(), "no 'cannot create PGC_POSTMASTER variables' in the log")
+    R.eq(c.scalar("SELECT enrich.preloaded()"), "f", "enrich.preloaded() says false")
+    c.psql("GRANT enrich_submitter TO alice")
+    r = c.psql("SELECT enrich.submit('{\"first_name\": \"Ann\", \"last_name\": \"Lee\", "
+               "\"domain\": \"example.com\"}')", user="alice", check=False)
+    R.check(r.returncode == 0 and r.stdout.strip().isdigit(), "a submitter's contact is accepted", r.stderr)
+    R.check("no dispatcher will send" in r.stderr, "with a warning that no dispatcher will send it")
+    R.eq(c.scalar("SELECT state FROM enrich.requests"), "queued", "the request waits, queued")
+    R.eq(signature_check(c, KEY), "current", "the key file's key verifies webhook signatures")
+
+    # The same role after its session loaded the library (enrich.submit).
+    out = peek(c, "alice", "SELECT enrich.preloaded();")
+    R.check(KEY not in out and keyfile not in out,
+            "after loading: an ordinary role sees neither the key nor the key file", out[-300:])
+    R.check("must be superuser or have privileges of pg_read_all_settings" in out,
+            "SHOW and current_setting() refuse the key settings once defined")
+
+    # A session cannot bring its own key file: a value SET on the
+    # placeholder before the library loads is refused when it does.
+    c.psql("CREATE ROLE carol LOGIN IN ROLE enrich_submitter, pg_read_all_settings")
+    r = c.psql("SET enrich.api_key_file = '/tmp/carol.key'; SELECT enrich.preloaded(); "
+               "SHOW enrich.api_key_file;", user="carol", check=False)
+    R.eq(r.stdout.strip().split("\n")[-1], keyfile,
+         "a key file SET by a session before loading is not taken")
+    # A key set directly is not used without preloading.
+    c.write_conf({"enrich.api_key": "'%s'" % DIRECT_KEY, "enrich.api_key_file": "''"})
+    c.reload()
+    r = c.psql("LOAD 'enrich'; SELECT enrich._signature_valid('\\x%s'::bytea, '%s')"
+               % (BODY.hex(), sign(DIRECT_KEY)), check=False)
+    R.eq(r.stdout.strip().split("\n")[-1], "nokey", "enrich.api_key is ignored without preloading")
+    R.check("are ignored because enrich is not in shared_preload_libraries" in r.stderr,
+            "and the superuser is told why, with a hint", r.stderr)
+    out = peek(c, "alice", "SELECT enrich.preloaded();")
+    R.check(DIRECT_KEY not in out, "a session that loaded the library does not show that key either")
+    R.check("are ignored because" not in out, "an ordinary role is not told about it (the log is)")
+    # Why it is ignored: PostgreSQL shows the placeholder to a session that
+    # has not loaded the library, and no library code can run there.
+    R.check(DIRECT_KEY in peek(c, "alice"),
+            "(PostgreSQL itself shows that placeholder to a session that never loaded enrich)")
+
+
+def test_with_preload():
+    c = Cluster("preload", conf={"enrich.api_key": "'%s'" % KEY,
+                                 "enrich.api_key_previous": "'%s'" % DIRECT_KEY})
+    cleanup.append(c.destroy)
+    c.start()
+    c.psql("CREATE ROLE alice LOGIN")
+    out = peek(c, "alice")
+    R.check(KEY not in out and DIRECT_KEY not in out,
+            "preloaded, before CREATE EXTENSION: a fresh ordinary session sees no key", out[-300:])
+    R.check("must be superuser or have privileges of pg_read_all_settings" in out,
+            "SHOW and current_setting() refuse the key settings")
+    c.psql("CREATE EXTENSION enrich")
+    R.eq(c.scalar("SELECT enrich.preloaded()"), "t", "enrich.preloaded() says true")
+    R.eq(signature_check(c, KEY), "current", "preloaded: enrich.api_key verifies signatures")
+    R.eq(signature_check(c, DIRECT_KEY), "previous", "and enrich.api_key_previous too")
+    out = peek(c, "alice")
+    R.check(KEY not in out and DIRECT_KEY not in out,
+            "preloaded, extension installed: an ordinary role sees no key")
+    R.check(KEY not in c.log(), "the key never reaches the server log")
+
+
+def main():
+    try:
+        test_without_preload()
+        test_with_preload()
+    finally:
+        for f in reversed(cleanup):
+            try:
+                f()
+            except Exception as e:  # noqa: BLE001
+                print("cleanup: %s" % e)
+    R.finish()
+
+
+if __name__ == "__main__":
+    main()
