@@ -573,7 +573,7 @@ gen_contact(const sb_contact *c, gen *g, bool render)
 		g->h = known.h;
 		rng = hash64("contact", 7, g->h);
 		g->q = hash64("quirks", 6, g->h);
-		g->li = c->linkedin_url && c->linkedin_url[0];
+		g->li = true;			/* identified for sure: as with a LinkedIn URL */
 		snprintf(g->first, sizeof(g->first), "%s", known.first);
 		snprintf(g->last, sizeof(g->last), "%s", known.last);
 		snprintf(g->domain, sizeof(g->domain), "%s", known.domain);
