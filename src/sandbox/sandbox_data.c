@@ -550,6 +550,140 @@ work_status_draw(uint64_t *rng)
 }
 
 /*
+ * What is found for an identified (or not) person: emails and phones,
+ * drawn from rng; fa and la are the folded names for addresses.
+ */
+static void
+gen_found(gen *g, uint64_t *rngp, bool render, const char *fa, const char *la)
+{
+	uint64_t	rng = *rngp;
+
+	if (ends_with(g->domain, ".invalid"))
+	{
+		g->work_invalid_only = true;
+		g->work_alt_status = ES_INVALID_DOMAIN;
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+		(void) splitmix64(&rng);
+	}
+	else if (g->identified && chance(&rng, g->li ? 0.92 : 0.85))
+	{
+		g->work_found = true;
+		g->work_status = work_status_draw(&rng);
+		if (chance(&rng, 0.3))
+		{
+			g->work_alt = true;
+			g->work_alt_status = chance(&rng, 0.5) ? ES_INVALID : ES_CATCH_ALL;
+		}
+		if (render)
+		{
+			/* the address pattern is the company's: a function of the domain */
+			uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
+			int			pattern = (int) (splitmix64(&crng) % 5);
+
+			work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
+			if (g->work_alt)
+				work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
+							 sizeof(g->work_alt_email));
+		}
+	}
+	else if (g->identified && chance(&rng, 0.4))
+	{
+		g->work_invalid_only = true;
+		g->work_alt_status = ES_INVALID;
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+	}
+
+	if (g->identified && chance(&rng, g->li ? 0.6 : 0.45))
+	{
+		const char *pd = pick(&rng, personal_domains, N(personal_domains));
+		bool		dot;
+
+		g->pers_found = true;
+		g->pers_status = chance(&rng, 0.8) ? ES_DELIVERABLE : ES_HIGH_PROBABILITY;
+		dot = chance(&rng, 0.5);
+		if (render)
+			snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
+					 dot ? "." : "", la, pd);
+	}
+
+	if (g->identified && chance(&rng, g->li ? 0.7 : 0.47))
+	{
+		if (chance(&rng, 0.85))
+		{
+			g->mobile_found = true;
+			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile), render);
+		}
+		if (!g->mobile_found || chance(&rng, 0.25))
+		{
+			g->landline_found = true;
+			g->landline_loc = g->loc;
+			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline), render);
+		}
+	}
+	*rngp = rng;
+}
+
+/*
+ * A person of the searchable population: their identity, not the input's,
+ * and their contact data whatever identified them.
+ */
+static void
+gen_known(const sb_ident *known, gen *g, bool render)
+{
+	uint64_t	rng;
+	char		fa[96] = "",
+				la[96] = "";
+
+	memset(g, 0, sizeof(*g));
+	g->h = known->h;
+	rng = hash64("contact", 7, g->h);
+	g->q = hash64("quirks", 6, g->h);
+	g->li = true;				/* identified for sure: as with a LinkedIn URL */
+	snprintf(g->first, sizeof(g->first), "%s", known->first);
+	snprintf(g->last, sizeof(g->last), "%s", known->last);
+	snprintf(g->domain, sizeof(g->domain), "%s", known->domain);
+	snprintf(g->company, sizeof(g->company), "%s", known->company);
+	snprintf(g->handle, sizeof(g->handle), "%s", known->handle);
+	g->loc = known->loc;
+	g->net_id = known->net_id;
+	g->identified = true;
+	g->profile = true;
+	if (render)
+	{
+		ascii_fold(g->first, fa, sizeof(fa));
+		ascii_fold(g->last, la, sizeof(la));
+	}
+	gen_found(g, &rng, render, fa, la);
+}
+
+/*
+ * The person of the searchable population whose most probable work email
+ * this is (reverse lookups find the people search finds).
+ */
+static bool
+known_by_email(const char *email, sb_ident *out)
+{
+	const char *at = strrchr(email, '@');
+	int			comp = at ? universe_company_by_domain(at + 1) : -1;
+	uint32_t	k;
+
+	if (comp < 0)
+		return false;
+	for (k = U.emp_start[comp]; k < U.emp_start[comp + 1]; k++)
+	{
+		gen			g;
+
+		universe_ident((int) U.emp[k], out);
+		gen_known(out, &g, true);
+		if (g.work_found && strcasecmp(g.work_email, email) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
  * Decide everything about a contact (the heart of determinism).  With
  * render false only the decisions are made (what is found, and so the
  * price), skipping the formatting of addresses and numbers: the draws are
@@ -569,27 +703,14 @@ gen_contact(const sb_contact *c, gen *g, bool render)
 	g->reverse = c->email != NULL;
 	if (!g->reverse && universe_identify(c, &known))
 	{
-		/* a person of the searchable population: their identity, not the input's */
-		g->h = known.h;
-		rng = hash64("contact", 7, g->h);
-		g->q = hash64("quirks", 6, g->h);
-		g->li = true;			/* identified for sure: as with a LinkedIn URL */
-		snprintf(g->first, sizeof(g->first), "%s", known.first);
-		snprintf(g->last, sizeof(g->last), "%s", known.last);
-		snprintf(g->domain, sizeof(g->domain), "%s", known.domain);
-		snprintf(g->company, sizeof(g->company), "%s", known.company);
-		snprintf(g->handle, sizeof(g->handle), "%s", known.handle);
-		g->loc = known.loc;
-		g->net_id = known.net_id;
-		g->identified = true;
-		g->profile = true;
-		fa[0] = la[0] = '\0';
-		if (render)
-		{
-			ascii_fold(g->first, fa, sizeof(fa));
-			ascii_fold(g->last, la, sizeof(la));
-		}
-		goto found;
+		gen_known(&known, g, render);
+		return;
+	}
+	if (g->reverse && known_by_email(c->email, &known))
+	{
+		gen_known(&known, g, render);
+		g->reverse = true;
+		return;
 	}
 	n = snprintf(key, sizeof(key), "%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s",
 				 c->first_name ? c->first_name : "", c->last_name ? c->last_name : "",
@@ -696,71 +817,7 @@ gen_contact(const sb_contact *c, gen *g, bool render)
 	g->profile = g->identified && (g->reverse || g->li || CFG.profile_always);
 	g->loc = (int) (splitmix64(&rng) % N(locations));
 
-found:
-	if (ends_with(g->domain, ".invalid"))
-	{
-		g->work_invalid_only = true;
-		g->work_alt_status = ES_INVALID_DOMAIN;
-		if (render)
-			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
-		(void) splitmix64(&rng);
-	}
-	else if (g->identified && chance(&rng, g->li ? 0.92 : 0.85))
-	{
-		g->work_found = true;
-		g->work_status = work_status_draw(&rng);
-		if (chance(&rng, 0.3))
-		{
-			g->work_alt = true;
-			g->work_alt_status = chance(&rng, 0.5) ? ES_INVALID : ES_CATCH_ALL;
-		}
-		if (render)
-		{
-			/* the address pattern is the company's: a function of the domain */
-			uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
-			int			pattern = (int) (splitmix64(&crng) % 5);
-
-			work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
-			if (g->work_alt)
-				work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
-							 sizeof(g->work_alt_email));
-		}
-	}
-	else if (g->identified && chance(&rng, 0.4))
-	{
-		g->work_invalid_only = true;
-		g->work_alt_status = ES_INVALID;
-		if (render)
-			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
-	}
-
-	if (g->identified && chance(&rng, g->li ? 0.6 : 0.45))
-	{
-		const char *pd = pick(&rng, personal_domains, N(personal_domains));
-		bool		dot;
-
-		g->pers_found = true;
-		g->pers_status = chance(&rng, 0.8) ? ES_DELIVERABLE : ES_HIGH_PROBABILITY;
-		dot = chance(&rng, 0.5);
-		if (render)
-			snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
-					 dot ? "." : "", la, pd);
-	}
-
-	if (g->identified && chance(&rng, g->li ? 0.7 : 0.47))
-	{
-		if (chance(&rng, 0.85))
-		{
-			g->mobile_found = true;
-			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile), render);
-		}
-		if (!g->mobile_found || chance(&rng, 0.25))
-		{
-			g->landline_found = true;
-			g->landline_loc = g->loc;
-			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline), render);
-		}
-	}
+	gen_found(g, &rng, render, fa, la);
 }
 
 /* The vendor's hard-coded zero-cost test contact (reference section 7). */

@@ -512,11 +512,19 @@ def test_lookup_and_enrich(sb):
         R.eq(recs[k].get("profile"), p, "enriched by %s: the profile is the searched person" % k)
     emails = {json.dumps(recs[k]["contact_info"], sort_keys=True) for k in recs}
     R.eq(len(emails), 1, "the same person has the same contact info however identified")
-    work = recs["all"]["contact_info"]["most_probable_work_email"]
-    if work:
-        R.check(work["email"].endswith("@" + comp["domain"]), "the work email is at the employer's domain")
-    else:
-        R.check(True, "no work email found for this person (allowed)")
+    # a searched person with a work email: reverse lookup finds them too
+    found = None
+    for q in search(sb, {"current_company_domains": [{"value": comp["domain"]}], "limit": 20})[1]["people"]:
+        eid = sb.submit([{"linkedin_url": q["social_profiles"]["professional_network"]["url"],
+                          "enrich_fields": ["contact.work_emails"]}], name="work email")
+        w = sb.wait_job(eid)["data"][0]["contact_info"]["most_probable_work_email"]
+        if w:
+            found = (q, w["email"])
+            break
+    R.check(found and found[1].endswith("@" + comp["domain"]), "a work email is at the employer's domain")
+    st, js = sb.api("POST", "/contact/reverse/email/bulk", {"name": "rev", "data": [{"email": found[1].upper()}]})
+    rev = sb.wait_job(js["enrichment_id"], kind="reverse")["data"][0]
+    R.eq(rev.get("profile"), found[0], "reverse lookup of that work email: the searched person")
     other = dict(contacts[1], first_name="Somebody", custom={"k": "x"})
     eid = sb.submit([other], name="not in the population")
     rec = sb.wait_job(eid)["data"][0]
