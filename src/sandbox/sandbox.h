@@ -31,6 +31,10 @@
  *	  last reference hands the job to the scheduler, which frees it after
  *	  letting go of the lock.
  *
+ * The searchable population (U, sandbox_universe.c) is built before the
+ * threads start and never changes afterwards, so it is read without the
+ * lock; only the --search-charge once bit maps in S need it.
+ *
  * Result records are not stored: they are a pure function of the contact's
  * input, the seed and the switches fixed when the job was created, so they
  * are rebuilt when needed (which also makes replays byte-identical).
