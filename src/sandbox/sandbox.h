@@ -408,6 +408,8 @@ extern void printable(const char *in, char *out, size_t outsz);
 extern size_t utf8_length(const char *s, size_t len);
 extern char *json_dump(json_object *obj, size_t *len);
 extern json_object *json_parse_strict(const char *buf, size_t len, const char **err);
+extern char *search_words(const char *s);
+extern bool search_words_subset(const char *want, const char *have);
 extern void sleep_ms(long ms);
 extern const char *status_name(int st);
 extern int	status_parse(const char *s);
@@ -599,10 +601,9 @@ extern json_object *universe_person_json(int i, bool quirks);
 extern json_object *universe_company_json(int c, bool quirks);
 extern void normalize_domain(const char *in, char *out, size_t outsz);
 
-/* sandbox_search.c and sandbox_lookup.c */
+/* sandbox_search.c and sandbox_lookup.c (search_words* in sandbox_util.c) */
 extern void search_handle(const char *what, const char *body, size_t len,
 						  sb_response *resp);
-extern char *search_words(const char *s);
 extern bool search_charge(const int *idx, int n, bool people, bool lookup,
 						  double *cost);
 extern void search_insufficient(sb_response *resp);

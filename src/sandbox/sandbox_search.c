@@ -188,73 +188,12 @@ qfail(qerr *e, const char *code, const char *fmt, const char *a, const char *b)
 
 /* ---- text matching ---- */
 
-/* Lowercase words of s, each followed by one space ("stanford university "). */
-char *
-search_words(const char *s)
-{
-	size_t		n = strlen(s);
-	char	   *out = xmalloc(n + 2);
-	size_t		o = 0;
-	bool		in = false;
-
-	for (; *s; s++)
-	{
-		unsigned char c = (unsigned char) *s;
-
-		if (isalnum(c) || c >= 0x80)
-		{
-			out[o++] = (char) tolower(c);
-			in = true;
-		}
-		else if (in)
-		{
-			out[o++] = ' ';
-			in = false;
-		}
-	}
-	if (in)
-		out[o++] = ' ';
-	out[o] = '\0';
-	return out;
-}
-
-/* Every word of `want` (words_of form) is a word of `have`. */
-static bool
-words_subset(const char *want, const char *have)
-{
-	char	   *hw = search_words(have);
-	const char *w = want;
-	bool		ok = want[0] != '\0';
-	size_t		hl = strlen(hw);
-
-	while (ok && *w)
-	{
-		size_t		n = strcspn(w, " ") + 1;	/* with its space */
-		const char *p = hw;
-		bool		found = false;
-
-		while ((p = memmem(p, hl - (size_t) (p - hw), w, n)) != NULL)
-		{
-			if (p == hw || p[-1] == ' ')
-			{
-				found = true;
-				break;
-			}
-			p++;
-		}
-		ok = found;
-		w += n;
-	}
-	free(hw);
-	return ok;
-}
-
 static bool
 text_match(const fval *v, const char *stored)
 {
 	if (v->exact)
 		return strcasecmp(v->text, stored) == 0;
-	return words_subset(v->words, stored);
+	return search_words_subset(v->words, stored);
 }
 
 static bool
@@ -718,7 +657,7 @@ company_value(int c, attr a, const fval *v)
 			/* the description sandbox_data.c writes */
 			snprintf(buf, sizeof(buf), "%s works in %s and serves customers from %s.",
 					 uc->name, data_vocab(V_INDUSTRY, f->industry), data_vocab(V_CITY, f->loc));
-			return v->exact ? strcasestr(buf, v->text) != NULL : words_subset(v->words, buf);
+			return v->exact ? strcasestr(buf, v->text) != NULL : search_words_subset(v->words, buf);
 		case A_C_SPECIALTY:
 			return (f->specialties & v->mask) != 0;
 		case A_C_TECH:
@@ -794,7 +733,7 @@ person_value(int i, attr a, const fval *v)
 				return strcasecmp(v->text, full) == 0 ||
 					strcasecmp(v->text, data_vocab(V_FIRST_NAME, p->first)) == 0 ||
 					strcasecmp(v->text, data_vocab(V_LAST_NAME, p->last)) == 0;
-			return words_subset(v->words, full);
+			return search_words_subset(v->words, full);
 		case A_P_NETID:
 		case A_P_NETURL:
 			return v->target == i;
