@@ -27,8 +27,8 @@
  * default 10) cut pages, search_after (an opaque base64 cursor, as the
  * vendor's: a score and the last id) continues after a record at any
  * depth; metadata.total counts every match.  Each call scans the whole
- * population (20,000 people by default: well under a millisecond per
- * filter), so memory per call is the page itself.
+ * population (company-level filters once per company), so memory per call
+ * is the page itself.
  *
  * Lookups are in sandbox_lookup.c.
  *

@@ -22,8 +22,9 @@
  * a person found by search and then enriched is the same person: same id,
  * name, domain, LinkedIn URL, profile.
  *
- * Memory: about 150 bytes a person and 200 a company, allocated at start
- * and read-only afterwards (no lock needed to read it).
+ * Memory: a fixed-size record per person (plus its id and its place in
+ * the id order) and per company, allocated at start and read-only
+ * afterwards (no lock needed to read it).
  *
  *-------------------------------------------------------------------------
  */
