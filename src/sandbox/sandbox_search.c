@@ -151,6 +151,8 @@ typedef struct fval
 	int64_t		min,
 				max;
 	uint64_t	mask;			/* vocabulary entries it matches */
+	uint64_t   *names;			/* person_names: (first, last) pairs it
+								 * matches, bit first + last * nfirst */
 	int			target;			/* the record it names (URLs, ids), -1 */
 } fval;
 
@@ -263,6 +265,7 @@ query_free(query *q)
 		{
 			free(q->f[i].v[k].text);
 			free(q->f[i].v[k].words);
+			free(q->f[i].v[k].names);
 		}
 		free(q->f[i].v);
 	}
@@ -323,6 +326,32 @@ prepare_value(const fspec *s, fval *v)
 		case A_P_PAST_CDOMAIN:
 			v->mask = prev_domain_mask(v);
 			break;
+		case A_P_NAME:
+			{
+				int			nf = data_vocab_size(V_FIRST_NAME),
+							nl = data_vocab_size(V_LAST_NAME),
+							f,
+							l;
+
+				v->names = xcalloc((size_t) (nf * nl + 63) / 64, sizeof(uint64_t));
+				for (f = 0; f < nf; f++)
+					for (l = 0; l < nl; l++)
+					{
+						const char *fs = data_vocab(V_FIRST_NAME, f),
+								   *ls = data_vocab(V_LAST_NAME, l);
+						char		full[100];
+						bool		m;
+
+						snprintf(full, sizeof(full), "%s %s", fs, ls);
+						m = v->exact ? (strcasecmp(v->text, full) == 0 ||
+										strcasecmp(v->text, fs) == 0 ||
+										strcasecmp(v->text, ls) == 0)
+							: search_words_subset(v->words, full);
+						if (m)
+							v->names[(f + l * nf) / 64] |= (uint64_t) 1 << ((f + l * nf) % 64);
+					}
+				break;
+			}
 		case A_C_NETID:
 			v->target = universe_company_by_net_id(v->ival);
 			break;
@@ -704,7 +733,6 @@ person_value(int i, attr a, const fval *v)
 	uint64_t	prev_c = 0,
 				prev_t = 0;
 	int			k;
-	char		full[100];
 
 	for (k = 0; k < pf->nprev; k++)
 	{
@@ -727,13 +755,8 @@ person_value(int i, attr a, const fval *v)
 		case A_P_ID:
 			return strcasecmp(v->text, U.pid[i]) == 0;
 		case A_P_NAME:
-			snprintf(full, sizeof(full), "%s %s", data_vocab(V_FIRST_NAME, p->first),
-					 data_vocab(V_LAST_NAME, p->last));
-			if (v->exact)
-				return strcasecmp(v->text, full) == 0 ||
-					strcasecmp(v->text, data_vocab(V_FIRST_NAME, p->first)) == 0 ||
-					strcasecmp(v->text, data_vocab(V_LAST_NAME, p->last)) == 0;
-			return search_words_subset(v->words, full);
+			k = p->first + p->last * data_vocab_size(V_FIRST_NAME);
+			return (v->names[k / 64] >> (k % 64)) & 1;
 		case A_P_NETID:
 		case A_P_NETURL:
 			return v->target == i;

@@ -299,6 +299,10 @@ def test_filters(sb, people, companies):
         ({"current_position_sub_functions": [{"value": "Software Engineering"}]}, "sub function"),
         ({"person_names": [{"value": "olivia"}]}, "person name: one word"),
         ({"person_names": [{"value": p0["first_name"], "exact_match": True}]}, "person name: exact first name"),
+        ({"person_names": [{"value": p0["last_name"] + " " + p0["first_name"].lower()}]},
+         "person name: full name, words in any order"),
+        ({"person_names": [{"value": p0["full_name"], "exact_match": True}, {"value": "Kim", "exclude": True}]},
+         "person name: exact full name, another excluded"),
         ({"person_ids": [{"value": p0["id"]}, {"value": people[5]["id"].upper()}]}, "person ids (any case)"),
     ]
     for body, label in cases:
