@@ -202,6 +202,8 @@ def test_pagination(sb):
     st, js = search(sb, {"search_after": cur, "limit": 100})
     R.eq([p["id"] for p in js["people"]], ids[10100:10200], "search_after continues right after offset 10,000's page")
     R.eq(js["metadata"]["total"], PEOPLE_SMALL, "total is the same with a cursor")
+    js2 = search(sb, {"search_after": cur, "offset": 5, "limit": 10})[1]
+    R.eq([p["id"] for p in js2["people"]], ids[10105:10115], "an offset with a cursor skips after the cursor")
     raw = base64.b64decode(cur)
     R.check(json.loads(raw)[1] == ids[10099], "the cursor is base64 of [score, last id], as the vendor's")
     # search_after alone from the start gives the same sequence
@@ -536,6 +538,23 @@ def test_lookup_and_enrich(sb):
             if rec.get("profile") else True, "another name at the same company is another person")
 
 
+def test_newer_fields():
+    sb = sl.Sandbox("--newer-fields", "--search-people", "2000", "--search-companies", "100", rate_limit=0)
+    try:
+        people, _, _ = walk(sb, "people")
+        companies, _, _ = walk(sb, "company")
+        got = [p["id"] for p in search(sb, {"current_company_technologies": [{"value": "slack"}], "limit": 100})[1]["people"]]
+        want = [p["id"] for p in people if "Slack" in p["employment"]["current"]["company"]["technologies"]]
+        R.check(want and got == want[:100], "--newer-fields: current_company_technologies filters people (%d)" % len(want))
+        js = search(sb, {"technologies": [{"value": "AWS"}, {"value": "Stripe", "exclude": True}], "limit": 100},
+                    "company")[1]
+        want = [c["id"] for c in companies if "AWS" in c["technologies"] and "Stripe" not in c["technologies"]]
+        R.check(want and [c["id"] for c in js["companies"]] == want and js["metadata"]["total"] == len(want),
+                "--newer-fields: technologies filters companies (%d)" % len(want))
+    finally:
+        sb.stop()
+
+
 def test_rate_limit():
     sb = sl.Sandbox("--search-people", "2000", "--search-companies", "100", rate_limit=6)
     try:
@@ -589,6 +608,7 @@ def main():
     finally:
         small.stop()
     test_within_all(people)
+    test_newer_fields()
     test_rate_limit()
     test_determinism()
     R.finish()
