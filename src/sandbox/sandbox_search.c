@@ -11,7 +11,9 @@
  * --newer-fields); a filter is an array of text ({value, exact_match,
  * exclude}), integer ({value, exact_match, exclude}) or range ({min, max,
  * exclude}) objects.  Anything else is a 400 in the documented envelope
- * naming the filter (codes below; the reference enumerates none).
+ * naming the filter: error.search.filter.unknown, .filter.invalid,
+ * .offset.invalid, .limit.invalid, .search_after.invalid (the reference
+ * enumerates no codes for search).
  *
  * Matching: text is never case-sensitive; exact_match compares the whole
  * value, the default tolerant match wants every word of the filter value
