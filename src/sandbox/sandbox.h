@@ -31,6 +31,10 @@
  *	  last reference hands the job to the scheduler, which frees it after
  *	  letting go of the lock.
  *
+ * The searchable population (U, sandbox_universe.c) is built before the
+ * threads start and never changes afterwards, so it is read without the
+ * lock; only the --search-charge once bit maps in S need it.
+ *
  * Result records are not stored: they are a pure function of the contact's
  * input, the seed and the switches fixed when the job was created, so they
  * are rebuilt when needed (which also makes replays byte-identical).
@@ -246,6 +250,10 @@ typedef struct sb_config
 	int			webhook_concurrency;
 	long		shuffle_gap_ms;
 	double		initial_credits;
+	int			search_people;	/* size of the searchable population */
+	int			search_companies;
+	bool		search_within_all;	/* values of one filter AND-ed, not OR-ed */
+	bool		search_charge_once; /* a record already returned costs 0 */
 } sb_config;
 
 /* Fault switches (POST /_sandbox/faults); see sandbox_control.c. */
@@ -294,6 +302,10 @@ typedef struct sb_stats
 	uint64_t	webhooks_dropped;
 	uint64_t	webhooks_duplicated;
 	double		credits_spent;
+	uint64_t	searches;		/* people and company searches answered 200 */
+	uint64_t	lookups;		/* lookups answered 200 */
+	uint64_t	search_results; /* people and companies returned by both */
+	double		search_credits; /* credits charged by both */
 } sb_stats;
 
 /* A bounded, clearable log of JSON elements for the /_sandbox/ listings. */
@@ -350,6 +362,10 @@ typedef struct sb_state
 	sb_line    *lines_head,
 			   *lines_tail;		/* deferred log lines */
 
+	/* --search-charge once: records already returned (bit maps) */
+	uint8_t    *charged_people;
+	uint8_t    *charged_companies;
+
 	/* replay history: see sandbox_jobs.c */
 	struct sb_hist *hist;
 
@@ -392,6 +408,8 @@ extern void printable(const char *in, char *out, size_t outsz);
 extern size_t utf8_length(const char *s, size_t len);
 extern char *json_dump(json_object *obj, size_t *len);
 extern json_object *json_parse_strict(const char *buf, size_t len, const char **err);
+extern char *search_words(const char *s);
+extern bool search_words_subset(const char *want, const char *have);
 extern void sleep_ms(long ms);
 extern const char *status_name(int st);
 extern int	status_parse(const char *s);
@@ -471,6 +489,125 @@ extern json_object *data_record(const sb_contact *c, contact_state state,
 								bool quirks);
 extern bool data_is_free_contact(const sb_contact *c);
 extern void data_workspace_id(char out[37]);
+
+/* The vocabularies the synthetic data draws from (search filters on them). */
+typedef enum
+{
+	V_FIRST_NAME, V_LAST_NAME,
+	V_TITLE, V_SENIORITY, V_FUNCTION, V_SUB_FUNCTION,	/* by title index */
+	V_CITY, V_REGION, V_COUNTRY, V_COUNTRY_CODE,	/* by location index */
+	V_INDUSTRY, V_COMPANY_TYPE, V_SPECIALTY, V_SCHOOL, V_LANGUAGE, V_SKILL,
+	V_PREV_COMPANY, V_TECHNOLOGY
+} sb_vocab;
+extern int	data_vocab_size(sb_vocab v);
+extern const char *data_vocab(sb_vocab v, int i);
+extern void data_slugify(const char *in, char *out, size_t outsz);
+
+/* What search filters on in a company (a function of its domain). */
+typedef struct sb_company_facts
+{
+	char		id[37];
+	int64_t		net_id;			/* professional network id */
+	int			loc;			/* headquarters, V_CITY... index */
+	int			industry;
+	int			type;
+	int64_t		headcount;		/* as shown: 0 when "unknown" */
+	int			year_founded;	/* as shown: 0 when unknown */
+	uint32_t	specialties;	/* bit mask over V_SPECIALTY (0: null) */
+	uint32_t	technologies;	/* bit mask over V_TECHNOLOGY */
+} sb_company_facts;
+
+/* What search filters on in a person's profile. */
+typedef struct sb_profile_facts
+{
+	int			title;			/* current position */
+	uint32_t	schools;		/* bit masks over V_SCHOOL, V_LANGUAGE, V_SKILL */
+	uint32_t	languages;
+	uint32_t	skills;
+	int			start_year;		/* of the current position */
+	int			start_month;
+	int			nprev;			/* earlier positions (0-2) */
+	int			prev_company[2];	/* V_PREV_COMPANY */
+	int			prev_title[2];
+} sb_profile_facts;
+
+/* The identity of a person of the searchable population. */
+typedef struct sb_ident
+{
+	uint64_t	h;				/* identity hash (drives the profile) */
+	const char *first;
+	const char *last;
+	char		domain[64];
+	char		company[64];
+	char		handle[96];
+	int			loc;
+	int64_t		net_id;
+} sb_ident;
+
+extern json_object *data_company(const char *domain, const char *name, bool quirks,
+								 sb_company_facts *f, bool render);
+extern json_object *data_person(const sb_ident *id, bool quirks,
+								sb_profile_facts *f, bool render);
+extern void data_person_id(uint64_t h, char out[37]);
+
+/* sandbox_universe.c: the searchable population (read-only once built) */
+typedef struct sb_uperson
+{
+	uint64_t	h;				/* identity hash */
+	uint32_t	company;		/* index into U.companies */
+	uint8_t		first;			/* V_FIRST_NAME, V_LAST_NAME */
+	uint8_t		last;
+	uint8_t		loc;
+	sb_profile_facts pf;
+} sb_uperson;
+
+typedef struct sb_ucompany
+{
+	char		name[40];
+	char		domain[48];
+	char		slug[40];		/* professional network handle */
+	sb_company_facts f;
+} sb_ucompany;
+
+typedef struct sb_universe
+{
+	int			npeople;
+	int			ncompanies;
+	sb_uperson *people;
+	char		(*pid)[37];		/* person ids */
+	uint32_t   *porder;			/* people in id order (the search order) */
+	sb_ucompany *companies;
+	uint32_t   *corder;			/* companies in id order */
+	uint32_t   *emp_start;		/* employees of company c: emp[emp_start[c] ..
+								 * emp_start[c + 1]) */
+	uint32_t   *emp;
+} sb_universe;
+
+extern sb_universe U;
+extern void universe_init(void);
+extern void universe_free(void);
+extern void universe_ident(int i, sb_ident *out);
+extern bool universe_identify(const sb_contact *c, sb_ident *out);
+extern int	universe_person_by_url(const char *url);
+extern int	universe_person_by_net_id(int64_t id);
+extern int	universe_company_by_domain(const char *domain);
+extern int	universe_company_by_name(const char *name);
+extern int	universe_company_by_url(const char *url);
+extern int	universe_company_by_net_id(int64_t id);
+extern int	universe_employee(int company, const char *first, const char *last);
+extern void universe_person_url(int i, char *out, size_t outsz);
+extern void universe_company_url(int c, char *out, size_t outsz);
+extern json_object *universe_person_json(int i, bool quirks);
+extern json_object *universe_company_json(int c, bool quirks);
+extern void normalize_domain(const char *in, char *out, size_t outsz);
+
+/* sandbox_search.c and sandbox_lookup.c (search_words* in sandbox_util.c) */
+extern void search_handle(const char *what, const char *body, size_t len,
+						  sb_response *resp);
+extern bool search_charge(const int *idx, int n, bool people, bool lookup,
+						  double *cost);
+extern void search_insufficient(sb_response *resp);
+extern void lookup_handle(json_object *root, bool people, sb_response *resp);
 
 /* sandbox_webhooks.c */
 extern void webhooks_init(void);

@@ -18,7 +18,8 @@
  *	   submit_429_rate, submit_5xx_rate), decided before the request is
  *	   looked at, or after the job was created when fail_after_create is on;
  *	6. the endpoint itself, with body validation in the documented order
- *	   (reference section 17) and the documented error codes.
+ *	   (reference section 17) and the documented error codes; search and
+ *	   lookup are answered by sandbox_search.c.
  *
  * Request bodies are parsed by json-c (strict, UTF-8 checked) in the
  * calling HTTP thread; only the creation of the job and the logs take
@@ -119,7 +120,10 @@ route(const char *path, char *id, size_t idsz, bool *bad_id)
 		return R_REVERSE_POST;
 	if (!strcmp(rest, "/people/search") || !strcmp(rest, "/company/search") ||
 		!strcmp(rest, "/people/lookup") || !strcmp(rest, "/company/lookup"))
+	{
+		snprintf(id, idsz, "%s", rest + 1);
 		return R_SEARCH;
+	}
 	if (!strncmp(rest, "/contact/enrich/bulk/", 21) && !strchr(rest + 21, '/'))
 	{
 		snprintf(id, idsz, "%s", rest + 21);
@@ -1015,8 +1019,7 @@ api_handle(const char *method, const char *path, const char *auth,
 						   query_true(query_force), resp);
 			break;
 		case R_SEARCH:
-			resp_error(resp, 501, "error.sandbox.not_implemented",
-					   "Search and lookup are not simulated by enrich-sandbox");
+			search_handle(id, body, body_len, resp);
 			break;
 		case R_NONE:
 			break;

@@ -307,12 +307,16 @@ stats_json(void)
 	ADD(webhooks_gave_up);
 	ADD(webhooks_dropped);
 	ADD(webhooks_duplicated);
-#undef ADD
 	for (i = ST_FINISHED; i <= ST_UNKNOWN; i++)
 		json_object_object_add(bys, status_name(i), json_object_new_int64((int64_t) s->jobs_by_status[i]));
 	json_object_object_add(o, "jobs_by_status", bys);
 	json_object_object_add(o, "credits", json_number(S.credits));
 	json_object_object_add(o, "credits_spent", json_number(s->credits_spent));
+	ADD(searches);
+	ADD(lookups);
+	ADD(search_results);
+	json_object_object_add(o, "search_credits", json_number(s->search_credits));
+#undef ADD
 	json_object_object_add(o, "jobs_running", json_object_new_int64((int64_t) (S.njobs - (size_t) S.nterminal)));
 	json_object_object_add(o, "jobs_kept", json_object_new_int64((int64_t) S.njobs));
 	json_object_object_add(o, "contacts_queued",
@@ -387,7 +391,8 @@ handle_faults_post(const char *body, size_t len, sb_response *resp)
  * POST /_sandbox/reset: logs, counters, the rate limiter and the faults go
  * back to their state at start (the fault PRNG is reseeded too).  Jobs
  * keep running.  Optional body: {"credits": N} sets the balance,
- * {"history": true} forgets the replay history.
+ * {"history": true} forgets the replay history (and, with --search-charge
+ * once, which records search already returned).
  */
 static void
 handle_reset(const char *body, size_t len, sb_response *resp)
@@ -438,7 +443,13 @@ handle_reset(const char *body, size_t len, sb_response *resp)
 	if (has_credits)
 		S.credits = credits;
 	if (history)
+	{
 		history_clear();
+		if (S.charged_people)
+			memset(S.charged_people, 0, ((size_t) U.npeople + 7) / 8);
+		if (S.charged_companies)
+			memset(S.charged_companies, 0, ((size_t) U.ncompanies + 7) / 8);
+	}
 	obj = stats_json();
 	pthread_mutex_unlock(&S.lock);
 	resp_json(resp, 200, obj);

@@ -88,24 +88,26 @@ static const title titles[] = {
 	{"Head of Sales Operations", "Head", "Sales", "Sales Operations"},
 	{"VP of Sales", "VP", "Sales", "Sales Management"},
 	{"Account Executive", "Senior", "Sales", "Account Management"},
-	{"Sales Development Representative", "Entry", "Sales", "Business Development"},
-	{"Chief Executive Officer", "C-level", "Executive", "General Management"},
-	{"Founder", "Founder", "Executive", "Entrepreneurship"},
-	{"Chief Technology Officer", "C-level", "Engineering", "Technology Leadership"},
-	{"Director of Engineering", "Director", "Engineering", "Software Engineering"},
-	{"Senior Software Engineer", "Senior", "Engineering", "Software Engineering"},
-	{"Engineering Manager", "Manager", "Engineering", "Software Engineering"},
+	{"Business Development Manager", "Manager", "Sales", "Business Development"},
+	{"Chief Executive Officer", "C-level", "Executive & Leadership", "General Management"},
+	{"Founder", "Founder", "Executive & Leadership", "Entrepreneurship"},
+	{"Chief Technology Officer", "C-level", "Software", "Technology Leadership"},
+	{"Director of Engineering", "Director", "Software", "Software Engineering"},
+	{"Senior Software Engineer", "Senior", "Software", "Software Engineering"},
+	{"Engineering Manager", "Manager", "Software", "Software Engineering"},
 	{"Head of Marketing", "Head", "Marketing", "Marketing Management"},
 	{"Growth Marketing Manager", "Manager", "Marketing", "Growth"},
 	{"Product Manager", "Manager", "Product", "Product Management"},
 	{"VP of Product", "VP", "Product", "Product Management"},
 	{"Chief Financial Officer", "C-level", "Finance", "Financial Management"},
 	{"HR Business Partner", "Senior", "Human Resources", "People Operations"},
-	{"Customer Success Manager", "Manager", "Customer Success", "Account Management"},
-	{"Data Scientist", "Senior", "Data", "Data Science"},
-	{"Operations Director", "Director", "Operations", "Business Operations"},
-	{"Partner", "Partner", "Executive", "General Management"},
-	{"Owner", "Owner", "Executive", "Entrepreneurship"},
+	{"Customer Success Manager", "Manager", "Customer Service", "Account Management"},
+	{"Data Scientist", "Senior", "Software", "Data Science"},
+	{"Operations Director", "Director", "Administrative", "Business Operations"},
+	{"Partner", "Partner", "Executive & Leadership", "General Management"},
+	{"Owner", "Owner", "Executive & Leadership", "Entrepreneurship"},
+	{"Senior Mechanical Engineer", "Senior", "Traditional Engineering", "Mechanical Engineering"},
+	{"Site Manager", "Manager", "Construction & Trades", "Construction Management"},
 };
 
 static const char *const industries[] = {
@@ -204,6 +206,7 @@ typedef struct gen
 	bool		identified;
 	bool		profile;
 	int			loc;			/* person's location */
+	int64_t		net_id;			/* professional network id; 0: from h */
 	/* work email */
 	bool		work_found;		/* a billable most probable work email */
 	int			work_status;
@@ -547,6 +550,140 @@ work_status_draw(uint64_t *rng)
 }
 
 /*
+ * What is found for an identified (or not) person: emails and phones,
+ * drawn from rng; fa and la are the folded names for addresses.
+ */
+static void
+gen_found(gen *g, uint64_t *rngp, bool render, const char *fa, const char *la)
+{
+	uint64_t	rng = *rngp;
+
+	if (ends_with(g->domain, ".invalid"))
+	{
+		g->work_invalid_only = true;
+		g->work_alt_status = ES_INVALID_DOMAIN;
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+		(void) splitmix64(&rng);
+	}
+	else if (g->identified && chance(&rng, g->li ? 0.92 : 0.85))
+	{
+		g->work_found = true;
+		g->work_status = work_status_draw(&rng);
+		if (chance(&rng, 0.3))
+		{
+			g->work_alt = true;
+			g->work_alt_status = chance(&rng, 0.5) ? ES_INVALID : ES_CATCH_ALL;
+		}
+		if (render)
+		{
+			/* the address pattern is the company's: a function of the domain */
+			uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
+			int			pattern = (int) (splitmix64(&crng) % 5);
+
+			work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
+			if (g->work_alt)
+				work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
+							 sizeof(g->work_alt_email));
+		}
+	}
+	else if (g->identified && chance(&rng, 0.4))
+	{
+		g->work_invalid_only = true;
+		g->work_alt_status = ES_INVALID;
+		if (render)
+			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
+	}
+
+	if (g->identified && chance(&rng, g->li ? 0.6 : 0.45))
+	{
+		const char *pd = pick(&rng, personal_domains, N(personal_domains));
+		bool		dot;
+
+		g->pers_found = true;
+		g->pers_status = chance(&rng, 0.8) ? ES_DELIVERABLE : ES_HIGH_PROBABILITY;
+		dot = chance(&rng, 0.5);
+		if (render)
+			snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
+					 dot ? "." : "", la, pd);
+	}
+
+	if (g->identified && chance(&rng, g->li ? 0.7 : 0.47))
+	{
+		if (chance(&rng, 0.85))
+		{
+			g->mobile_found = true;
+			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile), render);
+		}
+		if (!g->mobile_found || chance(&rng, 0.25))
+		{
+			g->landline_found = true;
+			g->landline_loc = g->loc;
+			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline), render);
+		}
+	}
+	*rngp = rng;
+}
+
+/*
+ * A person of the searchable population: their identity, not the input's,
+ * and their contact data whatever identified them.
+ */
+static void
+gen_known(const sb_ident *known, gen *g, bool render)
+{
+	uint64_t	rng;
+	char		fa[96] = "",
+				la[96] = "";
+
+	memset(g, 0, sizeof(*g));
+	g->h = known->h;
+	rng = hash64("contact", 7, g->h);
+	g->q = hash64("quirks", 6, g->h);
+	g->li = true;				/* identified for sure: as with a LinkedIn URL */
+	snprintf(g->first, sizeof(g->first), "%s", known->first);
+	snprintf(g->last, sizeof(g->last), "%s", known->last);
+	snprintf(g->domain, sizeof(g->domain), "%s", known->domain);
+	snprintf(g->company, sizeof(g->company), "%s", known->company);
+	snprintf(g->handle, sizeof(g->handle), "%s", known->handle);
+	g->loc = known->loc;
+	g->net_id = known->net_id;
+	g->identified = true;
+	g->profile = true;
+	if (render)
+	{
+		ascii_fold(g->first, fa, sizeof(fa));
+		ascii_fold(g->last, la, sizeof(la));
+	}
+	gen_found(g, &rng, render, fa, la);
+}
+
+/*
+ * The person of the searchable population whose most probable work email
+ * this is (reverse lookups find the people search finds).
+ */
+static bool
+known_by_email(const char *email, sb_ident *out)
+{
+	const char *at = strrchr(email, '@');
+	int			comp = at ? universe_company_by_domain(at + 1) : -1;
+	uint32_t	k;
+
+	if (comp < 0)
+		return false;
+	for (k = U.emp_start[comp]; k < U.emp_start[comp + 1]; k++)
+	{
+		gen			g;
+
+		universe_ident((int) U.emp[k], out);
+		gen_known(out, &g, true);
+		if (g.work_found && strcasecmp(g.work_email, email) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
  * Decide everything about a contact (the heart of determinism).  With
  * render false only the decisions are made (what is found, and so the
  * price), skipping the formatting of addresses and numbers: the draws are
@@ -560,9 +697,21 @@ gen_contact(const sb_contact *c, gen *g, bool render)
 	char		fa[96],
 				la[96];
 	int			n;
+	sb_ident	known;
 
 	memset(g, 0, sizeof(*g));
 	g->reverse = c->email != NULL;
+	if (!g->reverse && universe_identify(c, &known))
+	{
+		gen_known(&known, g, render);
+		return;
+	}
+	if (g->reverse && known_by_email(c->email, &known))
+	{
+		gen_known(&known, g, render);
+		g->reverse = true;
+		return;
+	}
 	n = snprintf(key, sizeof(key), "%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s",
 				 c->first_name ? c->first_name : "", c->last_name ? c->last_name : "",
 				 c->domain ? c->domain : "", c->company_name ? c->company_name : "",
@@ -668,70 +817,7 @@ gen_contact(const sb_contact *c, gen *g, bool render)
 	g->profile = g->identified && (g->reverse || g->li || CFG.profile_always);
 	g->loc = (int) (splitmix64(&rng) % N(locations));
 
-	if (ends_with(g->domain, ".invalid"))
-	{
-		g->work_invalid_only = true;
-		g->work_alt_status = ES_INVALID_DOMAIN;
-		if (render)
-			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
-		(void) splitmix64(&rng);
-	}
-	else if (g->identified && chance(&rng, g->li ? 0.92 : 0.85))
-	{
-		g->work_found = true;
-		g->work_status = work_status_draw(&rng);
-		if (chance(&rng, 0.3))
-		{
-			g->work_alt = true;
-			g->work_alt_status = chance(&rng, 0.5) ? ES_INVALID : ES_CATCH_ALL;
-		}
-		if (render)
-		{
-			/* the address pattern is the company's: a function of the domain */
-			uint64_t	crng = hash64(g->domain, strlen(g->domain), CFG.seed ^ 0x5eed);
-			int			pattern = (int) (splitmix64(&crng) % 5);
-
-			work_address(fa, la, g->domain, pattern, g->work_email, sizeof(g->work_email));
-			if (g->work_alt)
-				work_address(fa, la, g->domain, (pattern + 1) % 5, g->work_alt_email,
-							 sizeof(g->work_alt_email));
-		}
-	}
-	else if (g->identified && chance(&rng, 0.4))
-	{
-		g->work_invalid_only = true;
-		g->work_alt_status = ES_INVALID;
-		if (render)
-			work_address(fa, la, g->domain, 0, g->work_alt_email, sizeof(g->work_alt_email));
-	}
-
-	if (g->identified && chance(&rng, g->li ? 0.6 : 0.45))
-	{
-		const char *pd = pick(&rng, personal_domains, N(personal_domains));
-		bool		dot;
-
-		g->pers_found = true;
-		g->pers_status = chance(&rng, 0.8) ? ES_DELIVERABLE : ES_HIGH_PROBABILITY;
-		dot = chance(&rng, 0.5);
-		if (render)
-			snprintf(g->pers_email, sizeof(g->pers_email), "%s%s%s@%s", fa,
-					 dot ? "." : "", la, pd);
-	}
-
-	if (g->identified && chance(&rng, g->li ? 0.7 : 0.47))
-	{
-		if (chance(&rng, 0.85))
-		{
-			g->mobile_found = true;
-			make_phone(&rng, &locations[g->loc], true, g->mobile, sizeof(g->mobile), render);
-		}
-		if (!g->mobile_found || chance(&rng, 0.25))
-		{
-			g->landline_found = true;
-			g->landline_loc = g->loc;
-			make_phone(&rng, &locations[g->loc], false, g->landline, sizeof(g->landline), render);
-		}
-	}
+	gen_found(g, &rng, render, fa, la);
 }
 
 /* The vendor's hard-coded zero-cost test contact (reference section 7). */
@@ -972,100 +1058,143 @@ headcount_range(int64_t n)
 
 /*
  * The employer profile of a domain (shared by everybody at that domain);
- * `name` is the company name as the contact gave it, when given.
+ * `name` is the company name as the contact gave it, when given.  The
+ * facts that search filters on go to *f when f is not NULL; with render
+ * false no JSON is built (the draws are the same either way) and NULL is
+ * returned.
  */
-static json_object *
-company_json(const char *domain, const char *name, bool quirks)
+json_object *
+data_company(const char *domain, const char *name, bool quirks,
+			 sb_company_facts *f, bool render)
 {
 	uint64_t	h = hash64(domain, strlen(domain), CFG.seed ^ 0xc0ffee);
 	uint64_t	rng = h;
-	json_object *o = json_object_new_object();
-	json_object *locs = json_object_new_object();
-	json_object *hq = json_object_new_object();
-	json_object *offices = json_object_new_array();
-	json_object *industry = json_object_new_object();
+	json_object *o = NULL,
+			   *locs = NULL,
+			   *hq = NULL,
+			   *offices = NULL,
+			   *industry = NULL;
 	char		id[37],
 				slug[200],
 				buf[600];
-	const loc  *l = &locations[splitmix64(&rng) % N(locations)];
-	const char *ind = pick(&rng, industries, N(industries));
+	int			li = (int) (splitmix64(&rng) % N(locations));
+	const loc  *l = &locations[li];
+	int			ind_i = (int) (splitmix64(&rng) % N(industries));
+	const char *ind = industries[ind_i];
 	int64_t		headcount = (int64_t) 1 << (splitmix64(&rng) % 15);
+	int64_t		shown_headcount;
+	int			year_founded,
+				type_i;
+	bool		website;
 	int			i,
 				noffices;
+	uint32_t	spec_mask = 0,
+				tech_mask = 0;
+	size_t		idx[3];
+	bool		spec_null;
 
 	headcount += (int64_t) (splitmix64(&rng) % (uint64_t) headcount);
 	uuid_from_hash(h, splitmix64(&rng), id);
 	slugify(name, slug, sizeof(slug));
-	add_str(o, "id", id);
-	add_str(o, "name", name);
-	add_str(o, "domain", domain);
-	if (!chance(&rng, 0.1))
+	website = !chance(&rng, 0.1);
+	year_founded = chance(&rng, 0.1) ? 0 : 1950 + (int) (splitmix64(&rng) % 73);
+	shown_headcount = chance(&rng, 0.1) ? 0 : headcount;
+	type_i = (int) (splitmix64(&rng) % N(company_types));
+	spec_null = chance(&rng, 0.1);
+	if (!spec_null)
 	{
-		snprintf(buf, sizeof(buf), "https://www.%s", domain);
-		add_str(o, "website", buf);
-	}
-	snprintf(buf, sizeof(buf), "%s works in %s and serves customers from %s.",
-			 name, ind, l->city);
-	add_str(o, "description", buf);
-	add_int(o, "year_founded", chance(&rng, 0.1) ? 0 : 1950 + (int64_t) (splitmix64(&rng) % 73));
-	add_int(o, "headcount", chance(&rng, 0.1) ? 0 : headcount);
-	add_str(o, "headcount_range", headcount_range(headcount));
-	add_str(o, "company_type", pick(&rng, company_types, N(company_types)));
-	if (chance(&rng, 0.1))
-		json_object_object_add(o, "specialties", NULL);
-	else
-	{
-		json_object *sp = json_object_new_array();
-		size_t		idx[3];
-
 		pick_distinct(&rng, N(specialties), 3, idx);
 		for (i = 0; i < 3; i++)
-			json_object_array_add(sp, json_object_new_string(specialties[idx[i]]));
-		json_object_object_add(o, "specialties", sp);
+			spec_mask |= 1u << idx[i];
+	}
+	if (render)
+	{
+		o = json_object_new_object();
+		locs = json_object_new_object();
+		hq = json_object_new_object();
+		offices = json_object_new_array();
+		industry = json_object_new_object();
+		add_str(o, "id", id);
+		add_str(o, "name", name);
+		add_str(o, "domain", domain);
+		if (website)
+		{
+			snprintf(buf, sizeof(buf), "https://www.%s", domain);
+			add_str(o, "website", buf);
+		}
+		snprintf(buf, sizeof(buf), "%s works in %s and serves customers from %s.",
+				 name, ind, l->city);
+		add_str(o, "description", buf);
+		add_int(o, "year_founded", year_founded);
+		add_int(o, "headcount", shown_headcount);
+		add_str(o, "headcount_range", headcount_range(headcount));
+		add_str(o, "company_type", company_types[type_i]);
+		if (spec_null)
+			json_object_object_add(o, "specialties", NULL);
+		else
+		{
+			json_object *sp = json_object_new_array();
+
+			for (i = 0; i < 3; i++)
+				json_object_array_add(sp, json_object_new_string(specialties[idx[i]]));
+			json_object_object_add(o, "specialties", sp);
+		}
 	}
 	snprintf(buf, sizeof(buf), "%u %s", (unsigned) (1 + splitmix64(&rng) % 900),
 			 pick(&rng, streets, N(streets)));
-	add_str(hq, "line1", buf);
-	snprintf(buf, sizeof(buf), "%s, %s %s, %s", l->city, l->region_abbr, l->postal, l->cc);
-	add_str(hq, "line2", buf);
-	add_str(hq, "city", l->city);
-	add_str(hq, "region", l->region);
-	add_str(hq, "country", l->country);
-	add_str(hq, "country_code", l->cc);
-	json_object_object_add(locs, "headquarters", hq);
+	if (render)
+	{
+		add_str(hq, "line1", buf);
+		snprintf(buf, sizeof(buf), "%s, %s %s, %s", l->city, l->region_abbr, l->postal, l->cc);
+		add_str(hq, "line2", buf);
+		add_str(hq, "city", l->city);
+		add_str(hq, "region", l->region);
+		add_str(hq, "country", l->country);
+		add_str(hq, "country_code", l->cc);
+		json_object_object_add(locs, "headquarters", hq);
+	}
 	noffices = (int) (splitmix64(&rng) % 3);
 	for (i = 0; i < noffices; i++)
 	{
-		json_object *off = json_object_new_object();
 		const loc  *ol = &locations[splitmix64(&rng) % N(locations)];
 
 		snprintf(buf, sizeof(buf), "%u %s", (unsigned) (1 + splitmix64(&rng) % 900),
 				 pick(&rng, streets, N(streets)));
-		add_str(off, "line1", buf);
-		snprintf(buf, sizeof(buf), "%s, %s %s, %s", ol->city, ol->region_abbr, ol->postal, ol->cc);
-		add_str(off, "line2", buf);
-		json_object_array_add(offices, off);
+		if (render)
+		{
+			json_object *off = json_object_new_object();
+
+			add_str(off, "line1", buf);
+			snprintf(buf, sizeof(buf), "%s, %s %s, %s", ol->city, ol->region_abbr, ol->postal, ol->cc);
+			add_str(off, "line2", buf);
+			json_object_array_add(offices, off);
+		}
 	}
-	json_object_object_add(locs, "offices", list_or_null(offices, quirks && (h & 1)));
-	json_object_object_add(o, "locations", locs);
-	add_str(industry, "main_industry", ind);
-	json_object_object_add(o, "industry", industry);
-	json_object_object_add(o, "social_profiles", json_object_new_object());
-	json_object_object_add(json_object_object_get(o, "social_profiles"), "professional_network",
-						   network_json((int64_t) (h % 90000000) + 1000, "company", slug,
-										(int64_t) (headcount * 7 + (int64_t) (h % 5000)), true));
-	snprintf(buf, sizeof(buf), "https://app.fullenrich.com/logo/company/handle/%s", slug);
-	add_str(o, "logo_url", buf);
+	if (render)
+	{
+		json_object_object_add(locs, "offices", list_or_null(offices, quirks && (h & 1)));
+		json_object_object_add(o, "locations", locs);
+		add_str(industry, "main_industry", ind);
+		json_object_object_add(o, "industry", industry);
+		json_object_object_add(o, "social_profiles", json_object_new_object());
+		json_object_object_add(json_object_object_get(o, "social_profiles"), "professional_network",
+							   network_json((int64_t) (h % 90000000) + 1000, "company", slug,
+											(int64_t) (headcount * 7 + (int64_t) (h % 5000)), true));
+		snprintf(buf, sizeof(buf), "https://app.fullenrich.com/logo/company/handle/%s", slug);
+		add_str(o, "logo_url", buf);
+	}
 	if (CFG.newer_fields)
 	{
-		json_object *tech = json_object_new_array();
-		size_t		idx[3];
+		json_object *tech = render ? json_object_new_array() : NULL;
 
 		pick_distinct(&rng, N(technologies), 3, idx);
 		for (i = 0; i < 3; i++)
 		{
 			const char *t = technologies[idx[i]];
 
+			tech_mask |= 1u << idx[i];
+			if (!render)
+				continue;
 			if (CFG.technologies_objects)
 			{
 				json_object *to = json_object_new_object();
@@ -1080,7 +1209,20 @@ company_json(const char *domain, const char *name, bool quirks)
 			else
 				json_object_array_add(tech, json_object_new_string(t));
 		}
-		json_object_object_add(o, "technologies", tech);
+		if (render)
+			json_object_object_add(o, "technologies", tech);
+	}
+	if (f)
+	{
+		memcpy(f->id, id, sizeof(f->id));
+		f->net_id = (int64_t) (h % 90000000) + 1000;
+		f->loc = li;
+		f->industry = ind_i;
+		f->type = type_i;
+		f->headcount = shown_headcount;
+		f->year_founded = year_founded;
+		f->specialties = spec_mask;
+		f->technologies = tech_mask;
 	}
 	return o;
 }
@@ -1114,21 +1256,23 @@ employment_json(const title *t, json_object *company, bool current,
 	return o;
 }
 
-/* The Person object of reference section 6.5. */
+/*
+ * The Person object of reference section 6.5.  The facts that search
+ * filters on go to *f when f is not NULL; with render false no JSON is
+ * built (the draws are the same either way) and NULL is returned.
+ */
 static json_object *
-profile_json(const gen *g, bool quirks)
+profile_build(const gen *g, bool quirks, sb_profile_facts *f, bool render)
 {
 	uint64_t	rng = hash64("profile", 7, g->h);
-	json_object *p = json_object_new_object();
-	json_object *loco = json_object_new_object();
-	json_object *social = json_object_new_object();
-	json_object *edus = json_object_new_array();
-	json_object *langs = json_object_new_array();
-	json_object *sk = json_object_new_array();
-	json_object *emp = json_object_new_object();
-	json_object *all = json_object_new_array();
+	json_object *p = NULL,
+			   *edus = NULL,
+			   *langs = NULL,
+			   *sk = NULL,
+			   *all = NULL;
 	const loc  *l = &locations[g->loc];
-	const title *t = &titles[splitmix64(&rng) % N(titles)];
+	int			ti = (int) (splitmix64(&rng) % N(titles));
+	const title *t = &titles[ti];
 	char		id[37],
 				buf[400];
 	int			i,
@@ -1138,100 +1282,164 @@ profile_json(const gen *g, bool quirks)
 				nprev;
 	size_t		idx[16];
 	uint64_t	q = quirks ? g->q : 0;
+	bool		desc = chance(&rng, 0.7);
+	int64_t		conns = (int64_t) (splitmix64(&rng) % 3000);
+	sb_profile_facts facts;
 
-	uuid_from_hash(g->h, hash64("person", 6, g->h), id);
-	add_str(p, "id", id);
-	snprintf(buf, sizeof(buf), "%s %s", g->first, g->last);
-	add_str(p, "full_name", buf);
-	add_str(p, "first_name", g->first);
-	add_str(p, "last_name", g->last);
-	snprintf(buf, sizeof(buf), "%s at %s", t->title, g->company);
-	add_str(p, "headline", buf);
-	if (chance(&rng, 0.7))
+	memset(&facts, 0, sizeof(facts));
+	facts.title = ti;
+	data_person_id(g->h, id);
+	if (render)
 	{
-		snprintf(buf, sizeof(buf), "%s with a focus on %s. Based in %s.",
-				 t->title, t->sub_function, l->city);
-		add_str(p, "description", buf);
+		json_object *loco = json_object_new_object();
+		json_object *social = json_object_new_object();
+
+		p = json_object_new_object();
+		edus = json_object_new_array();
+		langs = json_object_new_array();
+		sk = json_object_new_array();
+		all = json_object_new_array();
+		add_str(p, "id", id);
+		snprintf(buf, sizeof(buf), "%s %s", g->first, g->last);
+		add_str(p, "full_name", buf);
+		add_str(p, "first_name", g->first);
+		add_str(p, "last_name", g->last);
+		snprintf(buf, sizeof(buf), "%s at %s", t->title, g->company);
+		add_str(p, "headline", buf);
+		if (desc)
+		{
+			snprintf(buf, sizeof(buf), "%s with a focus on %s. Based in %s.",
+					 t->title, t->sub_function, l->city);
+			add_str(p, "description", buf);
+		}
+		add_str(loco, "country", l->country);
+		add_str(loco, "country_code", l->cc);
+		add_str(loco, "city", l->city);
+		add_str(loco, "region", l->region);
+		json_object_object_add(p, "location", loco);
+		json_object_object_add(social, "professional_network",
+							   network_json(g->net_id ? g->net_id
+											: (int64_t) (g->h % 900000000) + 10000,
+											"in", g->handle, conns, true));
+		json_object_object_add(p, "social_profiles", social);
 	}
-	add_str(loco, "country", l->country);
-	add_str(loco, "country_code", l->cc);
-	add_str(loco, "city", l->city);
-	add_str(loco, "region", l->region);
-	json_object_object_add(p, "location", loco);
-	json_object_object_add(social, "professional_network",
-						   network_json((int64_t) (g->h % 900000000) + 10000, "in", g->handle,
-										(int64_t) (splitmix64(&rng) % 3000), true));
-	json_object_object_add(p, "social_profiles", social);
 
 	year = 2000 + (int) (splitmix64(&rng) % 16);
 	n = 1 + (int) (splitmix64(&rng) % 2);
 	for (i = 0; i < n; i++)
 	{
-		json_object *e = json_object_new_object();
+		int			si = (int) (splitmix64(&rng) % N(schools));
+		const char *degree = pick(&rng, degrees, N(degrees));
 
-		add_str(e, "school_name", pick(&rng, schools, N(schools)));
-		add_str(e, "degree", pick(&rng, degrees, N(degrees)));
-		json_object_object_add(e, "start_at", date_json(year - 4 * (n - i), 9, 1, quirks, q, 12));
-		json_object_object_add(e, "end_at", date_json(year - 4 * (n - i) + 3, 6, 1, quirks, q, 13));
-		json_object_array_add(edus, e);
+		facts.schools |= 1u << si;
+		if (!render)
+			continue;
+		{
+			json_object *e = json_object_new_object();
+
+			add_str(e, "school_name", schools[si]);
+			add_str(e, "degree", degree);
+			json_object_object_add(e, "start_at", date_json(year - 4 * (n - i), 9, 1, quirks, q, 12));
+			json_object_object_add(e, "end_at", date_json(year - 4 * (n - i) + 3, 6, 1, quirks, q, 13));
+			json_object_array_add(edus, e);
+		}
 	}
-	json_object_object_add(p, "educations", list_or_null(edus, quirks && (q & 2)));
+	if (render)
+		json_object_object_add(p, "educations", list_or_null(edus, quirks && (q & 2)));
 
 	n = pick_distinct(&rng, N(languages), 1 + (int) (splitmix64(&rng) % 3), idx);
 	for (i = 0; i < n; i++)
 	{
-		json_object *e = json_object_new_object();
+		const char *prof = i == 0 ? "NATIVE_OR_BILINGUAL"
+			: proficiencies[1 + splitmix64(&rng) % (N(proficiencies) - 1)];
 
-		add_str(e, "language", languages[idx[i]]);
-		add_str(e, "proficiency", i == 0 ? "NATIVE_OR_BILINGUAL"
-				: proficiencies[1 + splitmix64(&rng) % (N(proficiencies) - 1)]);
-		json_object_array_add(langs, e);
+		facts.languages |= 1u << idx[i];
+		if (render)
+		{
+			json_object *e = json_object_new_object();
+
+			add_str(e, "language", languages[idx[i]]);
+			add_str(e, "proficiency", prof);
+			json_object_array_add(langs, e);
+		}
 	}
-	json_object_object_add(p, "languages", langs);
+	if (render)
+		json_object_object_add(p, "languages", langs);
 
 	n = pick_distinct(&rng, N(skills), 3 + (int) (splitmix64(&rng) % 4), idx);
 	for (i = 0; i < n; i++)
-		json_object_array_add(sk, json_object_new_string(skills[idx[i]]));
-	json_object_object_add(p, "skills", sk);
+	{
+		facts.skills |= 1u << idx[i];
+		if (render)
+			json_object_array_add(sk, json_object_new_string(skills[idx[i]]));
+	}
+	if (render)
+		json_object_object_add(p, "skills", sk);
 
 	/* employment: the current job, then 0-2 earlier ones */
 	year = 2016 + (int) (splitmix64(&rng) % 9);
 	month = 1 + (int) (splitmix64(&rng) % 12);
-	json_object_array_add(all, employment_json(t, company_json(g->domain, g->company, quirks),
-											   true, year, month, 0, 0, quirks, q, 2));
+	facts.start_year = year;
+	facts.start_month = month;
+	if (render)
+		json_object_array_add(all, employment_json(t, data_company(g->domain, g->company, quirks, NULL, true),
+												   true, year, month, 0, 0, quirks, q, 2));
 	nprev = (int) (splitmix64(&rng) % 3);
+	facts.nprev = nprev;
 	for (i = 0; i < nprev; i++)
 	{
-		const char *pc = previous_companies[(splitmix64(&rng)) % N(previous_companies)];
-		const title *pt = &titles[splitmix64(&rng) % N(titles)];
-		char		slug[200],
-					dom[256];
+		int			pci = (int) (splitmix64(&rng) % N(previous_companies));
+		const char *pc = previous_companies[pci];
+		int			pti = (int) (splitmix64(&rng) % N(titles));
+		const title *pt = &titles[pti];
 		int			sy = year - 3 - 3 * i;
+		int			sm = 1 + (int) (splitmix64(&rng) % 12);
 
-		slugify(pc, slug, sizeof(slug));
-		snprintf(dom, sizeof(dom), "%s.com", slug);
-		json_object_array_add(all, employment_json(pt, company_json(dom, pc, quirks), false,
-												   sy, 1 + (int) (splitmix64(&rng) % 12),
-												   sy + 3, month, quirks, q, 4 + 2 * i));
+		facts.prev_company[i] = pci;
+		facts.prev_title[i] = pti;
+		if (render)
+		{
+			char		slug[200],
+						dom[256];
+
+			slugify(pc, slug, sizeof(slug));
+			snprintf(dom, sizeof(dom), "%s.com", slug);
+			json_object_array_add(all, employment_json(pt, data_company(dom, pc, quirks, NULL, true), false,
+													   sy, sm, sy + 3, month, quirks, q, 4 + 2 * i));
+		}
 	}
-	if (quirks && ((q >> 3) & 1))
+	if (f)
+		*f = facts;
+	if (!render)
+		return NULL;
 	{
-		/* sparse employment.current: only the title (section 6.7) */
-		json_object *cur = json_object_new_object();
+		json_object *emp = json_object_new_object();
 
-		add_str(cur, "title", t->title);
-		json_object_object_add(emp, "current", cur);
-	}
-	else
-	{
-		json_object *cur = NULL;
+		if (quirks && ((q >> 3) & 1))
+		{
+			/* sparse employment.current: only the title (section 6.7) */
+			json_object *cur = json_object_new_object();
 
-		json_object_deep_copy(json_object_array_get_idx(all, 0), &cur, NULL);
-		json_object_object_add(emp, "current", cur);
+			add_str(cur, "title", t->title);
+			json_object_object_add(emp, "current", cur);
+		}
+		else
+		{
+			json_object *cur = NULL;
+
+			json_object_deep_copy(json_object_array_get_idx(all, 0), &cur, NULL);
+			json_object_object_add(emp, "current", cur);
+		}
+		json_object_object_add(emp, "all", all);
+		json_object_object_add(p, "employment", emp);
 	}
-	json_object_object_add(emp, "all", all);
-	json_object_object_add(p, "employment", emp);
 	return p;
+}
+
+static json_object *
+profile_json(const gen *g, bool quirks)
+{
+	return profile_build(g, quirks, NULL, true);
 }
 
 static void
@@ -1315,4 +1523,126 @@ data_record(const sb_contact *c, contact_state state, bool quirks)
 	else if (quirks && (g.q & 32))
 		json_object_object_add(r, "profile", NULL);
 	return r;
+}
+
+/* ---- the searchable population's people, vocabularies ---- */
+
+/* The person id of an identity hash. */
+void
+data_person_id(uint64_t h, char out[37])
+{
+	uuid_from_hash(h, hash64("person", 6, h), out);
+}
+
+/*
+ * The Person object of a person of the searchable population (exactly what
+ * enriching them returns as profile), and/or the facts search filters on.
+ */
+json_object *
+data_person(const sb_ident *id, bool quirks, sb_profile_facts *f, bool render)
+{
+	gen			g;
+
+	memset(&g, 0, sizeof(g));
+	g.h = id->h;
+	g.q = hash64("quirks", 6, g.h);
+	snprintf(g.first, sizeof(g.first), "%s", id->first);
+	snprintf(g.last, sizeof(g.last), "%s", id->last);
+	snprintf(g.domain, sizeof(g.domain), "%s", id->domain);
+	snprintf(g.company, sizeof(g.company), "%s", id->company);
+	snprintf(g.handle, sizeof(g.handle), "%s", id->handle);
+	g.loc = id->loc;
+	g.net_id = id->net_id;
+	g.identified = g.profile = true;
+	return profile_build(&g, quirks, f, render);
+}
+
+int
+data_vocab_size(sb_vocab v)
+{
+	switch (v)
+	{
+		case V_FIRST_NAME:
+			return (int) N(first_names);
+		case V_LAST_NAME:
+			return (int) N(last_names);
+		case V_TITLE:
+		case V_SENIORITY:
+		case V_FUNCTION:
+		case V_SUB_FUNCTION:
+			return (int) N(titles);
+		case V_CITY:
+		case V_REGION:
+		case V_COUNTRY:
+		case V_COUNTRY_CODE:
+			return (int) N(locations);
+		case V_INDUSTRY:
+			return (int) N(industries);
+		case V_COMPANY_TYPE:
+			return (int) N(company_types);
+		case V_SPECIALTY:
+			return (int) N(specialties);
+		case V_SCHOOL:
+			return (int) N(schools);
+		case V_LANGUAGE:
+			return (int) N(languages);
+		case V_SKILL:
+			return (int) N(skills);
+		case V_PREV_COMPANY:
+			return (int) N(previous_companies);
+		case V_TECHNOLOGY:
+			return (int) N(technologies);
+	}
+	return 0;
+}
+
+const char *
+data_vocab(sb_vocab v, int i)
+{
+	switch (v)
+	{
+		case V_FIRST_NAME:
+			return first_names[i];
+		case V_LAST_NAME:
+			return last_names[i];
+		case V_TITLE:
+			return titles[i].title;
+		case V_SENIORITY:
+			return titles[i].seniority;
+		case V_FUNCTION:
+			return titles[i].function;
+		case V_SUB_FUNCTION:
+			return titles[i].sub_function;
+		case V_CITY:
+			return locations[i].city;
+		case V_REGION:
+			return locations[i].region;
+		case V_COUNTRY:
+			return locations[i].country;
+		case V_COUNTRY_CODE:
+			return locations[i].cc;
+		case V_INDUSTRY:
+			return industries[i];
+		case V_COMPANY_TYPE:
+			return company_types[i];
+		case V_SPECIALTY:
+			return specialties[i];
+		case V_SCHOOL:
+			return schools[i];
+		case V_LANGUAGE:
+			return languages[i];
+		case V_SKILL:
+			return skills[i];
+		case V_PREV_COMPANY:
+			return previous_companies[i];
+		case V_TECHNOLOGY:
+			return technologies[i];
+	}
+	return "";
+}
+
+void
+data_slugify(const char *in, char *out, size_t outsz)
+{
+	slugify(in, out, outsz);
 }

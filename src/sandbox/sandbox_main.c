@@ -76,6 +76,10 @@ usage(FILE *out)
 		  "  --rate-limit-scope all|declared   all endpoints, or only those whose OAS\n"
 		  "                                entry declares a 429 (enrichment, search)\n"
 		  "  --credits-get-path            also answer GET /account/credits/get\n"
+		  "  --search-within any|all       values of one search filter OR-ed (the\n"
+		  "                                reference) or AND-ed (one OAS sentence) (any)\n"
+		  "  --search-charge every|once    0.25 for every returned record, or only the\n"
+		  "                                first time a record is returned (every)\n"
 		  "\n"
 		  "Limits:\n"
 		  "  --max-body-bytes N            request body limit (10485760), 413 beyond\n"
@@ -83,6 +87,8 @@ usage(FILE *out)
 		  "  --log-max N                   entries per /_sandbox/ listing (100000)\n"
 		  "  --history-max N               replay history entries (1000000)\n"
 		  "  --shuffle-gap-ms N            spacing of shuffled webhooks (5)\n"
+		  "  --search-people N             people search and lookup find (20000)\n"
+		  "  --search-companies N          companies they work at (1000)\n"
 		  "\n"
 		  "Faults and tools:\n"
 		  "  --fault KEY=VALUE             set a fault switch at start (see /_sandbox/faults)\n"
@@ -198,7 +204,7 @@ enum
 	O_CONTACT_COST, O_LAST_STATUS, O_REVERSE_CW, O_ODD_WH, O_LENIENT, O_RETENTION,
 	O_MAX_JOBS, O_LOG_MAX, O_HISTORY_MAX, O_MAX_BODY, O_WH_TIMEOUT, O_WH_CONC,
 	O_SHUFFLE_GAP, O_FAULT, O_HMAC_TEST, O_HELP, O_VERSION, O_SIGNATURE, O_RATE_SCOPE,
-	O_CREDITS_GET
+	O_CREDITS_GET, O_SEARCH_PEOPLE, O_SEARCH_COMPANIES, O_SEARCH_WITHIN, O_SEARCH_CHARGE
 };
 
 static const struct option options[] = {
@@ -243,6 +249,10 @@ static const struct option options[] = {
 	{"webhook-signature", required_argument, NULL, O_SIGNATURE},
 	{"rate-limit-scope", required_argument, NULL, O_RATE_SCOPE},
 	{"credits-get-path", no_argument, NULL, O_CREDITS_GET},
+	{"search-people", required_argument, NULL, O_SEARCH_PEOPLE},
+	{"search-companies", required_argument, NULL, O_SEARCH_COMPANIES},
+	{"search-within", required_argument, NULL, O_SEARCH_WITHIN},
+	{"search-charge", required_argument, NULL, O_SEARCH_CHARGE},
 	{"hmac-test", no_argument, NULL, O_HMAC_TEST},
 	{"help", no_argument, NULL, O_HELP},
 	{"version", no_argument, NULL, O_VERSION},
@@ -276,6 +286,8 @@ set_defaults(void)
 	CFG.webhook_concurrency = 32;
 	CFG.shuffle_gap_ms = 5;
 	CFG.initial_credits = 10000;
+	CFG.search_people = 20000;
+	CFG.search_companies = 1000;
 
 	S.faults.force_status = -1;
 	S.faults.submit_fail_status = 500;
@@ -471,6 +483,18 @@ main(int argc, char **argv)
 			case O_CREDITS_GET:
 				CFG.credits_get_path = true;
 				break;
+			case O_SEARCH_PEOPLE:
+				CFG.search_people = (int) num_arg("search-people", optarg, 0, 1000000);
+				break;
+			case O_SEARCH_COMPANIES:
+				CFG.search_companies = (int) num_arg("search-companies", optarg, 1, 100000);
+				break;
+			case O_SEARCH_WITHIN:
+				CFG.search_within_all = choice_arg("search-within", optarg, "any", "all");
+				break;
+			case O_SEARCH_CHARGE:
+				CFG.search_charge_once = choice_arg("search-charge", optarg, "every", "once");
+				break;
 			case O_HMAC_TEST:
 				do_hmac = true;
 				break;
@@ -489,6 +513,9 @@ main(int argc, char **argv)
 	}
 	if (optind < argc)
 		die_usage("unexpected argument: %s", argv[optind]);
+	if ((long long) CFG.search_people > (long long) CFG.search_companies * 1200)
+		die_usage("%s", "--search-people may be at most 1200 times --search-companies "
+				  "(names are unique within a company)");
 	env_key = getenv("ENRICH_SANDBOX_API_KEY");
 	if (CFG.napi_keys == 0 && env_key)
 		add_key(env_key, strlen(env_key));
@@ -528,6 +555,9 @@ main(int argc, char **argv)
 	log_init(&S.log_webhooks, CFG.log_max);
 	jobs_init();
 	webhooks_init();
+	universe_init();
+	S.charged_people = xcalloc(((size_t) U.npeople + 7) / 8 + 1, 1);
+	S.charged_companies = xcalloc(((size_t) U.ncompanies + 7) / 8 + 1, 1);
 
 	/* signals: handled by sigwait here; every other thread blocks them */
 	sigemptyset(&sigs);
@@ -588,6 +618,9 @@ main(int argc, char **argv)
 	log_free(&S.log_contacts);
 	log_free(&S.log_webhooks);
 	free(S.rl_ring);
+	free(S.charged_people);
+	free(S.charged_companies);
+	universe_free();
 	for (i = 0; i < CFG.napi_keys; i++)
 	{
 		memset(CFG.api_keys[i], 0, CFG.api_key_lens[i]);

@@ -7,6 +7,7 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <ctype.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -500,4 +501,67 @@ status_parse(const char *s)
 		if (strcmp(s, status_names[i]) == 0)
 			return i;
 	return -1;
+}
+
+/* ---- words, for search matching (sandbox_search.c, sandbox_lookup.c) ---- */
+
+/* Lowercase words of s, each followed by one space ("stanford university "). */
+char *
+search_words(const char *s)
+{
+	size_t		n = strlen(s);
+	char	   *out = xmalloc(n + 2);
+	size_t		o = 0;
+	bool		in = false;
+
+	for (; *s; s++)
+	{
+		unsigned char c = (unsigned char) *s;
+
+		if (isalnum(c) || c >= 0x80)
+		{
+			out[o++] = (char) tolower(c);
+			in = true;
+		}
+		else if (in)
+		{
+			out[o++] = ' ';
+			in = false;
+		}
+	}
+	if (in)
+		out[o++] = ' ';
+	out[o] = '\0';
+	return out;
+}
+
+/* Every word of `want` (words_of form) is a word of `have`. */
+bool
+search_words_subset(const char *want, const char *have)
+{
+	char	   *hw = search_words(have);
+	const char *w = want;
+	bool		ok = want[0] != '\0';
+	size_t		hl = strlen(hw);
+
+	while (ok && *w)
+	{
+		size_t		n = strcspn(w, " ") + 1;	/* with its space */
+		const char *p = hw;
+		bool		found = false;
+
+		while ((p = memmem(p, hl - (size_t) (p - hw), w, n)) != NULL)
+		{
+			if (p == hw || p[-1] == ' ')
+			{
+				found = true;
+				break;
+			}
+			p++;
+		}
+		ok = found;
+		w += n;
+	}
+	free(hw);
+	return ok;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run enrich-sandbox under valgrind's memcheck while loading every code
 path (submits, polling, reverse lookups, signed webhooks with retries,
-every fault switch, listings, bad input, huge bodies, hangs and resets),
+every fault switch, listings, search and lookup with every filter kind,
+bad input, huge bodies, hangs and resets),
 stop it with SIGTERM and report what valgrind saw.  Not part of test/all
 (it takes a minute or two); run by hand:
 
@@ -54,6 +55,8 @@ def load(sb, rcv, submits):
                                           "get_in_progress": "200", "credits": 50})
             if i == 3 * submits // 4:
                 sb.ctl("POST", "reset", {"credits": 100000})
+        # search and lookup: every filter kind, pagination, cursors, errors, 402
+        calls += search_load(sb)
         # bad input
         for body in (b"{", b"[]", b'{"name":1}', b"\xff", b"[" * 3000, b'{"name":"x","data":[1,2]}'):
             et.http("POST", sb.base + "/api/v2/contact/enrich/bulk", body,
@@ -89,6 +92,80 @@ def load(sb, rcv, submits):
         time.sleep(2)
     finally:
         flaky.stop()
+    return calls
+
+
+def search_load(sb):
+    """People and company searches, lookups and their errors; returns the calls made."""
+    calls = 0
+
+    def post(path, body):
+        nonlocal calls
+        calls += 1
+        return sb.api("POST", path, body, timeout=120)
+
+    bodies = [
+        {"limit": 100},
+        {"person_skills": [{"value": "python"}, {"value": "SQL", "exclude": True}],
+         "current_position_seniority_level": [{"value": "Manager", "exact_match": True}]},
+        {"current_company_headcounts": [{"min": 10, "max": 500}], "current_company_founded_years": [{"max": 2000}],
+         "current_company_days_since_last_job_change": [{"min": 100}], "current_position_years_in": [{"max": 5}],
+         "current_company_years_at": [{"min": 1}]},
+        {"person_locations": [{"value": "France"}], "person_languages": [{"value": "French"}],
+         "person_universities": [{"value": "HEC"}], "past_company_names": [{"value": "Globex"}],
+         "past_company_domains": [{"value": "globex.com"}], "past_position_titles": [{"value": "VP"}],
+         "current_position_job_functions": [{"value": "Software"}],
+         "current_position_sub_functions": [{"value": "Growth"}], "current_position_titles": [{"value": "manager"}],
+         "person_names": [{"value": "olivia"}], "person_ids": [{"value": "x"}],
+         "person_professional_network_ids": [{"value": 1}],
+         "person_professional_network_urls": [{"value": "https://www.linkedin.com/in/a-b-00000000"}]},
+        {"current_company_names": [{"value": "Blue"}], "current_company_domains": [{"value": "blue-labs.io"}],
+         "current_company_professional_network_ids": [{"value": 5}],
+         "current_company_professional_network_urls": [{"value": "https://www.linkedin.com/company/blue-labs"}],
+         "current_company_specialties": [{"value": "AI"}], "current_company_industries": [{"value": "Retail"}],
+         "current_company_types": [{"value": "Nonprofit"}], "current_company_headquarters": [{"value": "Paris"}],
+         "current_company_ids": [{"value": "y"}]},
+        {"offset": 10000, "limit": 3},
+    ]
+    cursor = None
+    for b in bodies:
+        st, js = post("/people/search", b)
+        if st == 200 and js["people"]:
+            cursor = js["metadata"]["search_after"]
+            person = js["people"][0]
+    if cursor:
+        post("/people/search", {"search_after": cursor, "limit": 50})
+        url = person["social_profiles"]["professional_network"]["url"]
+        comp = person["employment"]["current"]["company"]
+        post("/people/lookup", {"person_professional_network_url": url})
+        post("/people/lookup", {"person_name": person["full_name"], "company_domain": comp["domain"]})
+        post("/people/lookup", {"person_name": person["full_name"]})
+        post("/company/lookup", {"domain": comp["domain"]})
+        post("/company/lookup", {"professional_network_id": 7})
+        sb.api("POST", "/contact/enrich/bulk", {"name": "searched", "data": [
+            {"linkedin_url": url, "enrich_fields": ["contact.work_emails", "contact.phones"]}]}, timeout=60)
+        sb.api("POST", "/contact/reverse/email/bulk", {"name": "r", "data": [
+            {"email": person["first_name"].lower() + "." + person["last_name"].lower() + "@" + comp["domain"]}]},
+            timeout=60)
+        calls += 2
+    for b in ({"names": [{"value": "Labs"}], "keywords": [{"value": "Retail"}], "headcounts": [{"min": 1}],
+               "founded_years": [{"min": 1990, "max": 2020}], "types": [{"value": "Public Company"}],
+               "industries": [{"value": "Software Development"}], "headquarters_locations": [{"value": "US"}],
+               "specialties": [{"value": "CRM"}], "domains": [{"value": "x.com"}], "company_ids": [{"value": "z"}],
+               "professional_network_ids": [{"value": 3}],
+               "professional_network_urls": [{"value": "https://www.linkedin.com/company/x"}], "limit": 20},
+              {"limit": 100}):
+        post("/company/search", b)
+    for b in ({"bogus": []}, {"person_skills": [{"value": 1}]}, {"person_skills": "x"},
+              {"current_company_headcounts": [{"min": 9, "max": 1}]}, {"search_after": "!!"}, {"offset": 20000},
+              {"limit": 500}, {"person_skills": [{"value": "a", "odd": 1}]}, [1]):
+        post("/people/search", b)
+    for b in ({}, {"person_name": 1}, {"x": 1}):
+        post("/people/lookup", b)
+    post("/company/lookup", {})
+    sb.ctl("POST", "faults", {"credits": 0.1})
+    post("/people/search", {"limit": 5})
+    sb.ctl("POST", "faults", {"credits": 100000})
     return calls
 
 

@@ -115,7 +115,8 @@ def test_paths_methods(sb):
     R.eq(sl.status_of(raw(sb, "POST", "/_sandbox/stats")), 405, "control: wrong method 405")
     R.eq(sl.status_of(raw(sb, "GET", "/_sandbox/reset")), 405, "control: GET reset is 405")
     st, js = sb.api("POST", "/people/search", {"filters": {}})
-    R.eq((st, js.get("code")), (501, "error.sandbox.not_implemented"), "search: 501, not simulated")
+    R.eq((st, js.get("code")), (400, "error.search.filter.unknown"),
+         "search: a body nesting filters under 'filters' is refused (filters are top-level)")
     R.eq(sb.api("POST", "/people/search", {}, key="bad")[0], 401, "search still checks the key")
 
 
