@@ -63,6 +63,10 @@ FROM enrich.apply_state ORDER BY id;
 SELECT enrich.apply_results('crm.people', '{"email": "password"}');
 SELECT enrich.apply_results('crm.people', '{}');
 SELECT enrich.apply_results('crm.people', '{"email": "work_email"}', 'no_such_column');
+-- the key must be indexed (rows are found one by one through it)
+CREATE TABLE crm.unindexed (id int, email text);
+SELECT enrich.apply_results('crm.unindexed', '{"email": "work_email"}');
+DROP TABLE crm.unindexed;
 SELECT enrich.apply_results('crm.people', '{"no_such_column": "work_email"}');
 -- a hostile column name is quoted, not executed
 SELECT enrich.apply_results('crm.people', '{"email = NULL; DROP TABLE crm.people; --": "work_email"}');
