@@ -12,6 +12,7 @@ the same run:
   new        a call after --new new results (new requests for existing rows)
   updated    a call after --new results were upgraded in place (a later webhook)
   again      a call right after that (nothing new again)
+  0.1.0      the single UPDATE ... FROM that 0.1.0's apply_results ran (rolled back)
 
 and prints each time, the ratio of "new" to "nothing", and the plans
 (EXPLAIN ANALYZE, BUFFERS, from auto_explain) of the statements inside the
@@ -83,6 +84,18 @@ WHERE request_id IN (SELECT id FROM enrich.requests WHERE source_table = 'crm.co
 """
 
 
+OLD_APPLY = """
+WITH u AS (
+    UPDATE crm.contacts AS t SET email = e.work_email, mobile = e.phone, title = e.job_title
+    FROM enrich.enriched_contacts e
+    WHERE e.source_table = 'crm.contacts'::regclass AND e.source_id = t.id::text
+      AND (t.email IS DISTINCT FROM e.work_email OR t.mobile IS DISTINCT FROM e.phone
+           OR t.title IS DISTINCT FROM e.job_title)
+    RETURNING 1)
+SELECT count(*) FROM u
+"""
+
+
 def timed(cluster, sql, pre="", warm=""):
     """Run pre and warm (untimed), then sql, in one session (so connection
     start-up and the first call's catalog look-ups are not counted); return
@@ -149,8 +162,12 @@ def main():
         print("%d results updated in place    %10.2f ms  rows changed %s" % (args.new, t * 1000, n_upd))
         again, n_again, _ = timed(c, APPLY, warm=APPLY)
         print("nothing new again                %10.2f ms  rows changed %s" % (again * 1000, n_again))
-        print("ratio %d new / nothing new: %.1fx; first call / %d new: %.0fx"
-              % (args.new, new_ms / nothing_ms, args.new, first * 1000 / new_ms))
+        # 0.1.0's apply_results: one UPDATE ... FROM over every result
+        # (rolled back so as to change nothing)
+        base, n_base, _ = timed(c, OLD_APPLY, warm="BEGIN")  # never committed
+        print("0.1.0's whole-table UPDATE       %10.2f ms  (rows it would change: %s)" % (base * 1000, n_base))
+        print("ratios: nothing new / 0.1.0 %.4f; %d new / 0.1.0 %.3f; first call / 0.1.0 %.1f"
+              % (nothing_ms / (base * 1000), args.new, new_ms / (base * 1000), first / base))
         if args.plans:
             print("\nplans of the statements of the %d-new call (auto_explain):\n%s" % (args.new, err))
     finally:

@@ -103,6 +103,7 @@ DECLARE
     differs text := '';     -- (e.vN IS NOT NULL AND t.cN IS DISTINCT FROM e.vN::type) OR ...
     stmt    text;
     full_stmt text;
+    old_work_mem text;
     st      enrich.apply_state;
     snap_xmin xid8;
     pos_xid xid8;
@@ -226,21 +227,20 @@ BEGIN
             JOIN (SELECT t.%4$I AS k%5$s FROM %1$s t) t ON t.k = w.sid::%2$s
             WHERE (%6$s)),
         lk AS MATERIALIZED (
-            SELECT n.*, l.ok
-            FROM todo n
-            LEFT JOIN LATERAL (SELECT true AS ok FROM %1$s t WHERE t.%4$I = n.k
-                               OFFSET 0 FOR UPDATE OF t SKIP LOCKED) l ON true),
+            SELECT n.* FROM todo n JOIN %1$s t ON t.%4$I = n.k
+            FOR UPDATE OF t SKIP LOCKED),
         upd AS (
             UPDATE %1$s t SET %7$s
             FROM lk n
-            WHERE t.%4$I = n.k AND n.ok
+            WHERE t.%4$I = n.k
             RETURNING 1)
         SELECT (SELECT count(*) FROM upd),
                (SELECT count(DISTINCT r.source_id) FROM enrich.requests r
                 WHERE r.source_table = $1 AND r.source_id IS NOT NULL
                   AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)
                   AND NOT EXISTS (SELECT FROM w WHERE w.sid = r.source_id)),
-               ARRAY(SELECT DISTINCT n.k::text FROM lk n WHERE n.ok IS NULL)
+               ARRAY(SELECT DISTINCT n.k::text FROM todo n
+                     WHERE NOT EXISTS (SELECT FROM lk WHERE lk.k = n.k))
         $q$, target, key_type, vals, key_column, tcols, differs, sets);
 
     -- This caller's place for this target and mapping; a concurrent run of
@@ -270,11 +270,18 @@ BEGIN
 
     IF rescan OR st.watermark IS NULL THEN
         -- Every result once, in one set-based statement.
+        -- (the SET clauses above restore the join settings at exit;
+        -- work_mem, which the caller may have set, is put back by hand)
+        old_work_mem := current_setting('work_mem');
         PERFORM set_config('enable_hashjoin', 'on', true),
                 set_config('enable_mergejoin', 'on', true);
+        IF pg_size_bytes(old_work_mem) < pg_size_bytes('64MB') THEN
+            PERFORM set_config('work_mem', '64MB', true);
+        END IF;
         EXECUTE full_stmt INTO n_updated, n_denied, skipped USING target, writers;
         PERFORM set_config('enable_hashjoin', 'off', true),
-                set_config('enable_mergejoin', 'off', true);
+                set_config('enable_mergejoin', 'off', true),
+                set_config('work_mem', old_work_mem, true);
         pos_xid := NULL;
     ELSE
         pos_xid := st.watermark;

@@ -20,7 +20,7 @@
 -- loads the rows, so the values always belong to this cluster.
 ALTER TABLE enrich.results
     ADD COLUMN changed_xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id();
-CREATE INDEX results_changed_idx ON enrich.results (changed_xid);
+CREATE INDEX results_changed_idx ON enrich.results (changed_xid, request_id);
 
 CREATE FUNCTION enrich._results_changed()
 RETURNS trigger
@@ -76,40 +76,69 @@ CREATE FUNCTION enrich.apply_results(target regclass,
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+-- Every join below is a lookup by an index, a chunk of rows at a time:
+-- never let stale statistics turn one into a scan of a big table.
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET jit = off
 AS $$
 DECLARE
     allowed CONSTANT text[] := ARRAY['outcome', 'work_email', 'work_email_status',
         'personal_email', 'personal_email_status', 'phone', 'phone_region',
         'headline', 'job_title', 'company', 'country_code', 'contact_info', 'profile'];
+    chunk   CONSTANT int := 10000;  -- changed results looked at per step
     crm_cols text[] := '{}';
     key_type text;
+    key_attnum int2;
     col     text;
     src     text;
     col_type text;
     i       int := 0;
-    vals    text := '';     -- e.col AS vN, ...
+    vals    text := '';     -- e.src AS vN, ...
+    tcols   text := '';     -- t.col AS cN, ...
     sets    text := '';     -- col = COALESCE(n.vN::type, t.col), ...
-    differs text := '';     -- (n.vN IS NOT NULL AND t.col IS DISTINCT FROM n.vN::type) OR ...
+    differs text := '';     -- (e.vN IS NOT NULL AND t.cN IS DISTINCT FROM e.vN::type) OR ...
+    stmt    text;
+    full_stmt text;
+    old_work_mem text;
     st      enrich.apply_state;
     snap_xmin xid8;
+    pos_xid xid8;
+    pos_id  bigint;
+    req_ids bigint[];
+    xids    xid8[];
     ids     text[];
     writers name[];
-    n_updated bigint;
-    n_denied bigint;
-    skipped text[];
+    n       bigint;
+    d       bigint;
+    sk      text[];
+    n_updated bigint := 0;
+    n_denied bigint := 0;
+    skipped text[] := '{}';
 BEGIN
     IF columns IS NULL OR jsonb_typeof(columns) <> 'object' OR columns = '{}' THEN
         RAISE EXCEPTION 'columns must be a non-empty JSON object'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Map target columns to result columns, for example {"email": "work_email", "mobile": "phone"}.';
     END IF;
-    SELECT format_type(a.atttypid, a.atttypmod) INTO key_type
+    SELECT format_type(a.atttypid, a.atttypmod), a.attnum INTO key_type, key_attnum
     FROM pg_attribute a
     WHERE a.attrelid = target AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
     IF key_type IS NULL THEN
         RAISE EXCEPTION 'table % has no column "%"', target, key_column
             USING ERRCODE = 'undefined_column',
                   HINT = 'Pass the column whose value was kept as source_id (the row''s "id" by default).';
+    END IF;
+    -- Rows are found one by one through the key: without an index that
+    -- would read the whole table once per row.
+    IF (SELECT c.relkind IN ('r', 'p') FROM pg_class c WHERE c.oid = target)
+       AND NOT EXISTS (SELECT FROM pg_index x
+                       WHERE x.indrelid = target AND x.indkey[0] = key_attnum
+                         AND x.indisvalid AND x.indpred IS NULL) THEN
+        RAISE EXCEPTION 'column "%" of table % has no index', key_column, target
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = format('apply_results() finds rows by their key: CREATE INDEX ON %s (%I), or make it the primary key.',
+                                target, key_column);
     END IF;
     FOR col, src IN SELECT key, value #>> '{}' FROM jsonb_each(columns) ORDER BY key LOOP
         IF src IS NULL OR NOT src = ANY (allowed) THEN
@@ -133,12 +162,83 @@ BEGIN
         END IF;
         i := i + 1;
         crm_cols := crm_cols || col;
-        vals := vals || format(', e.%I AS v%s', src, i);
+        vals := vals || CASE WHEN i = 1 THEN '' ELSE ', ' END || format('e.%I AS v%s', src, i);
+        tcols := tcols || format(', t.%I AS c%s', col, i);
         sets := sets || CASE WHEN i = 1 THEN '' ELSE ', ' END
                 || format('%I = COALESCE(n.v%s::%s, t.%I)', col, i, col_type, col);
         differs := differs || CASE WHEN i = 1 THEN '' ELSE ' OR ' END
-                || format('(n.v%s IS NOT NULL AND t.%I IS DISTINCT FROM n.v%s::%s)', i, col, i, col_type);
+                || format('(e.v%s IS NOT NULL AND t.c%s IS DISTINCT FROM e.v%s::%s)', i, i, i, col_type);
     END LOOP;
+
+    -- Write the latest permitted result of each CRM row named in $2.  Every
+    -- step goes row by row through an index (scalar subqueries and LATERAL
+    -- ... OFFSET 0 keep the planner from choosing a scan of a big table on
+    -- stale statistics); $2 holds at most one chunk of ids.
+    stmt := format($q$
+        WITH w AS MATERIALIZED (
+            SELECT u.sid,
+                   (SELECT r.id FROM enrich.requests r
+                    WHERE r.source_table = $1 AND r.source_id = u.sid
+                      AND r.submitted_by = ANY ($3)
+                      AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)
+                    ORDER BY r.id DESC LIMIT 1) AS request_id
+            FROM unnest($2::text[]) u(sid)),
+        todo AS MATERIALIZED (
+            SELECT t.k, e.*
+            FROM w
+            CROSS JOIN LATERAL (SELECT %3$s FROM enrich.enriched_contacts e
+                                WHERE e.request_id = w.request_id LIMIT 1) e
+            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s FROM %1$s t
+                                WHERE t.%4$I = w.sid::%2$s OFFSET 0) t
+            WHERE w.request_id IS NOT NULL AND (%6$s)),
+        lk AS MATERIALIZED (
+            SELECT n.*, l.ok
+            FROM todo n
+            LEFT JOIN LATERAL (SELECT true AS ok FROM %1$s t WHERE t.%4$I = n.k
+                               OFFSET 0 FOR UPDATE OF t SKIP LOCKED) l ON true),
+        upd AS (
+            UPDATE %1$s t SET %7$s
+            FROM lk n
+            WHERE t.%4$I = n.k AND n.ok
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM upd),
+               (SELECT count(*) FROM w WHERE w.request_id IS NULL),
+               ARRAY(SELECT DISTINCT n.k::text FROM lk n WHERE n.ok IS NULL)
+        $q$, target, key_type, vals, key_column, tcols, differs, sets);
+
+    -- The same for every row of the target at once (first call, rescan):
+    -- set-based, hash joins allowed.  $2 holds the permitted submitters.
+    full_stmt := format($q$
+        WITH w AS MATERIALIZED (
+            SELECT DISTINCT ON (r.source_id) r.source_id AS sid, r.id AS request_id
+            FROM enrich.requests r
+            JOIN enrich.results x ON x.request_id = r.id
+            WHERE r.source_table = $1 AND r.source_id IS NOT NULL
+              AND r.submitted_by = ANY ($2)
+            ORDER BY r.source_id, r.id DESC),
+        todo AS MATERIALIZED (
+            SELECT t.k, e.*
+            FROM w
+            JOIN (SELECT e.request_id AS rid, %3$s FROM enrich.enriched_contacts e) e
+              ON e.rid = w.request_id
+            JOIN (SELECT t.%4$I AS k%5$s FROM %1$s t) t ON t.k = w.sid::%2$s
+            WHERE (%6$s)),
+        lk AS MATERIALIZED (
+            SELECT n.* FROM todo n JOIN %1$s t ON t.%4$I = n.k
+            FOR UPDATE OF t SKIP LOCKED),
+        upd AS (
+            UPDATE %1$s t SET %7$s
+            FROM lk n
+            WHERE t.%4$I = n.k
+            RETURNING 1)
+        SELECT (SELECT count(*) FROM upd),
+               (SELECT count(DISTINCT r.source_id) FROM enrich.requests r
+                WHERE r.source_table = $1 AND r.source_id IS NOT NULL
+                  AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)
+                  AND NOT EXISTS (SELECT FROM w WHERE w.sid = r.source_id)),
+               ARRAY(SELECT DISTINCT n.k::text FROM todo n
+                     WHERE NOT EXISTS (SELECT FROM lk WHERE lk.k = n.k))
+        $q$, target, key_type, vals, key_column, tcols, differs, sets);
 
     -- This caller's place for this target and mapping; a concurrent run of
     -- the same does the work, so do not wait for it.
@@ -158,78 +258,80 @@ BEGIN
     -- visible to the statements below; newer writers are looked at again
     -- next time (the next run starts from this xmin).
     snap_xmin := pg_snapshot_xmin(pg_current_snapshot());
+    -- Roles whose results may be written here: those that may UPDATE every
+    -- mapped column themselves, as of now.
+    SELECT coalesce(array_agg(r.rolname), '{}') INTO writers
+    FROM pg_roles r
+    WHERE NOT EXISTS (SELECT FROM unnest(crm_cols) c
+                      WHERE NOT has_column_privilege(r.oid, target, c, 'UPDATE'));
 
-    -- The CRM rows whose latest result may have changed.  Dynamic SQL so
-    -- each run is planned with its own watermark (index on changed_xid).
     IF rescan OR st.watermark IS NULL THEN
-        EXECUTE 'SELECT array_agg(DISTINCT r.source_id) FROM enrich.requests r
-                 WHERE r.source_table = $1 AND r.source_id IS NOT NULL
-                   AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)'
-            INTO ids USING target;
+        -- Every result once, in one set-based statement.
+        -- (the SET clauses above restore the join settings at exit;
+        -- work_mem, which the caller may have set, is put back by hand)
+        old_work_mem := current_setting('work_mem');
+        PERFORM set_config('enable_hashjoin', 'on', true),
+                set_config('enable_mergejoin', 'on', true);
+        IF pg_size_bytes(old_work_mem) < pg_size_bytes('64MB') THEN
+            PERFORM set_config('work_mem', '64MB', true);
+        END IF;
+        EXECUTE full_stmt INTO n_updated, n_denied, skipped USING target, writers;
+        PERFORM set_config('enable_hashjoin', 'off', true),
+                set_config('enable_mergejoin', 'off', true),
+                set_config('work_mem', old_work_mem, true);
+        pos_xid := NULL;
     ELSE
-        EXECUTE 'SELECT array_agg(DISTINCT s.source_id) FROM (
-                     SELECT r.source_id FROM enrich.results x
-                     JOIN enrich.requests r ON r.id = x.request_id
-                     WHERE x.changed_xid >= $2 AND r.source_table = $1
-                       AND r.source_id IS NOT NULL
-                     UNION ALL SELECT unnest($3)) s'
-            INTO ids USING target, st.watermark, st.pending;
+        pos_xid := st.watermark;
     END IF;
 
-    n_updated := 0;
-    n_denied := 0;
-    skipped := '{}';
-    IF ids IS NOT NULL THEN
-        -- Roles whose results may be written here: those that may UPDATE
-        -- every mapped column themselves, as of now.
-        SELECT coalesce(array_agg(r.rolname), '{}') INTO writers
-        FROM pg_roles r
-        WHERE NOT EXISTS (SELECT FROM unnest(crm_cols) c
-                          WHERE NOT has_column_privilege(r.oid, target, c, 'UPDATE'));
+    -- Rows skipped last time because they were locked.
+    IF cardinality(st.pending) > 0 AND pos_xid IS NOT NULL THEN
+        EXECUTE stmt INTO n, d, sk USING target, st.pending, writers;
+        n_updated := n_updated + n;
+        n_denied := n_denied + d;
+        skipped := skipped || sk;
+    END IF;
 
-        EXECUTE format($q$
-            WITH ids AS (SELECT unnest($2) AS source_id),
-            win AS MATERIALIZED (
-                SELECT DISTINCT ON (r.source_id) r.source_id, r.id AS request_id
-                FROM ids
-                JOIN enrich.requests r ON r.source_table = $1 AND r.source_id = ids.source_id
-                JOIN enrich.results x ON x.request_id = r.id
-                WHERE r.submitted_by = ANY ($3)
-                ORDER BY r.source_id, r.id DESC),
-            need AS MATERIALIZED (
-                SELECT w.source_id::%2$s AS k%3$s
-                FROM win w
-                JOIN enrich.enriched_contacts e ON e.request_id = w.request_id),
-            todo AS MATERIALIZED (
-                SELECT n.* FROM need n JOIN %1$s t ON t.%4$I = n.k WHERE %5$s),
-            locked AS MATERIALIZED (
-                SELECT t.%4$I AS k FROM %1$s t
-                WHERE t.%4$I IN (SELECT k FROM todo)
-                FOR UPDATE OF t SKIP LOCKED),
-            upd AS (
-                UPDATE %1$s t SET %6$s
-                FROM todo n
-                WHERE t.%4$I = n.k AND n.k IN (SELECT k FROM locked)
-                RETURNING 1)
-            SELECT (SELECT count(*) FROM upd),
-                   (SELECT count(*) FROM ids WHERE ids.source_id NOT IN (SELECT source_id FROM win)),
-                   ARRAY(SELECT n.k::text FROM todo n WHERE n.k NOT IN (SELECT k FROM locked)
-                         ORDER BY 1)
-            $q$, target, key_type, vals, key_column, differs, sets)
-            INTO n_updated, n_denied, skipped
-            USING target, ids, writers;
+    -- Results written since the watermark, walked in (changed_xid,
+    -- request_id) order through their index, one chunk at a time; each
+    -- chunk's requests name the rows to look at.
+    pos_id := 0;
+    WHILE pos_xid IS NOT NULL LOOP
+        EXECUTE 'SELECT array_agg(x.request_id ORDER BY x.changed_xid, x.request_id),
+                        array_agg(x.changed_xid ORDER BY x.changed_xid, x.request_id)
+                 FROM (SELECT request_id, changed_xid FROM enrich.results
+                       WHERE (changed_xid, request_id) > ($1, $2)
+                       ORDER BY changed_xid, request_id LIMIT $3) x'
+            INTO req_ids, xids USING pos_xid, pos_id, chunk;
+        EXIT WHEN req_ids IS NULL;
+        pos_xid := xids[cardinality(xids)];
+        pos_id := req_ids[cardinality(req_ids)];
+        EXECUTE 'SELECT array_agg(DISTINCT r.source_id)
+                 FROM unnest($2::bigint[]) u(id)
+                 CROSS JOIN LATERAL (SELECT r.source_id FROM enrich.requests r
+                                     WHERE r.id = u.id AND r.source_table = $1
+                                       AND r.source_id IS NOT NULL OFFSET 0) r'
+            INTO ids USING target, req_ids;
+        IF ids IS NOT NULL THEN
+            EXECUTE stmt INTO n, d, sk USING target, ids, writers;
+            n_updated := n_updated + n;
+            n_denied := n_denied + d;
+            skipped := skipped || sk;
+        END IF;
+        EXIT WHEN cardinality(req_ids) < chunk;
+    END LOOP;
+    SELECT coalesce(array_agg(DISTINCT s), '{}') INTO skipped FROM unnest(skipped) s;
 
-        IF n_denied > 0 THEN
-            RAISE NOTICE 'apply_results: % rows of % have results that were not written', n_denied, target
-                USING DETAIL = 'Only results of requests whose submitter may UPDATE the mapped columns are written.',
-                      HINT = 'Grant UPDATE on the columns to the submitting role, then call apply_results(..., rescan => true).';
-        END IF;
-        IF cardinality(skipped) > 0 THEN
-            RAISE NOTICE 'apply_results: % rows of % are locked by another transaction and were skipped', cardinality(skipped), target
-                USING DETAIL = 'Source ids: ' || array_to_string(skipped[1:10], ', ')
-                               || CASE WHEN cardinality(skipped) > 10 THEN ', ...' ELSE '' END || '.',
-                      HINT = 'The next call of apply_results() tries them again.';
-        END IF;
+    IF n_denied > 0 THEN
+        RAISE NOTICE 'apply_results: % rows of % have results that were not written', n_denied, target
+            USING DETAIL = 'Only results of requests whose submitter may UPDATE the mapped columns are written.',
+                  HINT = 'Grant UPDATE on the columns to the submitting role, then call apply_results(..., rescan => true).';
+    END IF;
+    IF cardinality(skipped) > 0 THEN
+        RAISE NOTICE 'apply_results: % rows of % are locked by another transaction and were skipped', cardinality(skipped), target
+            USING DETAIL = 'Source ids: ' || array_to_string(skipped[1:10], ', ')
+                           || CASE WHEN cardinality(skipped) > 10 THEN ', ...' ELSE '' END || '.',
+                  HINT = 'The next call of apply_results() tries them again.';
     END IF;
 
     UPDATE enrich.apply_state s
