@@ -80,6 +80,7 @@ SET search_path = pg_catalog, pg_temp
 -- never let stale statistics turn one into a scan of a big table.
 SET enable_hashjoin = off
 SET enable_mergejoin = off
+SET enable_nestloop = on
 SET jit = off
 AS $$
 DECLARE
@@ -207,7 +208,8 @@ BEGIN
         $q$, target, key_type, vals, key_column, tcols, differs, sets);
 
     -- The same for every row of the target at once (first call, rescan):
-    -- set-based, hash joins allowed.  $2 holds the permitted submitters.
+    -- set-based, hash joins only (every row is read anyway, whatever the
+    -- statistics say).  $2 holds the permitted submitters.
     full_stmt := format($q$
         WITH w AS MATERIALIZED (
             SELECT DISTINCT ON (r.source_id) r.source_id AS sid, r.id AS request_id
@@ -271,13 +273,15 @@ BEGIN
         -- work_mem, which the caller may have set, is put back by hand)
         old_work_mem := current_setting('work_mem');
         PERFORM set_config('enable_hashjoin', 'on', true),
-                set_config('enable_mergejoin', 'on', true);
+                set_config('enable_mergejoin', 'on', true),
+                set_config('enable_nestloop', 'off', true);
         IF pg_size_bytes(old_work_mem) < pg_size_bytes('64MB') THEN
             PERFORM set_config('work_mem', '64MB', true);
         END IF;
         EXECUTE full_stmt INTO n_updated, n_denied, skipped USING target, writers;
         PERFORM set_config('enable_hashjoin', 'off', true),
                 set_config('enable_mergejoin', 'off', true),
+                set_config('enable_nestloop', 'on', true),
                 set_config('work_mem', old_work_mem, true);
         pos_xid := NULL;
     ELSE
