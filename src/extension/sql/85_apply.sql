@@ -6,7 +6,7 @@
 -- the caller's rights: the caller needs UPDATE on the target columns and
 -- enrich_reader.
 --
--- Rules (README, "Writing results back"):
+-- Rules (README, "Results back into the CRM"):
 --   * one result per CRM row: the result of the row's latest request that
 --     has one, so running it twice changes nothing the second time;
 --   * a NULL in the result never overwrites the CRM value;
