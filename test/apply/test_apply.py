@@ -126,6 +126,10 @@ CREATE EXTENSION citext;
             "so is DROP SCHEMA enrich CASCADE", out.stderr)
     out = c.psql("DROP EXTENSION citext", check=False)
     r.eq(out.returncode, 0, "other extensions drop as usual (%s)" % out.stderr.strip())
+    c.psql("CREATE ROLE bob LOGIN; GRANT CREATE ON DATABASE %s TO bob" % c.dbname)
+    out = c.psql("CREATE SCHEMA bobs; CREATE TABLE bobs.t (id int); DROP SCHEMA bobs CASCADE",
+                 user="bob", check=False)
+    r.eq(out.returncode, 0, "an ordinary role drops its own schema as usual (%s)" % out.stderr.strip())
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests"), "7", "nothing was deleted")
 
     # the README's way to keep the data, then the forced drop
