@@ -37,6 +37,11 @@ SELECT submitted_by FROM enrich.requests ORDER BY id DESC LIMIT 1;
 
 SET ROLE rita;
 SELECT count(*) >= 0 AS can_read FROM enrich.results;
+-- readers see batches, but not their webhook tokens
+SELECT count(*) >= 0 AS can_read FROM (SELECT id, state, enrichment_id, error_code FROM enrich.batches) b;
+SELECT token FROM enrich.batches;
+SELECT * FROM enrich.batches;
+SELECT count(*) >= 0 AS can_read FROM enrich.batch_status;
 SELECT count(*) >= 0 AS can_read FROM enrich.enriched_contacts;
 SELECT enrich.submit('{"linkedin_url": "https://linkedin.com/in/rita"}');
 UPDATE enrich.requests SET state = 'failed';

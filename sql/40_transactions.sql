@@ -16,7 +16,7 @@ SELECT enrich.submit('{"linkedin_url": "https://linkedin.com/in/undone"}') > 0 A
 ROLLBACK TO SAVEPOINT s;
 -- an error inside a savepoint, then more submissions in the same query shape
 SAVEPOINT t;
-SELECT enrich.submit(x) FROM (VALUES ('{"linkedin_url": "https://linkedin.com/in/ok"}'::jsonb),
+SELECT enrich.submit(x) FROM (VALUES ('{"linkedin_url": "https://linkedin.com/in/okay"}'::jsonb),
                                      ('{"first_name": "broken"}'::jsonb)) v(x);
 ROLLBACK TO SAVEPOINT t;
 SELECT enrich.submit('{"linkedin_url": "https://linkedin.com/in/after"}') > 0 AS ok;
@@ -34,7 +34,7 @@ SELECT count(*) - :before AS kept FROM enrich.requests;
 
 -- Many submissions in one transaction wake the dispatcher once.
 BEGIN;
-SELECT count(enrich.submit(jsonb_build_object('linkedin_url', 'https://linkedin.com/in/m' || g)))
+SELECT count(enrich.submit(jsonb_build_object('linkedin_url', 'https://linkedin.com/in/member-' || g)))
 FROM generate_series(1, 50) g;
 COMMIT;
 SELECT enrich._wakeup_count() - :w0 AS wakeups_total;

@@ -32,6 +32,7 @@ bool		enrich_is_preloaded = false;
 void
 _PG_init(void)
 {
+	enrich_guard_init();		/* before enrich_guc_init reserves "enrich." */
 	enrich_guc_init();
 	enrich_submit_init();
 

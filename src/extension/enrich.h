@@ -46,6 +46,10 @@ extern void enrich_guc_init(void);
 extern char *enrich_read_api_key(const char **source);
 extern char *enrich_read_api_key_previous(void);
 
+/* submit_guard.c */
+extern bool enrich_allow_drop;
+extern void enrich_guard_init(void);
+
 /* submit.c */
 extern void enrich_submit_init(void);
 extern void enrich_wake_dispatcher_at_commit(void);

@@ -20,10 +20,12 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -123,6 +125,7 @@ typedef struct RowMap
 	Oid			typid;
 	int32		typmod;
 	Oid			relid;			/* table whose row type it is, or 0 */
+	Oid			checked_user;	/* role whose SELECT on relid was checked */
 	int			col[CF_COUNT + 1];	/* 1-based attribute, 0 when absent;
 									 * the last one is the "id" column */
 	FmgrInfo	out[CF_COUNT + 1];	/* their output functions */
@@ -267,6 +270,10 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
 	map->typid = typid;
 	map->typmod = typmod;
 	map->relid = typid == RECORDOID ? InvalidOid : typeidTypeRelid(typid);
+	/* a stand-alone composite type is no table a result could go back to */
+	if (OidIsValid(map->relid) && get_rel_relkind(map->relid) == RELKIND_COMPOSITE_TYPE)
+		map->relid = InvalidOid;
+	map->checked_user = InvalidOid;
 	for (int f = 0; f <= CF_COUNT; f++)
 	{
 		map->col[f] = row_find(desc, row_aliases[f]);
@@ -281,6 +288,28 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
 	}
 	cache->map = map;
 	return map;
+}
+
+/*
+ * May the current user read the columns this row is taken from?  The
+ * request keeps the row's table and id, and apply_results() later writes
+ * the answer into that row, so submitting a row of a table is reading it:
+ * without this check anyone could build row(7, 'Eve', ...)::crm.secret and
+ * have a result of their choosing written into a table they cannot see.
+ * Table-level SELECT, or SELECT on every column used, will do.
+ */
+static bool
+row_may_select(RowMap *map)
+{
+	Oid			userid = GetUserId();
+
+	if (pg_class_aclcheck(map->relid, userid, ACL_SELECT) == ACLCHECK_OK)
+		return true;
+	for (int f = 0; f <= CF_COUNT; f++)
+		if (map->col[f] > 0 &&
+			pg_attribute_aclcheck(map->relid, map->col[f], userid, ACL_SELECT) != ACLCHECK_OK)
+			return false;
+	return true;
 }
 
 /* Column f of the row as text, or NULL when absent or null. */
@@ -361,6 +390,22 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 				 errmsg("row has no columns for a contact's identity"),
 				 errdetail("A row needs first_name, last_name and domain or company_name columns, or a linkedin_url column."),
 				 errhint("Rename or alias the columns, for example SELECT enrich.submit(t) FROM (SELECT given AS first_name, ...) t.")));
+	}
+
+	if (OidIsValid(map->relid) && map->checked_user != GetUserId())
+	{
+		if (!row_may_select(map))
+		{
+			ReleaseTupleDesc(desc);
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to submit rows of table %s",
+							quote_qualified_identifier(get_namespace_name(get_rel_namespace(map->relid)),
+													   get_rel_name(map->relid))),
+					 errdetail("A row submitted with enrich.submit(record) names its table and id, and its result may be written back there; that needs SELECT on the table."),
+					 errhint("Ask for SELECT on the table, or submit the contact as JSON with enrich.submit(jsonb), which names no row.")));
+		}
+		map->checked_user = GetUserId();
 	}
 
 	memset(&c, 0, sizeof(c));

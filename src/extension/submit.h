@@ -18,6 +18,8 @@
 #define SUBMIT_MAX_CUSTOM_VALUE 100		/* characters, the API's limit */
 #define SUBMIT_MAX_CUSTOM_KEY	100		/* characters */
 #define SUBMIT_RESERVED_KEY		"enrich_request_id"
+#define LINKEDIN_HANDLE_MIN		3		/* characters of a profile handle, */
+#define LINKEDIN_HANDLE_MAX		100		/* as LinkedIn issues them */
 
 /* The identity fields of one contact, after normalisation. */
 typedef enum ContactField

@@ -61,12 +61,14 @@ typedef enum ReqCol
 	RC_INPUT_KEY,
 	RC_SOURCE_TABLE,
 	RC_SOURCE_ID,
+	RC_SUBMITTED_BY,
 	RC_COUNT
 } ReqCol;
 
 static const char *const reqcol_names[RC_COUNT] = {
 	"first_name", "last_name", "domain", "company_name", "linkedin_url",
-	"id", "fields", "custom", "input_key", "source_table", "source_id"
+	"id", "fields", "custom", "input_key", "source_table", "source_id",
+	"submitted_by"
 };
 
 struct RequestInserter
@@ -82,6 +84,8 @@ struct RequestInserter
 	int			ndefaults;
 	AttrNumber *defattno;		/* other columns with a default */
 	ExprState **defexpr;
+	Oid			submitter_id;	/* role whose name submitter holds */
+	NameData	submitter;		/* the current row's submitted_by */
 	MemoryContextCallback cb;
 };
 
@@ -266,6 +270,18 @@ request_insert(RequestInserter *ins, const Contact *c, ArrayType *fields,
 	isnull[ins->attno[RC_SOURCE_ID]] = (source_id == NULL);
 	if (source_id)
 		values[ins->attno[RC_SOURCE_ID]] = CStringGetTextDatum(source_id);
+
+	/*
+	 * Who submitted is set here, from the current user, whatever the
+	 * column's default says: write-back trusts it (see apply_results).
+	 */
+	if (ins->submitter_id != GetUserId())
+	{
+		namestrcpy(&ins->submitter, GetUserNameFromId(GetUserId(), false));
+		ins->submitter_id = GetUserId();
+	}
+	values[ins->attno[RC_SUBMITTED_BY]] = NameGetDatum(&ins->submitter);
+	isnull[ins->attno[RC_SUBMITTED_BY]] = false;
 
 	if (isnull[ins->attno[RC_ID]])
 		elog(ERROR, "enrich.requests.id has no default");

@@ -129,15 +129,39 @@ domain_valid(const char *s)
 }
 
 /*
+ * Is h[0..len) a profile handle the API takes?  LinkedIn handles have 3 to
+ * 100 characters: letters, digits and hyphens, plus underscores in old
+ * handles and percent-encoded or UTF-8 letters in international ones
+ * (Sales Navigator ids, ACwAA..., are letters, digits, '-' and '_' too).
+ * The API refuses anything shorter, such as /in/x.
+ */
+static bool
+linkedin_handle_valid(const char *h, size_t len)
+{
+	int			chars;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		unsigned char ch = h[i];
+
+		if (!(isalnum(ch) || ch == '-' || ch == '_' || ch == '%' || ch >= 0x80))
+			return false;
+	}
+	chars = pg_mbstrlen_with_len(h, len);
+	return chars >= LINKEDIN_HANDLE_MIN && chars <= LINKEDIN_HANDLE_MAX;
+}
+
+/*
  * Normalise a LinkedIn profile URL to https://www.linkedin.com/<kind>/<id>,
  * or return NULL when it is not one.  Accepted: linkedin.com or any
  * <sub>.linkedin.com host, with or without scheme, and the profile paths
  * /in/<handle> (also Sales Navigator ACwAA... ids), /pub/..., and
  * /sales/lead|people/<id>.  Query strings, fragments and trailing slashes
- * are dropped.
+ * are dropped.  *bad_handle is set when the path is /in/<handle> but the
+ * handle is not one LinkedIn would issue (see linkedin_handle_valid).
  */
 static char *
-linkedin_normalise(const char *s)
+linkedin_normalise(const char *s, bool *bad_handle)
 {
 	const char *p = s;
 	const char *host;
@@ -168,7 +192,14 @@ linkedin_normalise(const char *s)
 
 	/* /in/<handle>, /pub/<...>, /sales/lead/<id>, /sales/people/<id> */
 	if (strncmp(path, "/in/", 4) == 0 && pathlen > 4)
+	{
 		ok = memchr(path + 4, '/', pathlen - 4) == NULL;
+		if (ok && !linkedin_handle_valid(path + 4, pathlen - 4))
+		{
+			*bad_handle = true;
+			return NULL;
+		}
+	}
 	else if (strncmp(path, "/pub/", 5) == 0 && pathlen > 5)
 		ok = true;
 	else if ((strncmp(path, "/sales/lead/", 12) == 0 && pathlen > 12) ||
@@ -227,8 +258,16 @@ contact_set(Contact *c, ContactField f, const char *raw)
 	}
 	else if (f == CF_LINKEDIN_URL)
 	{
-		char	   *u = linkedin_normalise(v);
+		bool		bad_handle = false;
+		char	   *u = linkedin_normalise(v, &bad_handle);
 
+		if (bad_handle)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("linkedin_url \"%s\" has no valid profile handle", v),
+					 errdetail("A handle after /in/ has %d to %d characters: letters, digits, hyphens and underscores.",
+							   LINKEDIN_HANDLE_MIN, LINKEDIN_HANDLE_MAX),
+					 errhint("Copy the whole profile URL from LinkedIn, such as https://www.linkedin.com/in/jane-doe-42.")));
 		if (u == NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -68,3 +68,21 @@ GRANT EXECUTE ON FUNCTION enrich.submit(jsonb, text[], jsonb),
                           enrich.preloaded()
     TO enrich_submitter;
 GRANT EXECUTE ON FUNCTION enrich.preloaded() TO enrich_reader;
+
+------------------------------------------------------------------------
+-- DROP EXTENSION guard.  Dropping enrich drops every request, result and
+-- delivery; while requests are queued or in flight the event trigger
+-- refuses (submit_guard.c), unless SET enrich.allow_drop = on.  It reacts
+-- to DROP EXTENSION enrich and DROP SCHEMA enrich CASCADE only.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._drop_guard()
+RETURNS event_trigger
+AS 'MODULE_PATHNAME', 'enrich_drop_guard'
+LANGUAGE C;
+
+COMMENT ON FUNCTION enrich._drop_guard() IS
+'Event trigger: refuse DROP EXTENSION enrich while requests are in flight (SET enrich.allow_drop = on to force).';
+
+CREATE EVENT TRIGGER enrich_drop_guard ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION', 'DROP SCHEMA')
+    EXECUTE FUNCTION enrich._drop_guard();

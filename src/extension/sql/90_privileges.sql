@@ -15,8 +15,10 @@ GRANT USAGE ON SCHEMA enrich TO enrich_submitter, enrich_reader, enrich_receiver
 -- queue; they see states and reasons, not enrichment data.
 GRANT SELECT ON enrich.queue, enrich.request_status, enrich.failures TO enrich_submitter;
 
--- Readers see everything that was found, and all status views.
-GRANT SELECT ON enrich.requests, enrich.batches, enrich.results,
+-- Readers see everything that was found, and all status views.  Not the
+-- batches' webhook tokens: whoever knows one can post to that batch's
+-- webhook URL (the status views, which run as their owner, still work).
+GRANT SELECT ON enrich.requests, enrich.results,
                 enrich.queue, enrich.request_status, enrich.batch_status,
                 enrich.failures, enrich.enriched_contacts
     TO enrich_reader;
@@ -48,4 +50,8 @@ $dispatcher$;
 
 GRANT USAGE ON SCHEMA enrich TO enrich_dispatcher;
 GRANT SELECT, INSERT, UPDATE ON enrich.batches, enrich.requests, enrich.results TO enrich_dispatcher;
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA enrich TO enrich_dispatcher;
+GRANT USAGE ON SEQUENCE enrich.batches_id_seq, enrich.requests_id_seq TO enrich_dispatcher;
+GRANT SELECT (id, state, enrichment_id, name, contact_count, created_at, sent_at,
+              finished_at, attempts, next_attempt_at, last_polled_at, next_poll_at,
+              http_status, api_status, credits_used, error_code, error_message)
+    ON enrich.batches TO enrich_reader;
