@@ -108,13 +108,13 @@ DECLARE
         "person_languages": "text", "person_skills": "text", "person_universities": "text",
         "current_position_seniority_level": "text", "current_position_job_functions": "text",
         "current_position_sub_functions": "text", "current_position_titles": "text",
-        "current_position_years_in": "range", "past_position_titles": "text"}';
+        "current_position_years_in": "range", "past_position_titles": "text"}'::jsonb;
     companies CONSTANT jsonb := '{
         "names": "text", "domains": "text", "professional_network_ids": "integer",
         "professional_network_urls": "text", "keywords": "text", "specialties": "text",
         "industries": "text", "types": "text", "headquarters_locations": "text",
         "founded_years": "range", "headcounts": "range", "company_ids": "text",
-        "technologies": "text"}';
+        "technologies": "text"}'::jsonb;
     specs   jsonb := CASE p_kind WHEN 'people' THEN people ELSE companies END;
     example text := CASE p_kind WHEN 'people'
                     THEN '{"current_company_domains": [{"value": "example.com"}]}'
@@ -253,6 +253,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- First: a C function, so the library (and enrich.search_cache_ttl) is loaded.
+    v_who     name := enrich._calling_role();
     v_hash    bytea := sha256(convert_to(p_endpoint || ' ' || p_body::text, 'UTF8'));
     v_ttl     interval := current_setting('enrich.search_cache_ttl')::interval;
     v_list    text := CASE WHEN p_endpoint LIKE 'people/%' THEN 'people' ELSE 'companies' END;
@@ -260,7 +262,6 @@ DECLARE
     v_cached  boolean := false;
     v_results integer;
     v_credits numeric;
-    v_who     name := enrich._calling_role();
 BEGIN
     IF v_ttl > interval '0' THEN
         SELECT c.response INTO v_answer
