@@ -251,7 +251,7 @@ COMMENT ON FUNCTION enrich._calling_role() IS
 'Internal: the session''s role, also inside SECURITY DEFINER functions.';
 
 -- Refuse a search body that is not a valid filter object, naming the filter.
-CREATE FUNCTION enrich._search_check(p_kind text, p_filters jsonb)
+CREATE FUNCTION enrich._search_check(p_kind text, p_filters jsonb, p_max integer)
 RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -294,6 +294,11 @@ DECLARE
     where_  text;
     v       jsonb;
 BEGIN
+    IF p_max IS NULL OR p_max < 1 OR p_max > 1000000 THEN
+        RAISE EXCEPTION 'max_results must be from 1 to 1000000, not %', coalesce(p_max::text, 'null')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Each result costs credits (0.25 in the reference).';
+    END IF;
     IF p_filters IS NULL THEN
         RAISE EXCEPTION 'filters must not be null'
             USING ERRCODE = 'null_value_not_allowed',
@@ -409,8 +414,8 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION enrich._search_check(text, jsonb) IS
-'Internal: refuse a filter object the API would refuse, naming the filter.';
+COMMENT ON FUNCTION enrich._search_check(text, jsonb, integer) IS
+'Internal: refuse a filter object the API would refuse, naming the filter, and a bad max_results.';
 
 -- One call: from the cache when fresh, else from the API; always in the ledger.
 CREATE FUNCTION enrich._search_call(p_endpoint text, p_body jsonb)
@@ -478,7 +483,7 @@ $$;
 COMMENT ON FUNCTION enrich._search_call(text, jsonb) IS
 'Internal: one search or lookup call, answered from the cache when fresh, recorded in enrich.search_calls.';
 
--- Every record of a search, page after page, up to p_max.
+-- Every record of a search, page after page, up to p_max (checked by the caller).
 CREATE FUNCTION enrich._search_pages(p_kind text, p_filters jsonb, p_max integer)
 RETURNS SETOF jsonb
 LANGUAGE plpgsql
@@ -495,12 +500,6 @@ DECLARE
     v_n        integer;
     v_total    bigint;
 BEGIN
-    IF p_max IS NULL OR p_max < 1 OR p_max > 1000000 THEN
-        RAISE EXCEPTION 'max_results must be from 1 to 1000000, not %', coalesce(p_max::text, 'null')
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Each result costs credits (0.25 in the reference).';
-    END IF;
-    PERFORM enrich._search_check(p_kind, p_filters);
     LOOP
         v_limit := least(100, p_max - v_got);
         v_answer := enrich._search_call(v_endpoint, p_filters ||
@@ -537,6 +536,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM enrich._search_check('people', filters, max_results);
     RETURN QUERY
     SELECT p ->> 'id', p ->> 'full_name', p ->> 'first_name', p ->> 'last_name',
            p #>> '{employment,current,title}', p #>> '{employment,current,seniority}',
@@ -562,6 +562,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM enrich._search_check('companies', filters, max_results);
     RETURN QUERY
     SELECT c ->> 'id', c ->> 'name', c ->> 'domain', c ->> 'website',
            c #>> '{industry,main_industry}', c ->> 'company_type',
@@ -704,7 +705,7 @@ COMMENT ON VIEW enrich.search_usage IS
 
 REVOKE ALL ON enrich.search_calls, enrich.search_cache, enrich.search_usage FROM PUBLIC;
 REVOKE ALL ON FUNCTION enrich._api_post(text, jsonb), enrich._calling_role(),
-                       enrich._search_check(text, jsonb), enrich._search_call(text, jsonb),
+                       enrich._search_check(text, jsonb, integer), enrich._search_call(text, jsonb),
                        enrich._search_pages(text, jsonb, integer), enrich._lookup_text(text, text),
                        enrich.search_people(jsonb, integer), enrich.search_companies(jsonb, integer),
                        enrich.lookup_person(text, text, text, bigint, text, bigint),
