@@ -21,6 +21,9 @@ against enrich-sandbox, on real clusters.
     submits together at the limit the sandbox sees no 429, the next search
     waits (and times out under statement_timeout) and so does the
     dispatcher;
+  - a 429 (someone else spent the workspace's budget) pauses the caller
+    for enrich.rate_limit_backoff, interruptibly, and the call is tried
+    again;
   - without shared_preload_libraries a search is refused with a hint.
 """
 
@@ -366,6 +369,28 @@ def test_shared_budget():
          "enrich.dispatcher counts everyone's calls in calls_last_minute")
 
 
+def test_429_pause():
+    """Someone else spends the workspace's budget: a 429 pauses every caller
+    for enrich.rate_limit_backoff and the call is tried again."""
+    sb = sl.Sandbox("--search-people", "2000", "--search-companies", "100",
+                    "--rate-window-ms", "2000", rate_limit=2)
+    cleanup.append(sb.daemon.stop)
+    c = make_cluster("search-429", sb, {"enrich.rate_limit_backoff": "'1500ms'"})
+    t0 = time.monotonic()
+    n = c.scalar("SELECT count(*) FROM enrich.search_people('{}', 300)")
+    secs = time.monotonic() - t0
+    s = sb.stats()
+    R.eq(n, "300", "a search that meets 429s still returns every row")
+    R.check(s["calls_429"] >= 1 and secs >= 1.4,
+            "it met %d 429(s) and waited them out (%.1f s)" % (s["calls_429"], secs))
+    R.eq(c.psql("SELECT results FROM enrich.search_calls ORDER BY id").split("\n"), ["100", "100", "100"],
+         "only the answered calls are in the ledger")
+    c.psql("SELECT pg_sleep(2.1)")
+    err = psql_err(c, "SET enrich.search_cache_ttl = 0; SET statement_timeout = '1s';\n"
+                      "SELECT count(*) FROM enrich.search_people('{}', 300)")
+    R.check("statement timeout" in err, "a search waiting out a 429 pause ends at statement_timeout", err)
+
+
 def test_no_preload(sb):
     c = et.Cluster("search-nopreload", conf={"shared_preload_libraries": "''",
                                               "enrich.api_url": "'%s/api/v2'" % sb.base})
@@ -392,6 +417,7 @@ def main():
         test_interrupts(c, sb)
         test_privileges(c, sb)
         test_no_preload(sb)
+        test_429_pause()
         test_shared_budget()
     finally:
         for f in reversed(cleanup):
