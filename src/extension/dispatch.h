@@ -3,7 +3,8 @@
  * dispatch.h
  *		The dispatcher worker: shared state, HTTP calls, API messages.
  *
- *	dispatch_shmem.c	shared memory: the worker's latch and its status
+ *	dispatch_shmem.c	shared memory: the worker's latch, its status and
+ *						the call budget shared with backends
  *	dispatch_http.c		libcurl multi driven from one WaitEventSet
  *	dispatch_api.c		request bodies and answers (json-c)
  *	dispatch_worker.c	the worker: registration, main loop, decisions
@@ -19,6 +20,8 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+
+#include "enrich.h"
 
 /* Longest status strings kept in shared memory. */
 #define DISPATCH_STATUS_LEN 256
@@ -50,6 +53,18 @@ typedef struct DispatchStatus
 	TimestampTz last_error_at;
 } DispatchStatus;
 
+/*
+ * The API call budget, shared by the dispatcher worker and the backends
+ * that call the API synchronously (search_http.c): the start times of the
+ * last calls, oldest overwritten first.  rate_total counts every call
+ * since server start; entry i lives at rate_ring[i % ENRICH_RATE_RING].
+ * Big enough for the largest enrich.max_calls_per_minute.
+ */
+#define ENRICH_RATE_RING ENRICH_MAX_CALLS_PER_MINUTE
+
+/* The rate window, with a little margin for clocks and latency. */
+#define ENRICH_RATE_WINDOW_US (INT64CONST(60500) * 1000)
+
 typedef struct EnrichShared
 {
 	slock_t		mutex;
@@ -59,19 +74,29 @@ typedef struct EnrichShared
 	DispatchStatus status;
 	/* Broadcast by those commits too: enrich.wait() sleeps on it. */
 	ConditionVariable requests_cv;
+	/* The shared call budget (under mutex): see ENRICH_RATE_RING. */
+	TimestampTz rate_paused_until;	/* a 429 pauses every caller */
+	uint64		rate_total;
+	TimestampTz rate_ring[ENRICH_RATE_RING];
 } EnrichShared;
 
 extern EnrichShared *enrich_shared;
 
 /* dispatch_shmem.c */
 extern void dispatch_status_update(const DispatchStatus *status);
+extern bool enrich_rate_take(TimestampTz now, TimestampTz *when);
+extern void enrich_rate_untake(TimestampTz t);
+extern void enrich_rate_seed(const TimestampTz *times, int n);
+extern void enrich_rate_pause(TimestampTz until);
+extern int	enrich_rate_recent(TimestampTz now);
 
 /* dispatch_http.c */
 typedef enum DispatchCallKind
 {
 	CALL_SUBMIT,				/* POST /contact/enrich/bulk */
 	CALL_POLL,					/* GET /contact/enrich/bulk/{id} */
-	CALL_CREDITS				/* GET /account/credits */
+	CALL_CREDITS,				/* GET /account/credits */
+	CALL_SYNC					/* a backend's search or lookup */
 } DispatchCallKind;
 
 /*

@@ -8,6 +8,12 @@
  * status for enrich.dispatcher_status() (copied here each time round its
  * loop).
  *
+ * The worker and backends also share one API call budget: at most
+ * enrich.max_calls_per_minute calls in any ENRICH_RATE_WINDOW_US, counted
+ * in a ring of call start times.  A caller takes a slot (under the
+ * spinlock: a few comparisons and one store) before it starts a call, or
+ * learns when the next slot frees; a 429 answer pauses everyone.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -163,4 +169,106 @@ enrich_dispatcher_status(PG_FUNCTION_ARGS)
 #undef TXT
 	Assert(i == tupdesc->natts);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * Take a slot of the shared call budget for a call starting now: true when
+ * taken.  Otherwise *when says when one may free (the oldest call leaves
+ * the window, or a 429 pause ends) and nothing is taken.
+ */
+bool
+enrich_rate_take(TimestampTz now, TimestampTz *when)
+{
+	int			limit = enrich_max_calls_per_minute;
+	TimestampTz t = now;
+
+	Assert(enrich_shared != NULL);
+	limit = Min(limit, ENRICH_RATE_RING);
+	SpinLockAcquire(&enrich_shared->mutex);
+	if (limit > 0 && enrich_shared->rate_total >= (uint64) limit)
+	{
+		TimestampTz oldest = enrich_shared->rate_ring[(enrich_shared->rate_total - limit) % ENRICH_RATE_RING];
+
+		t = Max(t, oldest + ENRICH_RATE_WINDOW_US);
+	}
+	t = Max(t, enrich_shared->rate_paused_until);
+	if (t <= now)
+	{
+		enrich_shared->rate_ring[enrich_shared->rate_total % ENRICH_RATE_RING] = now;
+		enrich_shared->rate_total++;
+	}
+	SpinLockRelease(&enrich_shared->mutex);
+	*when = t;
+	return t <= now;
+}
+
+/*
+ * Give back a slot taken at t for a call that was not made after all, if
+ * no later call took one since (else it stays spent: erring on the safe
+ * side).
+ */
+void
+enrich_rate_untake(TimestampTz t)
+{
+	if (enrich_shared == NULL)
+		return;
+	SpinLockAcquire(&enrich_shared->mutex);
+	if (enrich_shared->rate_total > 0 &&
+		enrich_shared->rate_ring[(enrich_shared->rate_total - 1) % ENRICH_RATE_RING] == t)
+		enrich_shared->rate_total--;
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+/*
+ * Put the calls the tables remember (n start times, in time order) in the
+ * budget: the worker's startup seeding, done only while nothing has been
+ * counted since the server started (a restarted worker finds the ring as
+ * it was).
+ */
+void
+enrich_rate_seed(const TimestampTz *times, int n)
+{
+	if (enrich_shared == NULL)
+		return;
+	SpinLockAcquire(&enrich_shared->mutex);
+	if (enrich_shared->rate_total == 0)
+	{
+		for (int i = Max(n - ENRICH_RATE_RING, 0); i < n; i++)
+			enrich_shared->rate_ring[enrich_shared->rate_total++ % ENRICH_RATE_RING] = times[i];
+	}
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+/* No call by anyone before until (after a 429). */
+void
+enrich_rate_pause(TimestampTz until)
+{
+	if (enrich_shared == NULL)
+		return;
+	SpinLockAcquire(&enrich_shared->mutex);
+	enrich_shared->rate_paused_until = Max(enrich_shared->rate_paused_until, until);
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+/* Calls started by anyone in the last window (for status). */
+int
+enrich_rate_recent(TimestampTz now)
+{
+	int			n = 0;
+	uint64		total;
+	int			span;
+
+	if (enrich_shared == NULL)
+		return 0;
+	SpinLockAcquire(&enrich_shared->mutex);
+	total = enrich_shared->rate_total;
+	span = (int) Min(total, 1000);	/* bounded work under the spinlock */
+	for (int i = 1; i <= span; i++)
+	{
+		if (enrich_shared->rate_ring[(total - i) % ENRICH_RATE_RING] <= now - ENRICH_RATE_WINDOW_US)
+			break;
+		n++;
+	}
+	SpinLockRelease(&enrich_shared->mutex);
+	return n;
 }

@@ -83,9 +83,6 @@ PGDLLEXPORT void enrich_dispatch_main(Datum main_arg);
 /* A SIGTERM lets calls in flight finish for this long, then aborts them. */
 #define SHUTDOWN_DRAIN_MS 1000L
 
-/* The rate window, with a little margin for clocks and latency. */
-#define RATE_WINDOW_US (INT64CONST(60500) * 1000)
-
 /* A batch claimed but not yet POSTed (contacts copied out of SPI). */
 typedef struct ClaimedBatch
 {
@@ -125,11 +122,7 @@ static const char *key_source = "none";
 static bool extension_warned = false;
 static bool recovered = false;
 
-/* Pacing. */
-static TimestampTz *rate_ring = NULL;	/* times of the last calls */
-static int	rate_cap = 0;
-static int	rate_head = 0;		/* oldest entry when full */
-static int	rate_count = 0;
+/* Pacing (the call budget itself is shared: dispatch_shmem.c). */
 static TimestampTz paused_until = 0;	/* no call before (429, failures) */
 static int	consecutive_failures = 0;
 static bool key_rejected = false;
@@ -289,89 +282,45 @@ api_base(void)
 
 /*-------------------------------------------------------------------------
  * The rate window: at most enrich.max_calls_per_minute calls in any
- * RATE_WINDOW_US.  A ring of the last N call times; a call may start when
- * the ring is not full or its oldest entry left the window.
+ * ENRICH_RATE_WINDOW_US, counted in shared memory together with the
+ * backends' synchronous calls (enrich_rate_take).  may_call takes the slot;
+ * a caller that then makes no call gives it back (enrich_rate_untake).
  *-------------------------------------------------------------------------
  */
 
-/* Resize the ring to the current limit, keeping the newest entries. */
-static void
-rate_resize(void)
-{
-	int			cap = enrich_max_calls_per_minute;
-	TimestampTz *ring = NULL;
-	int			keep;
-
-	if (cap == rate_cap)
-		return;
-	if (cap > 0)
-		ring = MemoryContextAllocZero(worker_ctx, sizeof(TimestampTz) * cap);
-	keep = Min(rate_count, cap);
-	/* rate_head is where the next entry goes: the newest is just before. */
-	for (int i = 0; i < keep; i++)
-		ring[i] = rate_ring[(rate_head - keep + i + rate_cap) % rate_cap];
-	if (rate_ring != NULL)
-		pfree(rate_ring);
-	rate_ring = ring;
-	rate_cap = cap;
-	rate_count = keep;
-	rate_head = cap > 0 ? keep % cap : 0;
-}
-
-/* Put a call made at t in the window. */
-static void
-rate_remember(TimestampTz t)
-{
-	if (rate_cap == 0)
-		return;
-	rate_ring[rate_head] = t;
-	rate_head = (rate_head + 1) % rate_cap;
-	if (rate_count < rate_cap)
-		rate_count++;
-}
-
-/* Record a call we make now (at t). */
+/* Record a call we make now (at t); its slot was taken by may_call. */
 static void
 rate_record(TimestampTz t)
 {
 	status.calls++;
 	status.last_call_at = t;
-	rate_remember(t);
 }
 
-/* When the next call may start (<= now: at once). */
-static TimestampTz
-rate_next_slot(TimestampTz now)
+/* Pause every caller of the API (ours and the backends') until t. */
+static void
+rate_pause(TimestampTz t)
 {
-	if (rate_cap == 0 || rate_count < rate_cap)
-		return now;
-	/* Full: rate_head is the oldest entry. */
-	return Max(now, rate_ring[rate_head] + RATE_WINDOW_US);
+	paused_until = t;
+	enrich_rate_pause(t);
 }
 
-/* Calls in the last window, for the status view. */
-static int
-rate_recent(TimestampTz now)
-{
-	int			n = 0;
-
-	for (int i = 0; i < rate_count; i++)
-		if (rate_ring[i] > now - RATE_WINDOW_US)
-			n++;
-	return n;
-}
-
-/* May a call start now?  Otherwise *when says when one might. */
+/*
+ * May a call start now?  Then its slot of the shared budget is taken.
+ * Otherwise *when says when one might.
+ */
 static bool
 may_call(TimestampTz now, TimestampTz *when)
 {
-	TimestampTz t = rate_next_slot(now);
+	TimestampTz t = paused_until;
 
-	t = Max(t, paused_until);
 	if (key_rejected)
 		t = Max(t, key_retry_at);
-	*when = t;
-	return t <= now;
+	if (t > now)
+	{
+		*when = t;
+		return false;
+	}
+	return enrich_rate_take(now, when);
 }
 
 /*-------------------------------------------------------------------------
@@ -518,8 +467,14 @@ tx_recover(void *arg)
 
 	/* Seed the rate window with the calls the tables remember. */
 	spi_run("SELECT t FROM enrich._dispatch_recent_calls() t ORDER BY t", 0, NULL, NULL, NULL);
-	for (uint64 i = 0; i < SPI_processed; i++)
-		rate_remember(spi_ts(i, 1));
+	if (SPI_processed > 0)
+	{
+		TimestampTz *times = palloc(sizeof(TimestampTz) * SPI_processed);
+
+		for (uint64 i = 0; i < SPI_processed; i++)
+			times[i] = spi_ts(i, 1);
+		enrich_rate_seed(times, (int) SPI_processed);
+	}
 }
 
 /* Log when the extension appears in or leaves our database, once each. */
@@ -766,8 +721,7 @@ dispatch_step(void)
 	bool		credits_paused;
 	bool		started = false;
 
-	rate_resize();
-	status.calls_last_minute = rate_recent(now);
+	status.calls_last_minute = enrich_rate_recent(now);
 	wakeups_at_plan = read_wakeups();
 	capacity_deficit = 0;
 
@@ -814,7 +768,13 @@ dispatch_step(void)
 	if (plan.poll_due && polls_running < MAX_POLLS)
 	{
 		if (may_call(now, &slot))
+		{
+			int64		before = status.calls;
+
 			started |= start_poll(now);
+			if (status.calls == before)
+				enrich_rate_untake(now);	/* nothing was due after all */
+		}
 		else
 			wake = Min(wake, slot);
 	}
@@ -855,7 +815,13 @@ dispatch_step(void)
 		if (max_new >= 0)
 		{
 			if (may_call(now, &slot))
+			{
+				int64		before = status.calls;
+
 				started |= start_submit(max_new, now);
+				if (status.calls == before)
+					enrich_rate_untake(now);	/* nothing was sent */
+			}
 			else
 			{
 				wake = Min(wake, slot);
@@ -1051,7 +1017,7 @@ record_submit(DispatchCall *call, TimestampTz now)
 		{
 			status.calls_429++;
 			delay_ms = rate_limit_pause_ms();
-			paused_until = now + (TimestampTz) (delay_ms * 1000);
+			rate_pause(now + (TimestampTz) (delay_ms * 1000));
 			counts = false;
 			ereport(LOG,
 					(errmsg("enrich dispatcher: the API answered 429; pausing API calls for %.0f s",
@@ -1181,7 +1147,7 @@ record_poll(DispatchCall *call, TimestampTz now)
 		{
 			status.calls_429++;
 			next_s = rate_limit_pause_ms() / 1000.0;
-			paused_until = now + (TimestampTz) (next_s * USECS_PER_SEC);
+			rate_pause(now + (TimestampTz) (next_s * USECS_PER_SEC));
 		}
 		else if (answered && (st == 401 || st == 403))
 		{
@@ -1241,7 +1207,7 @@ record_credits(DispatchCall *call, TimestampTz now)
 	if (call->result == CURLE_OK && call->http_status == 429)
 	{
 		status.calls_429++;
-		paused_until = now + (TimestampTz) (rate_limit_pause_ms() * 1000);
+		rate_pause(now + (TimestampTz) (rate_limit_pause_ms() * 1000));
 	}
 	status.calls_failed++;
 	note_error("credits check failed: HTTP %ld %s", call->http_status,
@@ -1263,6 +1229,8 @@ record_call(DispatchCall *call)
 		case CALL_CREDITS:
 			record_credits(call, now);
 			return true;
+		case CALL_SYNC:
+			break;				/* backends' calls, never the worker's */
 	}
 	return true;
 }
@@ -1281,6 +1249,8 @@ release_slot(DispatchCall *call)
 			break;
 		case CALL_CREDITS:
 			credits_running--;
+			break;
+		case CALL_SYNC:
 			break;
 	}
 }

@@ -19,6 +19,9 @@
 /* enrich.c */
 extern bool enrich_is_preloaded;
 
+/* Largest enrich.max_calls_per_minute (sizes the shared call budget). */
+#define ENRICH_MAX_CALLS_PER_MINUTE 100000
+
 /* guc.c */
 extern char *enrich_api_url;
 extern char *enrich_api_key;
@@ -41,6 +44,7 @@ extern int	enrich_rate_limit_backoff;
 extern int	enrich_max_attempts;
 extern int	enrich_reuse_window;
 extern int	enrich_credits_check_interval;
+extern int	enrich_search_cache_ttl;
 
 extern void enrich_guc_init(void);
 extern char *enrich_read_api_key(const char **source);

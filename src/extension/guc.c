@@ -59,6 +59,7 @@ int			enrich_rate_limit_backoff = 60000;
 int			enrich_max_attempts = 10;
 int			enrich_reuse_window = 30 * 86400;
 int			enrich_credits_check_interval = 300;
+int			enrich_search_cache_ttl = 86400;
 
 /*
  * Whether the variables were defined before any session could read their
@@ -258,7 +259,7 @@ enrich_guc_init_dispatcher(void)
 							"API calls the dispatcher makes in any 60 seconds (submits, polls and credit checks together).",
 							"0 lifts the limit (for benchmarks against enrich-sandbox only).",
 							&enrich_max_calls_per_minute,
-							60, 0, 100000,
+							60, 0, ENRICH_MAX_CALLS_PER_MINUTE,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 
@@ -340,6 +341,18 @@ enrich_guc_init_dispatcher(void)
 							&enrich_reuse_window,
 							30 * 86400, 0, 365 * 86400,
 							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	/*
+	 * Any role may shorten it (down to 0: always ask the API, and pay) for
+	 * its own session; the cache is keyed by the exact request.
+	 */
+	DefineCustomIntVariable("enrich.search_cache_ttl",
+							"A search or lookup asked identically this recently is answered from the local cache, at no cost.",
+							"0 turns the cache off.",
+							&enrich_search_cache_ttl,
+							86400, 0, 365 * 86400,
+							PGC_USERSET, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	DefineCustomIntVariable("enrich.credits_check_interval",

@@ -6,6 +6,7 @@
 --   10_submit      validation and the submission API
 --   20_dispatch    functions the dispatcher worker calls
 --   30_ingest      enrich.ingest_webhook() and the delivery inbox
+--   70_search      people and company search and lookup (synchronous)
 --   80_views       status and reporting views
 --   85_apply       results back into the CRM rows that asked for them
 --   90_privileges  what each role may do (nothing for PUBLIC)
