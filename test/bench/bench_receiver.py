@@ -140,8 +140,9 @@ class Bench:
         conf = {"enrich.api_key": "'%s'" % KEY, "enrich.database_name": "'postgres'",
                 "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
                 "max_connections": "40", "shared_buffers": "'256MB'"}
-        if args.fsync:
-            conf["fsync"] = "on"
+        # Production settings by default: fsync on, synchronous_commit on.
+        conf["fsync"] = "on" if args.fsync else "off"
+        conf["synchronous_commit"] = "on"
         self.c = Cluster("bench-receiver", conf=conf)
         self.c.start()
         self.c.psql("CREATE EXTENSION enrich; CREATE ROLE %s LOGIN IN ROLE enrich_receiver;"
@@ -273,8 +274,9 @@ class Bench:
         d, r = statistics.median(direct), statistics.median(recv)
         print()
         print("deliveries: ~1.5 kB per-contact envelopes, %d sessions/worker threads, %d s per phase, "
-              "median of %d, fsync %s" % (self.args.clients, self.args.seconds, self.args.runs,
-                                         "on" if self.args.fsync else "off"))
+              "median of %d, fsync %s, synchronous_commit %s"
+              % (self.args.clients, self.args.seconds, self.args.runs,
+                 self.c.scalar("SHOW fsync"), self.c.scalar("SHOW synchronous_commit")))
         print("direct (pgbench, ingest_webhook)  : %8.0f deliveries/s  (latency avg %.2f ms)"
               % (d, statistics.median(lats)))
         print("receiver (wrk -> HTTP -> libpq)   : %8.0f deliveries/s  (p50 %.2f ms, p99 %.2f ms)"
@@ -373,7 +375,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="alternating direct/receiver pairs (median)")
     ap.add_argument("--clients", type=int, default=4, help="pgbench sessions = receiver worker threads")
     ap.add_argument("--deliveries", type=int, default=20000, help="fresh deliveries prepared per phase")
-    ap.add_argument("--fsync", action="store_true", help="fsync on (default off, as the test clusters)")
+    ap.add_argument("--no-fsync", dest="fsync", action="store_false",
+                    help="fsync off, as the test clusters (default: fsync on, synchronous_commit on)")
     ap.add_argument("--memcheck", choices=("asan", "valgrind"), help="instrumented burst instead")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
