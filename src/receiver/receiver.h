@@ -123,6 +123,7 @@ extern void receiver_conn_notify(void *cls, struct MHD_Connection *conn,
 								 void **socket_context, enum MHD_ConnectionNotificationCode toe);
 extern void receiver_conn_waiting(struct MHD_Connection *conn, bool waiting);
 extern void receiver_conn_request_done(struct MHD_Connection *conn);
+extern bool receiver_conn_expired(struct MHD_Connection *conn);
 extern void receiver_conn_tick(void);
 extern bool receiver_body_reserve(size_t bytes);
 extern void receiver_body_release(size_t bytes);

@@ -192,6 +192,21 @@ receiver_conn_waiting(struct MHD_Connection *conn, bool waiting)
 	pthread_mutex_unlock(&conn_lock);
 }
 
+/* Was conn shut down by the request deadline? */
+bool
+receiver_conn_expired(struct MHD_Connection *conn)
+{
+	ConnInfo   *c = conn_info(conn);
+	bool		expired;
+
+	if (c == NULL)
+		return false;
+	pthread_mutex_lock(&conn_lock);
+	expired = c->expired;
+	pthread_mutex_unlock(&conn_lock);
+	return expired;
+}
+
 /* A request on conn ended: the next one gets a full deadline. */
 void
 receiver_conn_request_done(struct MHD_Connection *conn)

@@ -547,7 +547,8 @@ request_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 	if (r->delivery && !r->counted)
 		count_delivery(r, OUTCOME_ABORTED, false);
 	if (r->status == 0 && r->note == NULL)
-		r->note = toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle timeout" :
+		r->note = receiver_conn_expired(conn) ? "request timeout: not in within --request-timeout" :
+			toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle timeout" :
 			toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN ? "shutdown" :
 			"client went away";
 	if (!r->quiet)
