@@ -45,6 +45,7 @@ typedef struct ReceiverConfig
 	size_t		max_body_memory;	/* bytes of bodies held at once, all
 									 * connections together */
 	unsigned	threads;		/* database worker threads = connections */
+	unsigned	group_commit;	/* deliveries filed per transaction, at most */
 	unsigned	max_connections;
 	unsigned	max_connections_per_ip; /* 0: no per-address cap */
 	unsigned	idle_timeout;	/* seconds without traffic before a close */
@@ -84,6 +85,8 @@ extern void receiver_db_thread_init(bool health);
 extern void receiver_db_ingest(const char *body, size_t body_len,
 							   const char *signature, const char *path,
 							   IngestAnswer *answer);
+struct Job;
+extern void receiver_db_ingest_group(struct Job **jobs, int n);
 extern bool receiver_db_health(char *message, size_t message_size);
 extern void receiver_db_cancel_all(void);
 extern void receiver_db_close_all(void);
@@ -171,6 +174,7 @@ typedef enum DbErrorKind
 extern void metrics_delivery(DeliveryOutcome outcome, double seconds, bool timed);
 extern void metrics_response(unsigned http_status);
 extern void metrics_rejected(RejectReason reason);
+extern void metrics_group_commit(int deliveries);
 extern void metrics_db_error(DbErrorKind kind);
 extern void metrics_db_connected(int delta);
 extern void metrics_http_connection(int delta);

@@ -450,6 +450,117 @@ receiver_db_ingest(const char *body, size_t body_len, const char *signature,
 		slot_drop(my_slot);
 }
 
+/* Next result of a pipeline, skipping the NULLs that end each query's results. */
+static PGresult *
+pipeline_result(PGconn *conn)
+{
+	PGresult   *res = PQgetResult(conn);
+
+	if (res == NULL)
+		res = PQgetResult(conn);
+	return res;
+}
+
+/*
+ * File several deliveries in one transaction (group commit): BEGIN, one
+ * enrich.ingest_webhook() call per job and COMMIT, sent as one libpq
+ * pipeline.  Every job is answered with its own call's status, and is
+ * marked committed only once COMMIT succeeded, so 2xx still means durable.
+ * If anything fails (an error in one call aborts them all, a lost
+ * connection leaves the outcome unknown), each job is filed again on its
+ * own: ingest_webhook() answers a body it already has like the first copy.
+ */
+void
+receiver_db_ingest_group(Job **jobs, int n)
+{
+	static const Oid types[3] = {BYTEAOID, TEXTOID, TEXTOID};
+	static const int formats[3] = {1, 0, 0};
+	DbSlot	   *s = slot_get();
+	bool		fresh;
+	bool		ok = true;
+	int			n_read = n + 1;
+	PGresult   *res;
+
+	if (n > 1 && s != NULL && slot_connect(s, &fresh) && PQenterPipelineMode(s->conn))
+	{
+		pthread_mutex_lock(&slots_lock);
+		s->busy = true;
+		pthread_mutex_unlock(&slots_lock);
+		ok = PQsendQueryParams(s->conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0);
+		for (int i = 0; ok && i < n; i++)
+		{
+			const char *values[3] = {jobs[i]->body, jobs[i]->signature, jobs[i]->path};
+			int			lengths[3] = {(int) jobs[i]->body_len, 0, 0};
+
+			ok = PQsendQueryParams(s->conn, ingest_sql, 3, types, values, lengths, formats, 0);
+		}
+		ok = ok && PQsendQueryParams(s->conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) &&
+			PQpipelineSync(s->conn);
+		if (!ok)
+			n_read = -2;		/* nothing to wait for: the send failed */
+
+		/* BEGIN, the n calls, COMMIT, then the sync. */
+		for (int i = -1; i <= n_read; i++)
+		{
+			res = pipeline_result(s->conn);
+			if (res == NULL)
+			{
+				ok = false;
+				break;
+			}
+			if (i == -1)
+				ok = ok && PQresultStatus(res) == PGRES_COMMAND_OK;
+			else if (i < n)
+			{
+				ok = ok && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 &&
+					PQnfields(res) == 2 && !PQgetisnull(res, 0, 0);
+				if (ok)
+				{
+					long		status = strtol(PQgetvalue(res, 0, 0), NULL, 10);
+
+					ok = status >= 200 && status <= 599;
+					jobs[i]->answer.http_status = (unsigned) status;
+					copy_message(jobs[i]->answer.message, sizeof(jobs[i]->answer.message),
+								 PQgetisnull(res, 0, 1) ? "" : PQgetvalue(res, 0, 1));
+				}
+			}
+			else if (i == n)
+				ok = ok && PQresultStatus(res) == PGRES_COMMAND_OK &&
+					strcmp(PQcmdStatus(res), "COMMIT") == 0;
+			else
+			{
+				bool		synced = PQresultStatus(res) == PGRES_PIPELINE_SYNC;
+
+				ok = ok && synced;
+				PQclear(res);
+				if (!synced)
+				{
+					ok = false;
+					break;
+				}
+				continue;
+			}
+			PQclear(res);
+		}
+		pthread_mutex_lock(&slots_lock);
+		s->busy = false;
+		pthread_mutex_unlock(&slots_lock);
+		if (ok && PQexitPipelineMode(s->conn) && PQtransactionStatus(s->conn) == PQTRANS_IDLE)
+		{
+			for (int i = 0; i < n; i++)
+				jobs[i]->answer.committed = true;
+			metrics_group_commit(n);
+			return;
+		}
+		/* Whatever state the session is in, start afresh. */
+		slot_drop(s);
+	}
+
+	for (int i = 0; i < n; i++)
+		receiver_db_ingest(jobs[i]->body, jobs[i]->body_len, jobs[i]->signature,
+						   jobs[i]->path, &jobs[i]->answer);
+}
+
 /*
  * Is the database reachable, and may our role call enrich.ingest_webhook()?
  * message gets a one-line explanation either way.

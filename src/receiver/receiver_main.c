@@ -54,6 +54,7 @@ ReceiverConfig receiver_config = {
 	.max_body = 8 * 1024 * 1024,
 	.max_body_memory = 64 * 1024 * 1024,
 	.threads = 4,
+	.group_commit = 1,
 	.max_connections = 256,
 	.max_connections_per_ip = 64,
 	.idle_timeout = 15,
@@ -120,6 +121,8 @@ usage(FILE *out)
 			"  --max-body-memory SIZE   bodies held at once, all connections together\n"
 			"                           (default 64M; 503 above)\n"
 			"  --threads N              database threads, one connection each (default 4)\n"
+			"  --group-commit N         file up to N waiting deliveries in one transaction,\n"
+			"                           each answered after its commit (default 1: off)\n"
 			"  --max-connections N      open HTTP connections at most; more are closed at\n"
 			"                           once (default 256)\n"
 			"  --max-connections-per-ip N  open connections from one client address at\n"
@@ -326,7 +329,8 @@ main(int argc, char **argv)
 		OPT_LISTEN = 256, OPT_DSN, OPT_DSN_FILE, OPT_PREFIX, OPT_MAX_BODY,
 		OPT_THREADS, OPT_MAX_CONN, OPT_IDLE, OPT_REQUEST, OPT_DRAIN,
 		OPT_DB_TIMEOUT, OPT_CERT, OPT_KEY, OPT_HELP, OPT_MAX_BODY_MEMORY,
-		OPT_MAX_CONN_IP, OPT_LOCK_TIMEOUT, OPT_STMT_TIMEOUT, OPT_HEALTH_TIMEOUT
+		OPT_MAX_CONN_IP, OPT_LOCK_TIMEOUT, OPT_STMT_TIMEOUT, OPT_HEALTH_TIMEOUT,
+		OPT_GROUP_COMMIT
 	};
 	static const struct option longopts[] = {
 		{"listen", required_argument, NULL, OPT_LISTEN},
@@ -348,6 +352,7 @@ main(int argc, char **argv)
 		{"lock-timeout", required_argument, NULL, OPT_LOCK_TIMEOUT},
 		{"statement-timeout", required_argument, NULL, OPT_STMT_TIMEOUT},
 		{"health-timeout", required_argument, NULL, OPT_HEALTH_TIMEOUT},
+		{"group-commit", required_argument, NULL, OPT_GROUP_COMMIT},
 		{NULL, 0, NULL, 0}
 	};
 	const char *dsn_arg = NULL;
@@ -397,6 +402,9 @@ main(int argc, char **argv)
 				break;
 			case OPT_STMT_TIMEOUT:
 				receiver_config.statement_timeout_ms = parse_duration_ms("statement-timeout", optarg);
+				break;
+			case OPT_GROUP_COMMIT:
+				receiver_config.group_commit = parse_uint("group-commit", optarg, 1, 64);
 				break;
 			case OPT_HEALTH_TIMEOUT:
 				receiver_config.health_timeout_ms = parse_duration_ms("health-timeout", optarg);

@@ -68,6 +68,8 @@ static atomic_ullong latency_sum_us;
 static atomic_ulong responses[NSTATUSES + 1];
 static atomic_ulong db_errors[DBERR_COUNT];
 static atomic_ulong rejected[REJECT_COUNT];
+static atomic_ulong group_commits;
+static atomic_ulong group_deliveries;
 static atomic_int db_connections;
 static atomic_int http_connections;
 
@@ -107,6 +109,14 @@ void
 metrics_rejected(RejectReason reason)
 {
 	atomic_fetch_add(&rejected[reason], 1);
+}
+
+/* Count one transaction that filed several deliveries. */
+void
+metrics_group_commit(int deliveries)
+{
+	atomic_fetch_add(&group_commits, 1);
+	atomic_fetch_add(&group_deliveries, deliveries);
 }
 
 /* Count one database error. */
@@ -229,6 +239,14 @@ metrics_render(size_t *len)
 	for (int i = 0; i < REJECT_COUNT; i++)
 		buf_printf(&b, "enrich_receiver_rejected_total{reason=\"%s\"} %lu\n",
 				   reject_names[i], atomic_load(&rejected[i]));
+
+	buf_printf(&b, "# HELP enrich_receiver_group_commits_total Transactions that filed several deliveries (--group-commit).\n"
+			   "# TYPE enrich_receiver_group_commits_total counter\n"
+			   "enrich_receiver_group_commits_total %lu\n"
+			   "# HELP enrich_receiver_group_commit_deliveries_total Deliveries filed in those transactions.\n"
+			   "# TYPE enrich_receiver_group_commit_deliveries_total counter\n"
+			   "enrich_receiver_group_commit_deliveries_total %lu\n",
+			   atomic_load(&group_commits), atomic_load(&group_deliveries));
 
 	buf_printf(&b, "# HELP enrich_receiver_db_errors_total Database errors by kind.\n"
 			   "# TYPE enrich_receiver_db_errors_total counter\n");

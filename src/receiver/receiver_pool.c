@@ -24,6 +24,7 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -62,11 +63,11 @@ job_refuse(Job *job)
 }
 
 /*
- * Take jobs off a queue: one, or (all == true) every job waiting.  NULL
- * once the queue is stopping and empty.
+ * Take up to max jobs off a queue, as a list.  NULL once the queue is
+ * stopping and empty.
  */
 static Job *
-queue_take(JobQueue *q, bool all)
+queue_take(JobQueue *q, unsigned max)
 {
 	Job		   *job;
 
@@ -76,38 +77,64 @@ queue_take(JobQueue *q, bool all)
 	job = q->head;
 	if (job != NULL)
 	{
-		if (all)
-			q->head = q->tail = NULL;
-		else
-		{
-			q->head = job->next;
-			if (q->head == NULL)
-				q->tail = NULL;
-			job->next = NULL;
-		}
+		Job		   *last = job;
+
+		for (unsigned n = 1; n < max && last->next != NULL; n++)
+			last = last->next;
+		q->head = last->next;
+		if (q->head == NULL)
+			q->tail = NULL;
+		last->next = NULL;
 	}
 	pthread_mutex_unlock(&q->lock);
 	return job;
 }
 
-/* A delivery thread. */
+/*
+ * A delivery thread: files the deliveries waiting, up to --group-commit of
+ * them in one transaction.
+ */
 static void *
 ingest_main(void *arg)
 {
-	Job		   *job;
+	Job		   *jobs;
+	Job		  **group = calloc(receiver_config.group_commit, sizeof(Job *));
+	unsigned	max = group != NULL ? receiver_config.group_commit : 1;
 
 	receiver_db_thread_init(false);
-	while ((job = queue_take(&ingest_queue, false)) != NULL)
+	while ((jobs = queue_take(&ingest_queue, max)) != NULL)
 	{
+		int			n = 0;
+
 		if (atomic_load(&ingest_queue.stopping))
 		{
-			job_refuse(job);
+			while (jobs != NULL)
+			{
+				Job		   *next = jobs->next;
+
+				job_refuse(jobs);
+				jobs = next;
+			}
 			continue;
 		}
-		receiver_db_ingest(job->body, job->body_len, job->signature, job->path,
-						   &job->answer);
-		job_done(job);
+		if (jobs->next == NULL)
+			receiver_db_ingest(jobs->body, jobs->body_len, jobs->signature, jobs->path,
+							   &jobs->answer);
+		else
+		{
+			for (Job *j = jobs; j != NULL; j = j->next)
+				group[n++] = j;
+			receiver_db_ingest_group(group, n);
+		}
+		while (jobs != NULL)
+		{
+			Job		   *next = jobs->next;
+
+			job_done(jobs);
+			jobs = next;
+		}
 	}
+	free(group);
 	return NULL;
 }
 
@@ -118,7 +145,7 @@ health_main(void *arg)
 	Job		   *jobs;
 
 	receiver_db_thread_init(true);
-	while ((jobs = queue_take(&health_queue, true)) != NULL)
+	while ((jobs = queue_take(&health_queue, UINT_MAX)) != NULL)
 	{
 		IngestAnswer a;
 

@@ -224,12 +224,14 @@ class Bench:
                                % (tx, acc, other))
         return tx / self.args.seconds, lat
 
-    def receiver(self, n):
-        """wrk -> receiver phase; returns (deliveries/s, p50 ms, p99 ms) (checked)."""
+    def receiver(self, n, group=1):
+        """wrk -> receiver phase (--group-commit group); returns (deliveries/s,
+        p50 ms, p99 ms, CPU us per delivery, deliveries filed in groups) (checked)."""
         lua = self.wrk_inputs(n)
         port = free_port()
         d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
-                    "--dsn", self.c.dsn(user=ROLE), "--threads", str(self.args.clients)],
+                    "--dsn", self.c.dsn(user=ROLE), "--threads", str(self.args.clients),
+                    "--group-commit", str(group)],
                    "receiver", logdir=self.tmp).start()
         try:
             wait_port(port)
@@ -242,6 +244,10 @@ class Bench:
             with open("/proc/%d/stat" % d.proc.pid) as f:
                 st = f.read().rsplit(")", 1)[1].split()
             cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+            grouped = 0
+            for line in enrichtest.http("GET", "http://127.0.0.1:%d/metrics" % port)[1].decode().splitlines():
+                if line.startswith("enrich_receiver_group_commit_deliveries_total "):
+                    grouped = int(float(line.split()[1]))
         finally:
             d.stop()
         m = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) "
@@ -254,23 +260,32 @@ class Bench:
             raise RuntimeError("receiver: %d requests, %d non-2xx, %d socket errors, %d accepted, others %r"
                                % (reqs, non2xx, errs, acc, other))
         # wrk stops mid-request at the deadline: count what the database filed.
-        return acc / (dur / 1e6), p50 / 1000.0, p99 / 1000.0, cpu * 1e6 / max(acc, 1)
+        return acc / (dur / 1e6), p50 / 1000.0, p99 / 1000.0, cpu * 1e6 / max(acc, 1), grouped / max(acc, 1)
 
     def run(self):
         per_phase = self.args.deliveries
         direct, recv, p50s, p99s, lats, cpus = [], [], [], [], [], []
+        grouped, gp50s, gp99s = [], [], []
         for i in range(self.args.runs):
             rate, lat = self.direct(per_phase)
             direct.append(rate)
             lats.append(lat)
             print("run %d: direct %.0f/s (latency avg %.2f ms)" % (i + 1, rate, lat), flush=True)
-            rate, p50, p99, cpu = self.receiver(per_phase)
+            rate, p50, p99, cpu, _ = self.receiver(per_phase)
             recv.append(rate)
             cpus.append(cpu)
             p50s.append(p50)
             p99s.append(p99)
             print("run %d: receiver %.0f/s (p50 %.2f ms, p99 %.2f ms, %.0f us CPU per delivery in the daemon)"
                   % (i + 1, rate, p50, p99, cpu), flush=True)
+            if self.args.group_commit > 1:
+                rate, p50, p99, cpu, share = self.receiver(per_phase, self.args.group_commit)
+                grouped.append(rate)
+                gp50s.append(p50)
+                gp99s.append(p99)
+                print("run %d: receiver --group-commit %d %.0f/s (p50 %.2f ms, p99 %.2f ms, %.0f%% of "
+                      "deliveries filed in groups)" % (i + 1, self.args.group_commit, rate, p50, p99,
+                                                       100 * share), flush=True)
         d, r = statistics.median(direct), statistics.median(recv)
         print()
         print("deliveries: ~1.5 kB per-contact envelopes, %d sessions/worker threads, %d s per phase, "
@@ -283,6 +298,11 @@ class Bench:
               % (r, statistics.median(p50s), statistics.median(p99s)))
         print("receiver daemon CPU per delivery  : %8.0f us" % statistics.median(cpus))
         print("ratio receiver / direct           : %8.2fx" % (r / d))
+        if grouped:
+            g = statistics.median(grouped)
+            print("receiver --group-commit %-2d        : %8.0f deliveries/s  (p50 %.2f ms, p99 %.2f ms)"
+                  % (self.args.group_commit, g, statistics.median(gp50s), statistics.median(gp99s)))
+            print("ratio grouped receiver / direct   : %8.2fx" % (g / d))
 
     def destroy(self):
         self.c.destroy()
@@ -375,6 +395,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="alternating direct/receiver pairs (median)")
     ap.add_argument("--clients", type=int, default=4, help="pgbench sessions = receiver worker threads")
     ap.add_argument("--deliveries", type=int, default=20000, help="fresh deliveries prepared per phase")
+    ap.add_argument("--group-commit", type=int, default=1,
+                    help="also run receiver phases with --group-commit N (N > 1)")
     ap.add_argument("--no-fsync", dest="fsync", action="store_false",
                     help="fsync off, as the test clusters (default: fsync on, synchronous_commit on)")
     ap.add_argument("--memcheck", choices=("asan", "valgrind"), help="instrumented burst instead")

@@ -30,6 +30,7 @@ R = Results("receiver-crash")
 BATCHES = 12
 PER_BATCH = 100
 SENDERS = 4
+RECEIVER_ARGS = ["--threads", "4"]
 
 
 class Stream:
@@ -92,7 +93,7 @@ def kill_postgres(c):
 
 
 def main(c, daemons):
-    d, port = start_receiver(c, "--threads", "4", name="receiver-crash")
+    d, port = start_receiver(c, *RECEIVER_ARGS, name="receiver-crash")
     daemons.append(d)
     s = Stream(port)
     for _ in range(BATCHES):
@@ -111,7 +112,7 @@ def main(c, daemons):
         d.proc.wait()
         killed_receiver_at = s.count()
         time.sleep(0.3)
-        d, _ = start_receiver(c, "--threads", "4", name="receiver-crash", port=port)
+        d, _ = start_receiver(c, *RECEIVER_ARGS, name="receiver-crash", port=port)
         daemons.append(d)
 
         # 2. Reload with synchronous_commit = off mid-stream, let the
@@ -158,6 +159,7 @@ def main(c, daemons):
     R.eq(c.scalar("SELECT count(*) FROM enrich.deliveries WHERE outcome = 'accepted'"), str(total),
          "each delivery accepted once (resends are duplicates)")
     R.check(all(st == 200 for st in s.acked.values()), "2xx answers were 200")
+    return s
 
 
 if __name__ == "__main__":
