@@ -22,11 +22,16 @@ Phases alternate (direct, receiver, direct, receiver, ...) and every
 delivery is checked afterwards to have been accepted exactly once (no
 duplicate replayed, nothing refused).  Prints both rates (median of
 --runs), their ratio, and the receiver's p50/p99 latency as wrk saw it.
+The cluster runs with fsync = on and synchronous_commit = on, as users run
+it (--no-fsync: the test clusters' fsync = off).  --group-commit N adds a
+third phase per run, the receiver with --group-commit N.
 
     python3 test/bench/bench_receiver.py [--seconds 5] [--runs 3] [--clients 4]
+                                         [--group-commit 8] [--no-fsync]
     python3 test/bench/bench_receiver.py --memcheck asan|valgrind
 
---memcheck runs a load burst (good, bad and refused requests, then SIGTERM)
+--memcheck runs a load burst (good, bad and refused requests, then SIGTERM;
+2 database threads with --group-commit 4, so most deliveries share commits)
 against the receiver built with AddressSanitizer+UBSan
 (src/receiver/enrich-receiver-asan) or under valgrind, and prints what the
 tool reported.  wrk comes from Debian (apt-get install wrk); the benchmark
@@ -315,7 +320,8 @@ def memcheck(args):
     b = Bench(args)
     try:
         port = free_port()
-        base = ["--listen", "127.0.0.1:%d" % port, "--dsn", b.c.dsn(user=ROLE), "--threads", "4"]
+        base = ["--listen", "127.0.0.1:%d" % port, "--dsn", b.c.dsn(user=ROLE), "--threads", "2",
+                "--group-commit", "4"]  # 16 connections: most deliveries filed in groups
         env = dict(os.environ)
         if args.memcheck == "asan":
             subprocess.run(["make", "-s", "-C", root, "src/receiver/enrich-receiver-asan"], check=True)
