@@ -479,6 +479,7 @@ receiver_db_ingest_group(Job **jobs, int n)
 	bool		fresh;
 	bool		ok = true;
 	int			n_read = n + 1;
+	char		sqlstate[6] = "";
 	PGresult   *res;
 
 	if (n > 1 && s != NULL && slot_connect(s, &fresh) && PQenterPipelineMode(s->conn))
@@ -508,6 +509,9 @@ receiver_db_ingest_group(Job **jobs, int n)
 				ok = false;
 				break;
 			}
+			if (PQresultStatus(res) == PGRES_FATAL_ERROR && sqlstate[0] == '\0' &&
+				PQresultErrorField(res, PG_DIAG_SQLSTATE) != NULL)
+				snprintf(sqlstate, sizeof(sqlstate), "%s", PQresultErrorField(res, PG_DIAG_SQLSTATE));
 			if (i == -1)
 				ok = ok && PQresultStatus(res) == PGRES_COMMAND_OK;
 			else if (i < n)
@@ -554,6 +558,24 @@ receiver_db_ingest_group(Job **jobs, int n)
 		}
 		/* Whatever state the session is in, start afresh. */
 		slot_drop(s);
+
+		/*
+		 * A lock or statement timeout, a deadlock, overload: filing the
+		 * deliveries one by one would only wait again; the vendor retries.
+		 */
+		if (sqlstate[0] != '\0' && transient_error(sqlstate, &ok))
+		{
+			metrics_db_error(DBERR_QUERY);
+			receiver_log("database error %s in a group of %d deliveries: answered 503", sqlstate, n);
+			for (int i = 0; i < n; i++)
+			{
+				jobs[i]->answer.http_status = 503;
+				jobs[i]->answer.committed = false;
+				snprintf(jobs[i]->answer.message, sizeof(jobs[i]->answer.message),
+						 "database temporarily unavailable");
+			}
+			return;
+		}
 	}
 
 	for (int i = 0; i < n; i++)

@@ -316,10 +316,11 @@ def test_body_budget(c):
     d.stop()
 
 
-def test_lock(c):
+def test_lock(c, *extra):
     """A lock on enrich.deliveries: deliveries 503 after --lock-timeout, /healthz answers at once."""
+    how = " ".join(extra) or "one delivery per transaction"
     d, port = start_receiver(c, "--lock-timeout", "1s", "--statement-timeout", "3s",
-                             "--health-timeout", "1s", name="receiver-lock")
+                             "--health-timeout", "1s", *extra, name="receiver-lock")
     daemons.append(d)
     _, token, ids, eid = make_batch(c, 6)
     bodies = [envelope(eid, "IN_PROGRESS", [record(i, we="l%d@example.com" % i)]) for i in ids]
@@ -356,15 +357,17 @@ def test_lock(c):
     for t in ths:
         t.join(30)
     R.check(all(st == 200 and secs < 1.5 for st, secs in health),
-            "/healthz answers within its deadline while deliveries wait on the lock", repr(health))
+            "/healthz answers within its deadline while deliveries wait on the lock (%s)" % how, repr(health))
     R.check(all(st == 503 and secs < 4.5 for st, secs in out.values()) and len(out) == 6,
-            "deliveries behind the lock answered 503 within the lock timeout (the vendor retries)",
+            "deliveries behind the lock answered 503 within the lock timeout (the vendor retries) (%s)" % how,
             repr(sorted(out.values())))
     R.check(metric(port, 'enrich_receiver_deliveries_total{outcome="unavailable"}') >= 6,
-            "lock timeouts counted as unavailable")
+            "lock timeouts counted as unavailable (%s)" % how)
     locker.wait(30)
     sts = [post(port, token, b)[0] for b in bodies]
-    R.eq(sts, [200] * 6, "after the lock is released the retried deliveries are accepted")
+    R.eq(sts, [200] * 6, "after the lock is released the retried deliveries are accepted (%s)" % how)
+    if extra:
+        R.check("in a group of" in d.log(), "a whole group was answered 503 at once (%s)" % how)
     d.stop()
 
 
@@ -566,6 +569,7 @@ def main(cluster, suite_daemons):
     test_timeouts_and_cap(C)
     test_body_budget(C)
     test_lock(C)
+    test_lock(C, "--threads", "1", "--group-commit", "8")
     test_tls(C)
     test_command_line(C)
     test_drain(C)
