@@ -466,7 +466,9 @@ pipeline_result(PGconn *conn)
  * enrich.ingest_webhook() call per job and COMMIT, sent as one libpq
  * pipeline.  Every job is answered with its own call's status, and is
  * marked committed only once COMMIT succeeded, so 2xx still means durable.
- * If anything fails (an error in one call aborts them all, a lost
+ * If a call fails for a passing reason (lock or statement timeout,
+ * deadlock, overload), every job is answered 503 and the vendor retries.
+ * If anything else fails (an error in one call aborts them all, a lost
  * connection leaves the outcome unknown), each job is filed again on its
  * own: ingest_webhook() answers a body it already has like the first copy.
  */
@@ -479,6 +481,7 @@ receiver_db_ingest_group(Job **jobs, int n)
 	bool		fresh;
 	bool		ok = true;
 	int			n_read = n + 1;
+	bool		synced = false;
 	char		sqlstate[6] = "";
 	PGresult   *res;
 
@@ -533,31 +536,26 @@ receiver_db_ingest_group(Job **jobs, int n)
 					strcmp(PQcmdStatus(res), "COMMIT") == 0;
 			else
 			{
-				bool		synced = PQresultStatus(res) == PGRES_PIPELINE_SYNC;
-
+				synced = PQresultStatus(res) == PGRES_PIPELINE_SYNC;
 				ok = ok && synced;
-				PQclear(res);
-				if (!synced)
-				{
-					ok = false;
-					break;
-				}
-				continue;
 			}
 			PQclear(res);
 		}
 		pthread_mutex_lock(&slots_lock);
 		s->busy = false;
 		pthread_mutex_unlock(&slots_lock);
-		if (ok && PQexitPipelineMode(s->conn) && PQtransactionStatus(s->conn) == PQTRANS_IDLE)
+		/* After the sync the server has ended the transaction either way. */
+		synced = synced && PQexitPipelineMode(s->conn) &&
+			PQtransactionStatus(s->conn) == PQTRANS_IDLE;
+		if (ok && synced)
 		{
 			for (int i = 0; i < n; i++)
 				jobs[i]->answer.committed = true;
 			metrics_group_commit(n);
 			return;
 		}
-		/* Whatever state the session is in, start afresh. */
-		slot_drop(s);
+		if (!synced)
+			slot_drop(s);		/* in an unknown state: start afresh */
 
 		/*
 		 * A lock or statement timeout, a deadlock, overload: filing the
