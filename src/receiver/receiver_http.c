@@ -3,24 +3,33 @@
  * receiver_http.c
  *		The HTTP side of enrich-receiver, on libmicrohttpd.
  *
- * libmicrohttpd runs a pool of worker threads, each with its own poll set
- * (epoll where available) and, through receiver_db.c, its own database
- * connection.  The access handler is called once when a request's headers
- * are in, then once per piece of body, then once more with no data:
+ * libmicrohttpd runs a small pool of HTTP threads, each with its own poll
+ * set (epoll where available); none of them ever waits for the database.
+ * The access handler is called once when a request's headers are in, then
+ * once per piece of body, then once more with no data:
  *
- *	headers		route: /healthz and /metrics are answered at once; a POST
- *				under the prefix is checked (content type, announced
- *				length) and a body buffer is set up; anything else gets
- *				404 or 405 without reading a byte of body.
- *	body		appended to a malloc'd buffer, refused past --max-body and
- *				cut off past --request-timeout.
- *	end			the body, X-Signature-SHA1 and the path go to
- *				enrich.ingest_webhook(), and its status is the answer.
+ *	headers		route: /metrics is answered at once.  A POST is checked
+ *				for everything that needs no database: the path must be
+ *				<prefix><64 lowercase hex>/contact or .../job, the
+ *				content type JSON, X-Signature-SHA1 present and 40 hex
+ *				digits, the announced length within --max-body.  A
+ *				request that fails is answered (404, 405, 415, 401, 413)
+ *				without reading its body or costing the database a
+ *				commit, and counted in /metrics by reason.
+ *	body		appended to a malloc'd buffer, refused past --max-body or
+ *				when the bodies of all connections would pass
+ *				--max-body-memory (503).
+ *	end			the connection is suspended and the body, signature and
+ *				path queued for a database thread (receiver_pool.c),
+ *				which calls enrich.ingest_webhook() and resumes the
+ *				connection; the function's status is the answer.
+ *				/healthz goes the same way to the health thread.
  *
  * The completion callback writes the one log line of each request (never
  * the body or the signature; the batch token in the path is shortened)
- * and frees what the request held.  Slow and idle clients are closed by
- * libmicrohttpd's connection timeout; the number of connections is capped.
+ * and frees what the request held.  Connection caps and the deadline for
+ * a whole request are receiver_conn.c's; libmicrohttpd's connection
+ * timeout closes idle connections.
  *
  *-------------------------------------------------------------------------
  */
@@ -39,6 +48,9 @@
 
 #define BODY_INITIAL_MAX	(64 * 1024)
 #define LOG_PATH_MAX		160
+#define TOKEN_LEN			64	/* enrich.batches.token: 64 lowercase hex */
+#define SIGNATURE_LEN		40	/* HMAC-SHA1 as hex */
+#define HTTP_THREADS		2
 
 /* What one request holds between handler calls. */
 typedef struct Request
@@ -50,10 +62,14 @@ typedef struct Request
 	char		page;			/* 'h' /healthz or 'm' /metrics, served at the
 								 * second call (an answer queued at the first
 								 * makes libmicrohttpd close the connection) */
+	bool		waiting;		/* suspended, job with a database thread */
 	unsigned	status;			/* status queued, 0 while none */
 	char	   *body;
 	size_t		len;
-	size_t		cap;
+	size_t		cap;			/* allocated, and taken from the budget */
+	const char *url;			/* libmicrohttpd's, valid for the request */
+	const char *signature;		/* likewise; NULL when absent */
+	Job			job;
 	const char *note;			/* why the request ended, for the log */
 	char		message[256];	/* what we answered, for the log */
 	char		path[LOG_PATH_MAX];	/* shortened for the log */
@@ -210,15 +226,69 @@ serve_metrics(struct MHD_Connection *conn, Request *r)
 	return ret;
 }
 
-/* GET /healthz: 200 when the database answers and lets us ingest. */
-static enum MHD_Result
-serve_health(struct MHD_Connection *conn, Request *r)
+/*
+ * Is the part of a path after the prefix a webhook path, <64 lowercase
+ * hex>/contact or <64 lowercase hex>/job (a trailing slash allowed, as
+ * enrich.ingest_webhook() allows it)?  Sets *reason when not.
+ */
+static bool
+webhook_path(const char *rest, RejectReason *reason)
 {
-	char		message[256];
-	bool		ok = receiver_db_health(message, sizeof(message));
+	size_t		hex = strspn(rest, "0123456789abcdef");
+	const char *kind = rest + hex;
 
-	r->quiet = ok;
-	return respond(conn, r, ok ? 200 : 503, message, NULL, false);
+	if (strchr(rest, '/') == NULL)
+	{
+		*reason = REJECT_NO_TOKEN;
+		return false;
+	}
+	if (hex != TOKEN_LEN ||
+		!(strcmp(kind, "/contact") == 0 || strcmp(kind, "/contact/") == 0 ||
+		  strcmp(kind, "/job") == 0 || strcmp(kind, "/job/") == 0))
+	{
+		*reason = REJECT_BAD_TOKEN;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Can this X-Signature-SHA1 be a signature at all?  The same rules as
+ * enrich._signature_valid(): surrounding blanks ignored, 40 hex digits of
+ * either case.  Sets *reason when not.
+ */
+static bool
+signature_shape(const char *sig, RejectReason *reason)
+{
+	size_t		len;
+
+	if (sig != NULL)
+		sig += strspn(sig, " \t");
+	len = sig ? strlen(sig) : 0;
+	while (len > 0 && strchr(" \t\r\n", sig[len - 1]) != NULL)
+		len--;
+	if (len == 0)
+	{
+		*reason = REJECT_NO_SIGNATURE;
+		return false;
+	}
+	if (len != SIGNATURE_LEN || strspn(sig, "0123456789abcdefABCDEF") < SIGNATURE_LEN)
+	{
+		*reason = REJECT_BAD_SIGNATURE;
+		return false;
+	}
+	return true;
+}
+
+/* Turn a request away before the database: count the reason, answer. */
+static enum MHD_Result
+reject(struct MHD_Connection *conn, Request *r, RejectReason reason,
+	   unsigned status, const char *text)
+{
+	metrics_rejected(reason);
+	if (r->delivery)
+		count_delivery(r, status == 401 ? OUTCOME_REJECTED : OUTCOME_REFUSED, false);
+	return respond(conn, r, status, text, NULL, true);
 }
 
 /*
@@ -230,8 +300,10 @@ route(struct MHD_Connection *conn, Request *r, const char *url, const char *meth
 {
 	bool		get = strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
 		strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+	size_t		prefix_len = strlen(receiver_config.prefix);
 	const char *len_hdr;
 	const char *ctype;
+	RejectReason why;
 
 	if (atomic_load(&receiver_stopping))
 		return respond(conn, r, 503, "shutting down", NULL, true);
@@ -244,20 +316,29 @@ route(struct MHD_Connection *conn, Request *r, const char *url, const char *meth
 		return MHD_YES;
 	}
 
-	if (strncmp(url, receiver_config.prefix, strlen(receiver_config.prefix)) != 0 ||
-		!printable(url, false))
-		return respond(conn, r, 404, "not found", NULL, true);
+	if (strncmp(url, receiver_config.prefix, prefix_len) != 0)
+		return reject(conn, r, REJECT_NOT_WEBHOOK_PATH, 404, "not found");
+	if (!printable(url, false))
+		return reject(conn, r, REJECT_BAD_TOKEN, 404, "not found");
+	if (!webhook_path(url + prefix_len, &why))
+		return reject(conn, r, why, 404, "not found");
 
 	if (strcmp(method, MHD_HTTP_METHOD_POST) != 0)
 		return respond(conn, r, 405, "method not allowed", MHD_HTTP_METHOD_POST, true);
 
 	r->delivery = true;
+	r->url = url;
 	ctype = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
 	if (!json_content_type(ctype))
 	{
 		count_delivery(r, OUTCOME_REFUSED, false);
 		return respond(conn, r, 415, "the body must be application/json", NULL, true);
 	}
+
+	r->signature = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Signature-SHA1");
+	if (!signature_shape(r->signature, &why))
+		return reject(conn, r, why, 401, why == REJECT_NO_SIGNATURE ?
+					  "missing X-Signature-SHA1" : "malformed X-Signature-SHA1");
 
 	len_hdr = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
 	if (len_hdr != NULL)
@@ -273,16 +354,25 @@ route(struct MHD_Connection *conn, Request *r, const char *url, const char *meth
 	}
 	if (r->cap == 0 || r->cap > BODY_INITIAL_MAX)
 		r->cap = BODY_INITIAL_MAX;
+	if (!receiver_body_reserve(r->cap))
+	{
+		r->cap = 0;
+		return reject(conn, r, REJECT_BODY_MEMORY, 503, "the receiver is busy; retry later");
+	}
 	r->body = malloc(r->cap);
 	if (r->body == NULL)
 		return MHD_NO;
 	return MHD_YES;
 }
 
-/* Append a piece of body; false (with r->note) when it must be refused. */
+/*
+ * Append a piece of body; false (with r->note, and *busy when it is the
+ * memory budget) when it must be refused.
+ */
 static bool
-append_body(Request *r, const char *data, size_t size)
+append_body(Request *r, const char *data, size_t size, bool *busy)
 {
+	*busy = false;
 	if (size > receiver_config.max_body - r->len)
 	{
 		r->note = "body over the size limit";
@@ -297,9 +387,16 @@ append_body(Request *r, const char *data, size_t size)
 			cap *= 2;
 		if (cap > receiver_config.max_body)
 			cap = receiver_config.max_body;
+		if (!receiver_body_reserve(cap - r->cap))
+		{
+			r->note = "bodies over the memory budget";
+			*busy = true;
+			return false;
+		}
 		p = realloc(r->body, cap);
 		if (p == NULL)
 		{
+			receiver_body_release(cap - r->cap);
 			r->note = "out of memory";
 			return false;
 		}
@@ -311,42 +408,65 @@ append_body(Request *r, const char *data, size_t size)
 	return true;
 }
 
-/* Last call of a delivery: hand it to the database and answer. */
-static enum MHD_Result
-deliver(struct MHD_Connection *conn, Request *r, const char *url)
+/* Free a request's body and give its memory back to the budget. */
+static void
+free_body(Request *r)
 {
-	const char *sig = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Signature-SHA1");
-	IngestAnswer answer;
+	free(r->body);
+	r->body = NULL;
+	receiver_body_release(r->cap);
+	r->cap = 0;
+}
+
+/*
+ * Hand a job to the database threads: suspend the connection first (the
+ * thread resumes it when the answer is in), then queue.
+ */
+static enum MHD_Result
+submit(struct MHD_Connection *conn, Request *r, JobKind kind)
+{
+	r->job = (Job) {
+		.kind = kind,.body = r->body,.body_len = r->len,
+		.signature = r->signature,.path = r->url,.conn = conn
+	};
+	r->waiting = true;
+	receiver_conn_waiting(conn, true);
+	MHD_suspend_connection(conn);
+	receiver_pool_submit(&r->job);
+	return MHD_YES;
+}
+
+/* A database thread answered: count, answer. */
+static enum MHD_Result
+answered(struct MHD_Connection *conn, Request *r)
+{
+	IngestAnswer *answer = &r->job.answer;
 	DeliveryOutcome outcome;
 	enum MHD_Result ret;
 
-	/*
-	 * A signature that is not printable ASCII cannot be 40 hex digits, and
-	 * would not pass as text in the database encoding: pass a placeholder
-	 * that ingest_webhook() files as malformed, as it would the original.
-	 */
-	if (sig != NULL && (!printable(sig, true) || strlen(sig) > 200))
-		sig = "(not printable)";
+	r->waiting = false;
+	receiver_conn_waiting(conn, false);
+	if (r->page == 'h')
+	{
+		r->quiet = answer->http_status == 200;
+		return respond(conn, r, answer->http_status, answer->message, NULL, false);
+	}
 
-	receiver_db_ingest(r->body, r->len, sig, url, &answer);
-
-	if (!answer.committed)
-		outcome = answer.http_status == 503 ? OUTCOME_UNAVAILABLE : OUTCOME_FAILED;
-	else if (answer.http_status < 300)
+	if (!answer->committed)
+		outcome = answer->http_status == 503 ? OUTCOME_UNAVAILABLE : OUTCOME_FAILED;
+	else if (answer->http_status < 300)
 		outcome = OUTCOME_ACCEPTED;
-	else if (answer.http_status == 401)
+	else if (answer->http_status == 401)
 		outcome = OUTCOME_UNAUTHORIZED;
-	else if (answer.http_status < 500)
+	else if (answer->http_status < 500)
 		outcome = OUTCOME_INVALID;
 	else
 		outcome = OUTCOME_FAILED;
 	count_delivery(r, outcome, true);
 
-	free(r->body);
-	r->body = NULL;
-	r->cap = 0;
-	ret = respond(conn, r, answer.http_status, answer.message, NULL,
-				  answer.http_status == 503);
+	free_body(r);
+	ret = respond(conn, r, answer->http_status, answer->message, NULL,
+				  answer->http_status == 503);
 	if (ret != MHD_YES)
 		r->note = "could not queue the answer";
 	return ret;
@@ -382,34 +502,37 @@ handle_request(void *cls, struct MHD_Connection *conn, const char *url,
 		return route(conn, r, url, method);
 	}
 
+	if (r->waiting)
+		return answered(conn, r);
+
 	/* Answered at the headers already: whatever body follows is dropped. */
 	if (r->status != 0 || r->page != 0)
 	{
 		*upload_data_size = 0;
 		if (r->status == 0)
-			return r->page == 'h' ? serve_health(conn, r) : serve_metrics(conn, r);
+			return r->page == 'h' ? submit(conn, r, JOB_HEALTH) : serve_metrics(conn, r);
 		return MHD_YES;
 	}
 
 	if (*upload_data_size > 0)
 	{
-		if (now_seconds() - r->start > receiver_config.request_timeout)
+		bool		busy;
+
+		if (!append_body(r, upload_data, *upload_data_size, &busy))
 		{
-			r->note = "request timeout: body too slow";
-			return MHD_NO;
-		}
-		if (!append_body(r, upload_data, *upload_data_size))
-		{
-			/* Past the limit without a Content-Length (chunked). */
+			/* Past a limit that the headers did not announce. */
+			if (busy)
+				metrics_rejected(REJECT_BODY_MEMORY);
 			count_delivery(r, OUTCOME_REFUSED, false);
-			if (respond(conn, r, 413, "the body is over the size limit", NULL, true) != MHD_YES)
+			if (respond(conn, r, busy ? 503 : 413, busy ? "the receiver is busy; retry later" :
+						"the body is over the size limit", NULL, true) != MHD_YES)
 				return MHD_NO;
 		}
 		*upload_data_size = 0;
 		return MHD_YES;
 	}
 
-	return deliver(conn, r, url);
+	return submit(conn, r, JOB_INGEST);
 }
 
 /* End of a request: the log line, and free what it held. */
@@ -424,7 +547,8 @@ request_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 	if (r->delivery && !r->counted)
 		count_delivery(r, OUTCOME_ABORTED, false);
 	if (r->status == 0 && r->note == NULL)
-		r->note = toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle timeout" :
+		r->note = receiver_conn_expired(conn) ? "request timeout: not in within --request-timeout" :
+			toe == MHD_REQUEST_TERMINATED_TIMEOUT_REACHED ? "idle timeout" :
 			toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN ? "shutdown" :
 			"client went away";
 	if (!r->quiet)
@@ -439,17 +563,10 @@ request_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 					 r->note ? r->note : r->message);
 	}
 	atomic_fetch_sub(&receiver_in_flight, 1);
-	free(r->body);
+	receiver_conn_request_done(conn);
+	free_body(r);
 	free(r);
 	*req_cls = NULL;
-}
-
-/* Count open connections for /metrics. */
-static void
-connection_notify(void *cls, struct MHD_Connection *conn, void **socket_context,
-				  enum MHD_ConnectionNotificationCode toe)
-{
-	metrics_http_connection(toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1);
 }
 
 /* libmicrohttpd's own error messages, through our log. */
@@ -477,7 +594,8 @@ receiver_http_start(char *tls_cert_pem, char *tls_key_pem)
 	struct addrinfo *ai;
 	struct MHD_Daemon *d;
 	struct MHD_OptionItem tls[3] = {{MHD_OPTION_END, 0, NULL}};
-	unsigned	flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+	unsigned	flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME |
+		MHD_USE_ERROR_LOG;
 	int			rc;
 
 	hints.ai_family = AF_UNSPEC;
@@ -500,14 +618,20 @@ receiver_http_start(char *tls_cert_pem, char *tls_key_pem)
 		tls[2] = (struct MHD_OptionItem) {MHD_OPTION_END, 0, NULL};
 	}
 
-	d = MHD_start_daemon(flags, 0, NULL, NULL, handle_request, NULL,
+	/*
+	 * receiver_conn_accept() applies --max-connections and closes what is
+	 * over it; libmicrohttpd's own limit (which leaves connections in the
+	 * backlog, and is split between its threads) is set well above it.
+	 */
+	d = MHD_start_daemon(flags, 0, receiver_conn_accept, NULL, handle_request, NULL,
 						 MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
 						 MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-						 MHD_OPTION_THREAD_POOL_SIZE, receiver_config.threads,
-						 MHD_OPTION_CONNECTION_LIMIT, receiver_config.max_connections,
+						 MHD_OPTION_THREAD_POOL_SIZE, (unsigned) HTTP_THREADS,
+						 MHD_OPTION_CONNECTION_LIMIT,
+						 receiver_config.max_connections * 2 + 16 * HTTP_THREADS,
 						 MHD_OPTION_CONNECTION_TIMEOUT, receiver_config.idle_timeout,
 						 MHD_OPTION_NOTIFY_COMPLETED, request_completed, NULL,
-						 MHD_OPTION_NOTIFY_CONNECTION, connection_notify, NULL,
+						 MHD_OPTION_NOTIFY_CONNECTION, receiver_conn_notify, NULL,
 						 MHD_OPTION_ARRAY, tls,
 						 MHD_OPTION_END);
 	freeaddrinfo(ai);

@@ -14,10 +14,13 @@
  * read from --dsn-file (which may, if only its owner can read it).
  *
  * Signals are blocked in every thread and taken by the main thread with
- * sigwait.  SIGTERM or SIGINT: stop accepting connections, let the requests
- * already being served finish (up to --drain-timeout; new requests on open
- * connections are answered 503 so the sender retries), then stop.  A second
- * SIGTERM stops at once.
+ * sigtimedwait, which wakes it four times a second to enforce the request
+ * deadline (receiver_conn_tick).  SIGTERM or SIGINT: stop accepting
+ * connections, let the requests already being served finish (up to
+ * --drain-timeout; new requests on open connections are answered 503 so the
+ * sender retries), then stop the database threads (which answers what is
+ * still queued 503 and cancels running statements) and the HTTP side.  A
+ * second SIGTERM stops at once.
  *
  *-------------------------------------------------------------------------
  */
@@ -42,16 +45,23 @@
 #include "receiver.h"
 
 #define MAX_BODY_CEILING	((size_t) 256 * 1024 * 1024)
+#define MAX_BODY_MEMORY_CEILING	((size_t) 16 * 1024 * 1024 * 1024)
 
 ReceiverConfig receiver_config = {
 	.listen_host = "127.0.0.1",
 	.listen_port = "8080",
 	.prefix = "/webhooks/",
 	.max_body = 8 * 1024 * 1024,
+	.max_body_memory = 64 * 1024 * 1024,
 	.threads = 4,
+	.group_commit = 1,
 	.max_connections = 256,
+	.max_connections_per_ip = 64,
 	.idle_timeout = 15,
-	.request_timeout = 30,
+	.request_timeout = 10,
+	.lock_timeout_ms = 5000,
+	.statement_timeout_ms = 10000,
+	.health_timeout_ms = 2000,
 	.drain_timeout = 30,
 	.db_connect_timeout = 5,
 };
@@ -108,11 +118,27 @@ usage(FILE *out)
 			"  --prefix PATH            accepted path prefix (default /webhooks/, the one\n"
 			"                           the dispatcher's webhook URLs use)\n"
 			"  --max-body SIZE          largest body accepted, e.g. 8M (default 8M; 413 above)\n"
-			"  --threads N              HTTP worker threads, one database connection each\n"
-			"                           (default 4)\n"
-			"  --max-connections N      open HTTP connections at most (default 256)\n"
+			"  --max-body-memory SIZE   bodies held at once, all connections together\n"
+			"                           (default 64M; 503 above)\n"
+			"  --threads N              database threads, one connection each (default 4;\n"
+			"                           one more connection serves /healthz)\n"
+			"  --group-commit N         file up to N waiting deliveries in one transaction,\n"
+			"                           each answered after its commit (default 1: off)\n"
+			"  --max-connections N      open HTTP connections at most; more are closed at\n"
+			"                           once (default 256)\n"
+			"  --max-connections-per-ip N  open connections from one client address at\n"
+			"                           most; more are closed at once (default 64, 0: off)\n"
 			"  --idle-timeout SEC       close a connection silent this long (default 15)\n"
-			"  --request-timeout SEC    close a request whose body takes longer (default 30)\n"
+			"  --request-timeout SEC    close a connection whose request (headers and body)\n"
+			"                           is not in and answered this long after the\n"
+			"                           connection opened or its previous answer, time\n"
+			"                           spent waiting for the database aside (default 10)\n"
+			"  --lock-timeout DURATION  a delivery waiting this long for a lock is answered\n"
+			"                           503 (default 5s; e.g. 500ms, 5s)\n"
+			"  --statement-timeout DURATION  a delivery taking this long in the database\n"
+			"                           is answered 503 (default 10s)\n"
+			"  --health-timeout DURATION  /healthz's own deadline in the database\n"
+			"                           (default 2s)\n"
 			"  --drain-timeout SEC      on SIGTERM, wait this long for requests being served\n"
 			"                           (default 30)\n"
 			"  --db-connect-timeout SEC database connect timeout unless the DSN or\n"
@@ -147,9 +173,34 @@ parse_uint(const char *opt, const char *val, unsigned min, unsigned max)
 	return (unsigned) v;
 }
 
+/* Parse a duration such as 500ms, 5s or 5 (seconds) into milliseconds. */
+static unsigned
+parse_duration_ms(const char *opt, const char *val)
+{
+	char	   *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(val, &end, 10);
+	if (errno == 0 && end != val)
+	{
+		if (strcmp(end, "ms") == 0)
+			end = "";
+		else if (strcmp(end, "s") == 0 || *end == '\0')
+			v *= 1000, end = "";
+	}
+	if (errno != 0 || end == val || *end != '\0' || v < 1 || v > 3600 * 1000)
+	{
+		fprintf(stderr, RECEIVER_NAME ": --%s must be a duration from 1ms to 3600s (e.g. 500ms, 5s)\n",
+				opt);
+		exit(2);
+	}
+	return (unsigned) v;
+}
+
 /* Parse a size such as 8388608, 512K or 8M. */
 static size_t
-parse_size(const char *val)
+parse_size(const char *opt, const char *val, size_t max)
 {
 	char	   *end;
 	unsigned long long v;
@@ -162,10 +213,13 @@ parse_size(const char *val)
 			v *= 1024, end = "";
 		else if (strcasecmp(end, "M") == 0 || strcasecmp(end, "MiB") == 0)
 			v *= 1024 * 1024, end = "";
+		else if (strcasecmp(end, "G") == 0 || strcasecmp(end, "GiB") == 0)
+			v *= 1024 * 1024 * 1024, end = "";
 	}
-	if (errno != 0 || end == val || *end != '\0' || v < 1 || v > MAX_BODY_CEILING)
+	if (errno != 0 || end == val || *end != '\0' || v < 1 || v > max)
 	{
-		fprintf(stderr, RECEIVER_NAME ": --max-body must be a size from 1 byte to 256M (e.g. 8M)\n");
+		fprintf(stderr, RECEIVER_NAME ": --%s must be a size from 1 byte to %zuM (e.g. 8M)\n",
+				opt, max / (1024 * 1024));
 		exit(2);
 	}
 	return (size_t) v;
@@ -275,7 +329,9 @@ main(int argc, char **argv)
 	{
 		OPT_LISTEN = 256, OPT_DSN, OPT_DSN_FILE, OPT_PREFIX, OPT_MAX_BODY,
 		OPT_THREADS, OPT_MAX_CONN, OPT_IDLE, OPT_REQUEST, OPT_DRAIN,
-		OPT_DB_TIMEOUT, OPT_CERT, OPT_KEY, OPT_HELP
+		OPT_DB_TIMEOUT, OPT_CERT, OPT_KEY, OPT_HELP, OPT_MAX_BODY_MEMORY,
+		OPT_MAX_CONN_IP, OPT_LOCK_TIMEOUT, OPT_STMT_TIMEOUT, OPT_HEALTH_TIMEOUT,
+		OPT_GROUP_COMMIT
 	};
 	static const struct option longopts[] = {
 		{"listen", required_argument, NULL, OPT_LISTEN},
@@ -292,6 +348,12 @@ main(int argc, char **argv)
 		{"tls-cert", required_argument, NULL, OPT_CERT},
 		{"tls-key", required_argument, NULL, OPT_KEY},
 		{"help", no_argument, NULL, OPT_HELP},
+		{"max-body-memory", required_argument, NULL, OPT_MAX_BODY_MEMORY},
+		{"max-connections-per-ip", required_argument, NULL, OPT_MAX_CONN_IP},
+		{"lock-timeout", required_argument, NULL, OPT_LOCK_TIMEOUT},
+		{"statement-timeout", required_argument, NULL, OPT_STMT_TIMEOUT},
+		{"health-timeout", required_argument, NULL, OPT_HEALTH_TIMEOUT},
+		{"group-commit", required_argument, NULL, OPT_GROUP_COMMIT},
 		{NULL, 0, NULL, 0}
 	};
 	const char *dsn_arg = NULL;
@@ -326,7 +388,27 @@ main(int argc, char **argv)
 				receiver_config.prefix = optarg;
 				break;
 			case OPT_MAX_BODY:
-				receiver_config.max_body = parse_size(optarg);
+				receiver_config.max_body = parse_size("max-body", optarg, MAX_BODY_CEILING);
+				break;
+			case OPT_MAX_BODY_MEMORY:
+				receiver_config.max_body_memory = parse_size("max-body-memory", optarg,
+															 MAX_BODY_MEMORY_CEILING);
+				break;
+			case OPT_MAX_CONN_IP:
+				receiver_config.max_connections_per_ip =
+					parse_uint("max-connections-per-ip", optarg, 0, 100000);
+				break;
+			case OPT_LOCK_TIMEOUT:
+				receiver_config.lock_timeout_ms = parse_duration_ms("lock-timeout", optarg);
+				break;
+			case OPT_STMT_TIMEOUT:
+				receiver_config.statement_timeout_ms = parse_duration_ms("statement-timeout", optarg);
+				break;
+			case OPT_GROUP_COMMIT:
+				receiver_config.group_commit = parse_uint("group-commit", optarg, 1, 64);
+				break;
+			case OPT_HEALTH_TIMEOUT:
+				receiver_config.health_timeout_ms = parse_duration_ms("health-timeout", optarg);
 				break;
 			case OPT_THREADS:
 				receiver_config.threads = parse_uint("threads", optarg, 1, 256);
@@ -364,6 +446,12 @@ main(int argc, char **argv)
 	{
 		fprintf(stderr, RECEIVER_NAME ": unexpected argument \"%s\"\n", argv[optind]);
 		usage(stderr);
+		return 2;
+	}
+
+	if (receiver_config.max_body_memory < receiver_config.max_body)
+	{
+		fprintf(stderr, RECEIVER_NAME ": --max-body-memory must be at least --max-body\n");
 		return 2;
 	}
 
@@ -447,7 +535,10 @@ main(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
 
-	daemon = receiver_http_start(cert_pem, key_pem);
+	if (!receiver_pool_start())
+		daemon = NULL;
+	else if ((daemon = receiver_http_start(cert_pem, key_pem)) == NULL)
+		receiver_pool_stop();
 	if (daemon == NULL)
 	{
 		free(cert_pem);
@@ -455,13 +546,17 @@ main(int argc, char **argv)
 		free_secret(receiver_config.dsn);
 		return 1;
 	}
-	receiver_log("listening on %s:%s%s, prefix %s, %u threads", receiver_config.listen_host,
+	receiver_log("listening on %s:%s%s, prefix %s, %u database threads", receiver_config.listen_host,
 				 receiver_config.listen_port, cert_pem ? " (TLS)" : "",
 				 receiver_config.prefix, receiver_config.threads);
 
 	for (;;)
 	{
-		if (sigwait(&sigs, &sig) != 0)
+		struct timespec tick = {0, 250 * 1000 * 1000};
+
+		sig = sigtimedwait(&sigs, NULL, &tick);
+		receiver_conn_tick();
+		if (sig <= 0)
 			continue;
 		if (sig == SIGHUP)
 		{
@@ -498,10 +593,13 @@ main(int argc, char **argv)
 				break;
 			}
 			waited += 0.01;
+			receiver_conn_tick();
 		}
 	}
 	if (atomic_load(&receiver_in_flight) > 0)
 		receiver_log("stopping with %d request(s) unanswered", atomic_load(&receiver_in_flight));
+	/* Every suspended connection is resumed before the daemon stops. */
+	receiver_pool_stop();
 	MHD_stop_daemon(daemon);
 	if (listen_fd != MHD_INVALID_SOCKET)
 		close(listen_fd);

@@ -27,6 +27,19 @@ static const char *const outcome_names[OUTCOME_COUNT] = {
 	[OUTCOME_UNAVAILABLE] = "unavailable",
 	[OUTCOME_REFUSED] = "refused",
 	[OUTCOME_ABORTED] = "aborted",
+	[OUTCOME_REJECTED] = "rejected",
+};
+
+static const char *const reject_names[REJECT_COUNT] = {
+	[REJECT_NOT_WEBHOOK_PATH] = "not_webhook_path",
+	[REJECT_NO_TOKEN] = "no_token",
+	[REJECT_BAD_TOKEN] = "bad_token",
+	[REJECT_NO_SIGNATURE] = "missing_signature",
+	[REJECT_BAD_SIGNATURE] = "malformed_signature",
+	[REJECT_BODY_MEMORY] = "body_memory",
+	[REJECT_CONNECTION_LIMIT] = "connection_limit",
+	[REJECT_PER_IP_LIMIT] = "per_ip_limit",
+	[REJECT_REQUEST_TIMEOUT] = "request_timeout",
 };
 
 static const char *const dberr_names[DBERR_COUNT] = {
@@ -54,6 +67,9 @@ static atomic_ulong latency_count;
 static atomic_ullong latency_sum_us;
 static atomic_ulong responses[NSTATUSES + 1];
 static atomic_ulong db_errors[DBERR_COUNT];
+static atomic_ulong rejected[REJECT_COUNT];
+static atomic_ulong group_commits;
+static atomic_ulong group_deliveries;
 static atomic_int db_connections;
 static atomic_int http_connections;
 
@@ -86,6 +102,21 @@ metrics_response(unsigned http_status)
 		if (statuses[i] == http_status)
 			break;
 	atomic_fetch_add(&responses[i], 1);
+}
+
+/* Count one request or connection turned away before the database. */
+void
+metrics_rejected(RejectReason reason)
+{
+	atomic_fetch_add(&rejected[reason], 1);
+}
+
+/* Count one transaction that filed several deliveries. */
+void
+metrics_group_commit(int deliveries)
+{
+	atomic_fetch_add(&group_commits, 1);
+	atomic_fetch_add(&group_deliveries, deliveries);
 }
 
 /* Count one database error. */
@@ -203,6 +234,20 @@ metrics_render(size_t *len)
 					   statuses[i], n);
 	}
 
+	buf_printf(&b, "# HELP enrich_receiver_rejected_total Requests and connections turned away before the database, by reason.\n"
+			   "# TYPE enrich_receiver_rejected_total counter\n");
+	for (int i = 0; i < REJECT_COUNT; i++)
+		buf_printf(&b, "enrich_receiver_rejected_total{reason=\"%s\"} %lu\n",
+				   reject_names[i], atomic_load(&rejected[i]));
+
+	buf_printf(&b, "# HELP enrich_receiver_group_commits_total Transactions that filed several deliveries (--group-commit).\n"
+			   "# TYPE enrich_receiver_group_commits_total counter\n"
+			   "enrich_receiver_group_commits_total %lu\n"
+			   "# HELP enrich_receiver_group_commit_deliveries_total Deliveries filed in those transactions.\n"
+			   "# TYPE enrich_receiver_group_commit_deliveries_total counter\n"
+			   "enrich_receiver_group_commit_deliveries_total %lu\n",
+			   atomic_load(&group_commits), atomic_load(&group_deliveries));
+
 	buf_printf(&b, "# HELP enrich_receiver_db_errors_total Database errors by kind.\n"
 			   "# TYPE enrich_receiver_db_errors_total counter\n");
 	for (int i = 0; i < DBERR_COUNT; i++)
@@ -217,9 +262,12 @@ metrics_render(size_t *len)
 			   "enrich_receiver_http_connections %d\n"
 			   "# HELP enrich_receiver_in_flight Requests being served.\n"
 			   "# TYPE enrich_receiver_in_flight gauge\n"
-			   "enrich_receiver_in_flight %d\n",
+			   "enrich_receiver_in_flight %d\n"
+			   "# HELP enrich_receiver_body_memory_bytes Bytes held in request bodies (limit: --max-body-memory).\n"
+			   "# TYPE enrich_receiver_body_memory_bytes gauge\n"
+			   "enrich_receiver_body_memory_bytes %zu\n",
 			   atomic_load(&db_connections), atomic_load(&http_connections),
-			   atomic_load(&receiver_in_flight));
+			   atomic_load(&receiver_in_flight), receiver_body_memory());
 
 	if (b.failed)
 	{

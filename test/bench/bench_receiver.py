@@ -22,11 +22,16 @@ Phases alternate (direct, receiver, direct, receiver, ...) and every
 delivery is checked afterwards to have been accepted exactly once (no
 duplicate replayed, nothing refused).  Prints both rates (median of
 --runs), their ratio, and the receiver's p50/p99 latency as wrk saw it.
+The cluster runs with fsync = on and synchronous_commit = on, as users run
+it (--no-fsync: the test clusters' fsync = off).  --group-commit N adds a
+third phase per run, the receiver with --group-commit N.
 
     python3 test/bench/bench_receiver.py [--seconds 5] [--runs 3] [--clients 4]
+                                         [--group-commit 8] [--no-fsync]
     python3 test/bench/bench_receiver.py --memcheck asan|valgrind
 
---memcheck runs a load burst (good, bad and refused requests, then SIGTERM)
+--memcheck runs a load burst (good, bad and refused requests, then SIGTERM;
+2 database threads with --group-commit 4, so most deliveries share commits)
 against the receiver built with AddressSanitizer+UBSan
 (src/receiver/enrich-receiver-asan) or under valgrind, and prints what the
 tool reported.  wrk comes from Debian (apt-get install wrk); the benchmark
@@ -140,8 +145,9 @@ class Bench:
         conf = {"enrich.api_key": "'%s'" % KEY, "enrich.database_name": "'postgres'",
                 "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
                 "max_connections": "40", "shared_buffers": "'256MB'"}
-        if args.fsync:
-            conf["fsync"] = "on"
+        # Production settings by default: fsync on, synchronous_commit on.
+        conf["fsync"] = "on" if args.fsync else "off"
+        conf["synchronous_commit"] = "on"
         self.c = Cluster("bench-receiver", conf=conf)
         self.c.start()
         self.c.psql("CREATE EXTENSION enrich; CREATE ROLE %s LOGIN IN ROLE enrich_receiver;"
@@ -223,12 +229,14 @@ class Bench:
                                % (tx, acc, other))
         return tx / self.args.seconds, lat
 
-    def receiver(self, n):
-        """wrk -> receiver phase; returns (deliveries/s, p50 ms, p99 ms) (checked)."""
+    def receiver(self, n, group=1):
+        """wrk -> receiver phase (--group-commit group); returns (deliveries/s,
+        p50 ms, p99 ms, CPU us per delivery, deliveries filed in groups) (checked)."""
         lua = self.wrk_inputs(n)
         port = free_port()
         d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
-                    "--dsn", self.c.dsn(user=ROLE), "--threads", str(self.args.clients)],
+                    "--dsn", self.c.dsn(user=ROLE), "--threads", str(self.args.clients),
+                    "--group-commit", str(group)],
                    "receiver", logdir=self.tmp).start()
         try:
             wait_port(port)
@@ -241,6 +249,10 @@ class Bench:
             with open("/proc/%d/stat" % d.proc.pid) as f:
                 st = f.read().rsplit(")", 1)[1].split()
             cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+            grouped = 0
+            for line in enrichtest.http("GET", "http://127.0.0.1:%d/metrics" % port)[1].decode().splitlines():
+                if line.startswith("enrich_receiver_group_commit_deliveries_total "):
+                    grouped = int(float(line.split()[1]))
         finally:
             d.stop()
         m = re.search(r"RESULT requests=(\d+) duration_us=(\d+) p50_us=(\d+) p99_us=(\d+) "
@@ -253,34 +265,49 @@ class Bench:
             raise RuntimeError("receiver: %d requests, %d non-2xx, %d socket errors, %d accepted, others %r"
                                % (reqs, non2xx, errs, acc, other))
         # wrk stops mid-request at the deadline: count what the database filed.
-        return acc / (dur / 1e6), p50 / 1000.0, p99 / 1000.0, cpu * 1e6 / max(acc, 1)
+        return acc / (dur / 1e6), p50 / 1000.0, p99 / 1000.0, cpu * 1e6 / max(acc, 1), grouped / max(acc, 1)
 
     def run(self):
         per_phase = self.args.deliveries
         direct, recv, p50s, p99s, lats, cpus = [], [], [], [], [], []
+        grouped, gp50s, gp99s = [], [], []
         for i in range(self.args.runs):
             rate, lat = self.direct(per_phase)
             direct.append(rate)
             lats.append(lat)
             print("run %d: direct %.0f/s (latency avg %.2f ms)" % (i + 1, rate, lat), flush=True)
-            rate, p50, p99, cpu = self.receiver(per_phase)
+            rate, p50, p99, cpu, _ = self.receiver(per_phase)
             recv.append(rate)
             cpus.append(cpu)
             p50s.append(p50)
             p99s.append(p99)
             print("run %d: receiver %.0f/s (p50 %.2f ms, p99 %.2f ms, %.0f us CPU per delivery in the daemon)"
                   % (i + 1, rate, p50, p99, cpu), flush=True)
+            if self.args.group_commit > 1:
+                rate, p50, p99, cpu, share = self.receiver(per_phase, self.args.group_commit)
+                grouped.append(rate)
+                gp50s.append(p50)
+                gp99s.append(p99)
+                print("run %d: receiver --group-commit %d %.0f/s (p50 %.2f ms, p99 %.2f ms, %.0f%% of "
+                      "deliveries filed in groups)" % (i + 1, self.args.group_commit, rate, p50, p99,
+                                                       100 * share), flush=True)
         d, r = statistics.median(direct), statistics.median(recv)
         print()
         print("deliveries: ~1.5 kB per-contact envelopes, %d sessions/worker threads, %d s per phase, "
-              "median of %d, fsync %s" % (self.args.clients, self.args.seconds, self.args.runs,
-                                         "on" if self.args.fsync else "off"))
+              "median of %d, fsync %s, synchronous_commit %s"
+              % (self.args.clients, self.args.seconds, self.args.runs,
+                 self.c.scalar("SHOW fsync"), self.c.scalar("SHOW synchronous_commit")))
         print("direct (pgbench, ingest_webhook)  : %8.0f deliveries/s  (latency avg %.2f ms)"
               % (d, statistics.median(lats)))
         print("receiver (wrk -> HTTP -> libpq)   : %8.0f deliveries/s  (p50 %.2f ms, p99 %.2f ms)"
               % (r, statistics.median(p50s), statistics.median(p99s)))
         print("receiver daemon CPU per delivery  : %8.0f us" % statistics.median(cpus))
         print("ratio receiver / direct           : %8.2fx" % (r / d))
+        if grouped:
+            g = statistics.median(grouped)
+            print("receiver --group-commit %-2d        : %8.0f deliveries/s  (p50 %.2f ms, p99 %.2f ms)"
+                  % (self.args.group_commit, g, statistics.median(gp50s), statistics.median(gp99s)))
+            print("ratio grouped receiver / direct   : %8.2fx" % (g / d))
 
     def destroy(self):
         self.c.destroy()
@@ -293,7 +320,8 @@ def memcheck(args):
     b = Bench(args)
     try:
         port = free_port()
-        base = ["--listen", "127.0.0.1:%d" % port, "--dsn", b.c.dsn(user=ROLE), "--threads", "4"]
+        base = ["--listen", "127.0.0.1:%d" % port, "--dsn", b.c.dsn(user=ROLE), "--threads", "2",
+                "--group-commit", "4"]  # 16 connections: most deliveries filed in groups
         env = dict(os.environ)
         if args.memcheck == "asan":
             subprocess.run(["make", "-s", "-C", root, "src/receiver/enrich-receiver-asan"], check=True)
@@ -373,7 +401,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="alternating direct/receiver pairs (median)")
     ap.add_argument("--clients", type=int, default=4, help="pgbench sessions = receiver worker threads")
     ap.add_argument("--deliveries", type=int, default=20000, help="fresh deliveries prepared per phase")
-    ap.add_argument("--fsync", action="store_true", help="fsync on (default off, as the test clusters)")
+    ap.add_argument("--group-commit", type=int, default=1,
+                    help="also run receiver phases with --group-commit N (N > 1)")
+    ap.add_argument("--no-fsync", dest="fsync", action="store_false",
+                    help="fsync off, as the test clusters (default: fsync on, synchronous_commit on)")
     ap.add_argument("--memcheck", choices=("asan", "valgrind"), help="instrumented burst instead")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
