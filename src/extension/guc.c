@@ -292,7 +292,7 @@ enrich_guc_init_retention(void)
 {
 	DefineCustomIntVariable("enrich.delivery_retention",
 							"How long webhook deliveries are kept.",
-							"Never less than an hour, so that the vendor's retries are still recognised as duplicates; deliveries of open batches are kept, quarantined, invalid and error ones at least 90 days.",
+							"Never less than an hour, so that the vendor's retries are still recognised as duplicates; deliveries of batches still open are kept whatever their age.",
 							&enrich_delivery_retention,
 							30 * 86400, 3600, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,

@@ -845,12 +845,12 @@ $$;
 -- Deliveries older than enrich.delivery_retention (default 30 days, never
 -- less than an hour: the vendor retries a failed delivery 5 times a minute
 -- apart, and every retry must still find its first copy to be answered as
--- a duplicate) go, except
---   * those of a batch still open (sending or sent), whatever their age;
---   * quarantined, invalid and error ones, kept at least 90 days: the
---     vendor keeps a job readable (GET) for 3 months, and during that time
---     such a delivery can still be replayed (enrich.replay_delivery) once
---     its batch or a fix turns up.
+-- a duplicate) go, except those of a batch still open (sending or sent),
+-- whatever their age: such a batch can still get deliveries and be polled
+-- (the vendor keeps a job readable for 3 months), so their first copies
+-- stay to recognise duplicates.  Quarantined, invalid and error deliveries
+-- go after the same time: replay them (enrich.replay_delivery) before, or
+-- raise the setting (90 days matches the vendor's GET window).
 -- Unauthorized counters go after enrich.delivery_retention too.
 --
 -- With enrich.result_retention set (default 0: results are kept for ever,
@@ -870,23 +870,31 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    SCAN_FACTOR constant integer := 10;
     v_keep      interval := greatest(coalesce(NULLIF(current_setting('enrich.delivery_retention', true), ''),
                                               '30d')::interval,
                                      interval '1 hour');
-    v_keep_bad  interval := greatest(v_keep, interval '90 days');
     v_results   interval := NULLIF(coalesce(NULLIF(current_setting('enrich.result_retention', true), ''),
                                             '0')::interval, interval '0');
 BEGIN
+    -- Each walk is a range scan of a time index, oldest first, with a LIMIT
+    -- and no other condition (so no statistics can turn it into a scan and
+    -- sort of everything old); the rows to keep are filtered out above it
+    -- by scalar subqueries (index probes, never turned into joins), and the
+    -- rest deleted by ctid (a TID scan).  Up to SCAN_FACTOR * p_limit old
+    -- rows are looked at, so rows that must stay (a long-open batch) cannot
+    -- make a step expensive.
     DELETE FROM enrich.deliveries d
-     WHERE d.id = ANY (ARRAY(
-        SELECT o.id
-          FROM enrich.deliveries o
-         WHERE o.received_at < now() - v_keep
-           AND (o.outcome NOT IN ('quarantined', 'invalid', 'error')
-                OR o.received_at < now() - v_keep_bad)
-           AND NOT EXISTS (SELECT FROM enrich.batches b
-                            WHERE b.id = o.batch_id AND b.state IN ('sending', 'sent'))
-         ORDER BY o.received_at
+     WHERE d.ctid = ANY (ARRAY(
+        SELECT w.ctid
+          FROM (SELECT o.ctid, o.batch_id
+                  FROM enrich.deliveries o
+                 WHERE o.received_at < now() - v_keep
+                 ORDER BY o.received_at
+                 LIMIT p_limit * SCAN_FACTOR) w
+         WHERE w.batch_id IS NULL
+            OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                           FROM enrich.batches b WHERE b.id = w.batch_id), true)
          LIMIT p_limit));
     GET DIAGNOSTICS deliveries = ROW_COUNT;
 
@@ -896,27 +904,32 @@ BEGIN
     batches := 0;
     IF v_results IS NOT NULL THEN
         DELETE FROM enrich.requests q
-         WHERE q.id = ANY (ARRAY(
-            SELECT o.id
-              FROM enrich.requests o
-             WHERE o.state IN ('done', 'failed') AND o.updated_at < now() - v_results
-               AND NOT EXISTS (SELECT FROM enrich.batches b
-                                WHERE b.id = o.batch_id AND b.state IN ('sending', 'sent'))
-               AND NOT EXISTS (SELECT FROM enrich.requests w
-                                WHERE w.input_key = o.input_key AND w.state = 'queued')
-             ORDER BY o.updated_at
+         WHERE q.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.batch_id, o.input_key
+                      FROM enrich.requests o
+                     WHERE o.state IN ('done', 'failed') AND o.updated_at < now() - v_results
+                     ORDER BY o.updated_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE (w.batch_id IS NULL
+                    OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                                   FROM enrich.batches b WHERE b.id = w.batch_id), true))
+               AND (SELECT x.id FROM enrich.requests x
+                     WHERE x.input_key = w.input_key AND x.state = 'queued' LIMIT 1) IS NULL
              LIMIT p_limit));
         GET DIAGNOSTICS requests = ROW_COUNT;
 
         DELETE FROM enrich.batches b
-         WHERE b.id = ANY (ARRAY(
-            SELECT o.id
-              FROM enrich.batches o
-             WHERE o.finished_at < now() - v_results
-               AND o.state NOT IN ('sending', 'sent')
-               AND NOT EXISTS (SELECT FROM enrich.requests q WHERE q.batch_id = o.id)
-               AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.batch_id = o.id)
-             ORDER BY o.finished_at
+         WHERE b.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.id, o.state
+                      FROM enrich.batches o
+                     WHERE o.finished_at IS NOT NULL AND o.finished_at < now() - v_results
+                     ORDER BY o.finished_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE w.state NOT IN ('sending', 'sent')
+               AND (SELECT q.id FROM enrich.requests q WHERE q.batch_id = w.id LIMIT 1) IS NULL
+               AND (SELECT t.request_id FROM enrich.results t WHERE t.batch_id = w.id LIMIT 1) IS NULL
              LIMIT p_limit));
         GET DIAGNOSTICS batches = ROW_COUNT;
     END IF;
