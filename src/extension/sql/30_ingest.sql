@@ -328,6 +328,7 @@ DECLARE
     v_failed    integer := 0;
     v_bad       integer := 0;
     v_n         integer;
+    v_ended     boolean := false;
     v_sending   boolean := false;
 BEGIN
     -- Every delivery locks the batch row before any result or request row,
@@ -510,6 +511,9 @@ BEGIN
                    finished_at = coalesce(b.finished_at, now())
              WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent');
             IF FOUND THEN
+                -- The dispatcher acts on a batch's end at once (a
+                -- CREDITS_INSUFFICIENT one pauses sending).
+                v_ended := true;
                 UPDATE enrich.requests q
                    SET state = 'failed', updated_at = now(),
                        error_code = CASE v_state WHEN 'finished' THEN 'no_result' ELSE v_state END,
@@ -552,8 +556,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- Requests that left sending/in_flight free the dispatcher's capacity.
-    IF v_done > 0 OR v_failed > 0 THEN
+    -- Requests that left sending/in_flight free the dispatcher's capacity;
+    -- an ended batch may change what it does.
+    IF v_done > 0 OR v_failed > 0 OR v_ended THEN
         PERFORM enrich._wake_dispatcher();
     END IF;
 END
