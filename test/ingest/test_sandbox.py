@@ -82,7 +82,9 @@ def main():
     wait_port(sport)
     sandbox = "http://127.0.0.1:%d" % sport
 
+    pport = free_port()
     c = Cluster("ingest-sandbox", conf={
+        "enrich.webhook_base_url": "'http://127.0.0.1:%d'" % pport,
         "enrich.api_key": "'%s'" % KEY,
         "enrich.api_url": "'%s/api/v2'" % sandbox,
         "enrich.batch_delay": "'100ms'",
@@ -99,13 +101,11 @@ def main():
     cleanup.append(rd.stop)
     wait_port(rport)
     PROXY["receiver"] = rport
-    pport = free_port()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", pport), Proxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     cleanup.append(server.shutdown)
-    c.psql("ALTER SYSTEM SET enrich.webhook_base_url = 'http://127.0.0.1:%d'; SELECT pg_reload_conf()" % pport)
 
-    def ended(rid, timeout=30):
+    def ended(rid, timeout=60):
         try:
             return wait_for(lambda: c.scalar("SELECT state FROM enrich.batches WHERE id = "
                                              "(SELECT batch_id FROM enrich.requests WHERE id = %d) "
