@@ -192,6 +192,7 @@ CREATE OR REPLACE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env json
                                         OUT changed bigint[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_status    text := upper(p_env ->> 'status');
@@ -542,6 +543,7 @@ CREATE OR REPLACE FUNCTION enrich.ingest_webhook(body bytea, signature text, pat
 RETURNS TABLE (http_status integer, message text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     -- Unauthorized deliveries leave a metadata row for the first few of
@@ -699,6 +701,7 @@ CREATE OR REPLACE FUNCTION enrich._retention_step(p_limit integer DEFAULT 1000,
                                        OUT batches bigint, OUT more boolean)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     SCAN_FACTOR constant integer := 10;
