@@ -835,8 +835,9 @@ $$;
 
 ------------------------------------------------------------------------
 -- Delete deliveries older than keep, except those that may still need a
--- look (quarantined, invalid, error).  Returns how many went.  Superuser
--- only; run it from cron or by hand.
+-- look (quarantined, invalid, error), in one statement.  Returns how many
+-- went.  Superuser only; for a one-off purge by hand: the dispatcher runs
+-- enrich._retention_step() on its own (see below).
 ------------------------------------------------------------------------
 CREATE FUNCTION enrich.purge_deliveries(keep interval DEFAULT '30 days')
 RETURNS bigint
