@@ -1427,10 +1427,13 @@ retention_tick(TimestampTz now)
 
 	if (enrich_retention_interval <= 0)
 		return -1;
+	if (next_retention == 0)	/* the first step one interval after start */
+		next_retention = now + (TimestampTz) enrich_retention_interval * USECS_PER_SEC;
 	if (now >= next_retention)
 	{
 		if (!run_tx("deleting history past its retention", tx_retention, &more))
 			more = false;
+		publish_status();		/* pg_stat_activity shows the state again */
 		next_retention = now + (more ? USECS_PER_SEC
 								: (TimestampTz) enrich_retention_interval * USECS_PER_SEC);
 	}
