@@ -63,6 +63,9 @@
 -- statistics taken while the table was empty): 0.1.0's duplicate check
 -- walked deliveries_pkey, 399,999 rows removed by filter, 17,095 buffers,
 -- 1,640 ms; this one reads 4 buffers of deliveries_dedup_idx, 0.05 ms.
+-- With statistics from a burst of retries (test_plans.py --deliveries
+-- 400000 prints it), where the planner expects a digest to match 69,665
+-- rows: still the index, 4 buffers.
 --
 -- History: enrich._retention_step(), run by the dispatcher worker every
 -- enrich.retention_interval, deletes deliveries older than
