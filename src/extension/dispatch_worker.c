@@ -1397,6 +1397,53 @@ log_started(void)
 	pfree(role);
 }
 
+/*-------------------------------------------------------------------------
+ * Retention: enrich._retention_step() every enrich.retention_interval, in
+ * its own short transaction (it deletes at most a few thousand rows); again
+ * after a second while it reports more to delete.
+ *-------------------------------------------------------------------------
+ */
+
+static TimestampTz next_retention = 0;
+
+static void
+tx_retention(void *arg)
+{
+	bool	   *more = (bool *) arg;
+	bool		isnull;
+	Datum		d;
+
+	/* Not installed, or not yet updated to a version that has it. */
+	spi_run("SELECT pg_catalog.to_regprocedure('enrich._retention_step(integer)') IS NOT NULL",
+			0, NULL, NULL, NULL);
+	if (!DatumGetBool(spi_value(0, 1, &isnull)))
+		return;
+	spi_run("SELECT r.more FROM enrich._retention_step() r", 0, NULL, NULL, NULL);
+	d = spi_value(0, 1, &isnull);
+	*more = !isnull && DatumGetBool(d);
+}
+
+/* Run a retention step when due; returns ms until the next one (-1: off). */
+static long
+retention_tick(TimestampTz now)
+{
+	bool		more = false;
+
+	if (enrich_retention_interval <= 0)
+		return -1;
+	if (next_retention == 0)	/* the first step one interval after start */
+		next_retention = now + (TimestampTz) enrich_retention_interval * USECS_PER_SEC;
+	if (now >= next_retention)
+	{
+		if (!run_tx("deleting history past its retention", tx_retention, &more))
+			more = false;
+		publish_status();		/* pg_stat_activity shows the state again */
+		next_retention = now + (more ? USECS_PER_SEC
+								: (TimestampTz) enrich_retention_interval * USECS_PER_SEC);
+	}
+	return ms_until(next_retention, now);
+}
+
 /* Entry point of the dispatcher worker. */
 void
 enrich_dispatch_main(Datum main_arg)
@@ -1494,7 +1541,13 @@ enrich_dispatch_main(Datum main_arg)
 			if (timeout == 0)
 				continue;		/* something started: look again at once */
 		}
-		wait = ms_until(plan_at, now);
+		{
+			long		until_retention = retention_tick(now);
+
+			wait = ms_until(plan_at, now);
+			if (until_retention >= 0)
+				wait = Min(wait, until_retention);
+		}
 		if (woken)
 			wait = Min(wait, ms_until(last_plan + MIN_REPLAN_MS * 1000, now));
 		if (unrecorded != NULL)

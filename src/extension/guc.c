@@ -27,6 +27,7 @@
  */
 #include "postgres.h"
 
+#include <limits.h>
 #include <sys/stat.h>
 
 #include "access/xact.h"
@@ -66,6 +67,11 @@ int			enrich_search_cache_ttl = 86400;
  * placeholders (the library is preloaded); see the header comment.
  */
 static bool keys_protected = false;
+
+/* History retention; see enrich_guc_init_retention. */
+int			enrich_delivery_retention = 30 * 86400;
+int			enrich_result_retention = 0;
+int			enrich_retention_interval = 60;
 
 /* Longest key file we are willing to read; real keys are ~40 bytes. */
 #define API_KEY_FILE_MAX 4096
@@ -108,6 +114,7 @@ check_webhook_base_url(char **newval, void **extra, GucSource source)
 }
 
 static void enrich_guc_init_dispatcher(void);
+static void enrich_guc_init_retention(void);
 
 /* Is a key setting (not a key file) set? */
 static bool
@@ -233,6 +240,7 @@ enrich_guc_init(void)
 							   check_webhook_base_url, NULL, NULL);
 
 	enrich_guc_init_dispatcher();
+	enrich_guc_init_retention();
 	MarkGUCPrefixReserved("enrich");
 
 	if (!keys_protected)
@@ -360,6 +368,38 @@ enrich_guc_init_dispatcher(void)
 							NULL,
 							&enrich_credits_check_interval,
 							300, 1, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+}
+
+/*
+ * History retention, run by the dispatcher worker (enrich._retention_step).
+ * All reload on SIGHUP.
+ */
+static void
+enrich_guc_init_retention(void)
+{
+	DefineCustomIntVariable("enrich.delivery_retention",
+							"How long webhook deliveries are kept.",
+							"Never less than an hour, so that the vendor's retries are still recognised as duplicates; deliveries of batches still open are kept whatever their age.",
+							&enrich_delivery_retention,
+							30 * 86400, 3600, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.result_retention",
+							"How long ended requests and their results are kept; 0 keeps them for ever.",
+							"Requests of open batches, and those whose input a queued request shares, are kept.",
+							&enrich_result_retention,
+							0, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.retention_interval",
+							"How often the dispatcher worker deletes history past its retention; 0 turns that off.",
+							"Each run deletes at most 1000 rows of each kind; while more is left it runs again after a second.",
+							&enrich_retention_interval,
+							60, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 }

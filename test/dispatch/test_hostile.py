@@ -13,7 +13,7 @@ worker's SQL resolves to:
     search_path = pg_catalog, pg_temp (or has a pre-parsed SQL body);
   - traps, end to end: a non-superuser database owner plants, in public,
     look-alikes of every function the worker's statements call
-    (array_to_string, make_interval, now), a public.text domain (casts),
+    (array_to_string, make_interval, now, to_regprocedure), a public.text domain (casts),
     and operators (=, <>, <, <=, >, >=, ||) on the types the dispatcher's
     functions compare; then sets ALTER DATABASE ... SET search_path =
     public, pg_catalog.  A superuser session with that search_path does
@@ -168,7 +168,7 @@ def test_lint():
 PIN = "SET search_path = pg_catalog, pg_temp;\n"
 
 # What TRAPS below plants a look-alike of in public.
-TRAPPED_FUNCTIONS = {"array_to_string", "make_interval", "now"}
+TRAPPED_FUNCTIONS = {"array_to_string", "make_interval", "now", "to_regprocedure"}
 TRAPPED_TYPES = {"text"}
 
 TRAPS = r"""
@@ -217,6 +217,14 @@ LANGUAGE plpgsql AS $f$
 BEGIN
     PERFORM public.trap_fired('make_interval');
     RETURN pg_catalog.make_interval(years, months, weeks, days, hours, mins, secs);
+END
+$f$;
+
+CREATE FUNCTION public.to_regprocedure(t text) RETURNS regprocedure
+LANGUAGE plpgsql AS $f$
+BEGIN
+    PERFORM public.trap_fired('to_regprocedure');
+    RETURN pg_catalog.to_regprocedure(t);
 END
 $f$;
 
@@ -437,7 +445,12 @@ def test_worker_role(c, sb):
     """enrich.worker_role: the same work as an ordinary member of enrich_dispatcher."""
     c.psql("CREATE ROLE dispatch_login LOGIN IN ROLE enrich_dispatcher")
     q(c, "ALTER SYSTEM SET enrich.worker_role = 'dispatch_login'; "
-         "ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'")
+         "ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'; "
+         "ALTER SYSTEM SET enrich.retention_interval = '1s'")
+    # History past its retention, for the worker's retention step to delete.
+    old = q(c, "INSERT INTO enrich.deliveries (received_at, path, body_size, outcome, http_status) "
+               "VALUES (pg_catalog.now() OPERATOR(pg_catalog.-) interval '40 days', '/old', 0, 'accepted', 200) "
+               "RETURNING id")
     log_from = len(c.log())
     c.restart()
     wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker as dispatch_login")
@@ -463,6 +476,10 @@ def test_worker_role(c, sb):
     R.check("enrich dispatcher:" not in "".join(l for l in c.log()[log_from:].splitlines(True)
                                                   if "WARNING" in l or "ERROR" in l),
             "worker_role: no failed transaction (no missing privilege)")
+    R.check(wait_for(lambda: q(c, "SELECT NOT EXISTS (SELECT FROM enrich.deliveries WHERE id "
+                                  "OPERATOR(pg_catalog.=) %s)" % old) == "t", 15, 0.2,
+                     "retention as dispatch_login"),
+            "worker_role: the retention step deletes old deliveries without DELETE rights of its own")
     R.eq(superuser_traps(c), "", "worker_role: no trap ran as a superuser")
 
 

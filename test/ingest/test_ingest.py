@@ -280,7 +280,8 @@ def main():
     bad_bodies = [
         ("invalid JSON", b'{"id": "x", "status": ', "not valid JSON"),
         ("invalid UTF-8", b'{"id": "x", "status": "FINISHED", "name": "\xff\xfe"}', "not valid UTF-8"),
-        ("\\u0000 escape", b'{"id": "x", "status": "FINISHED", "name": "a\\u0000b"}', "\\u0000"),
+        ("\\u0000 escape in the id", b'{"id": "x\\u0000", "status": "FINISHED", "name": "a"}', "\\u0000"),
+        ("numeric overflow (valid JSON)", b'[1e400000]', "overflows numeric"),
         ("wrong shape (array)", b'[1, 2]', "not a JSON object"),
         ("wrong shape (no status)", b'{"id": "x", "data": []}', "no \"status\""),
         ("wrong shape (data not array)", b'{"id": "x", "status": "FINISHED", "data": {}}', "\"data\""),
@@ -306,8 +307,10 @@ def main():
     st, msg = deliver(qbody, path="/webhooks/%s/contact" % ghost)
     R.eq(q("SELECT count(*) FROM enrich.quarantined_deliveries"), "1", "a retried quarantined body is kept once")
     st, _ = deliver(qbody, path="/webhooks/not-a-token/contact")
+    nd = q("SELECT count(*) FROM enrich.deliveries")
     st, _ = deliver(b'{"id":"p","status":"FINISHED","data":[]}', path="/webhooks/")
-    R.eq(st, 200, "a path without a token is quarantined too")
+    R.eq((st, q("SELECT count(*) FROM enrich.deliveries")), (404, nd),
+         "a path without a token is answered 404 and not stored")
     # The batch turns up (e.g. restored): replay lands the result.
     C.psql("UPDATE enrich.batches SET token = '%s' WHERE id = %d" % (ghost, rq[0]))
     out = C.psql("SELECT http_status FROM enrich.replay_delivery(%s)" % qid)
@@ -495,6 +498,107 @@ def main():
           q("SELECT count(*) FROM enrich.deliveries WHERE batch_id = %d AND outcome = 'error'" % b),
           q("SELECT state FROM enrich.batches WHERE id = %d" % b)),
          ([200], "0", "finished"), "16 per-contact deliveries racing the final one: no deadlock")
+
+    # --- duplicates are the same body for the same token and kind -----------
+    bA, tA, idsA, eA = make_batch(1)
+    bB, tB, idsB, eB = make_batch(1)
+    bodyA = envelope(eA, "FINISHED", [record(idsA[0], we="dupa@example.com")], credits=1)
+    deliver(bodyA, token=tB, kind="job")          # captured and posted to another batch's token
+    deliver(bodyA, token="cd" * 32, kind="job")   # and to an unknown token
+    st, msg = deliver(bodyA, token=tA, kind="job")
+    R.check(st == 200 and msg.startswith("accepted"),
+            "a body first posted to other tokens is no duplicate for its own", msg)
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % bA) + "," + result_row(idsA[0]).split(",")[1],
+         "finished,dupa@example.com", "the genuine delivery is applied")
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % bB), "sent",
+         "the copy sent to another batch changed nothing there")
+    bC, tC, idsC, eC = make_batch(1)
+    bodyC = envelope(eC, "CREDITS_INSUFFICIENT", [record(idsC[0])], credits=0)
+    st1, _ = deliver(bodyC, token=tC, kind="contact")
+    st2, msg = deliver(bodyC, token=tC, kind="job")
+    R.check(st1 == 200 and st2 == 200 and msg.startswith("accepted"),
+            "the same bytes to /contact then /job: the /job one is applied", msg)
+    R.eq(q("SELECT state FROM enrich.batches WHERE id = %d" % bC), "credits_insufficient",
+         "a one-contact job's final delivery ends its batch")
+    st, msg = deliver(bodyC, token=tC, kind="job")
+    R.check(st == 200 and msg.startswith("duplicate"), "a retry to the same token and kind is a duplicate", msg)
+    st, msg = deliver(bodyC, path="/prefix/webhooks/%s/job" % tC.upper())
+    R.check(st == 200 and msg.startswith("duplicate"), "the token is compared case-insensitively", msg)
+
+    # --- what cannot be authentic costs no write ------------------------------
+    def counts():
+        return q("SELECT (SELECT count(*) FROM enrich.deliveries) || ',' || "
+                 "(SELECT coalesce(sum(deliveries), 0) FROM enrich.unauthorized_counts)")
+    junk = envelope(eC, "FINISHED", [record(idsC[0], we="junk@example.com")])
+    before = counts()
+    answers = set()
+    for i in range(3):
+        answers.add(deliver(junk, sig=None, token=tC)[0])
+        answers.add(deliver(junk, sig="not-a-signature", token=tC)[0])
+        answers.add(deliver(junk, path="/webhooks/%s/job" % tC[:20])[0])
+        answers.add(deliver(junk, path="/webhooks/")[0])
+    R.eq((sorted(answers), counts()), ([401, 404], before),
+         "no token, a short token, missing or malformed signature: answered without a row or a count")
+    unauth = int(q("SELECT count(*) FROM enrich.deliveries WHERE outcome = 'unauthorized'"))
+    summed = int(q("SELECT coalesce(sum(deliveries), 0) FROM enrich.unauthorized_counts"))
+    for i in range(15):
+        deliver(junk, sig=sign(junk, "forged-key"), token=tC)
+    R.eq(int(q("SELECT coalesce(sum(deliveries), 0) FROM enrich.unauthorized_counts")) - summed, 15,
+         "forged signatures are counted")
+    R.check(int(q("SELECT count(*) FROM enrich.deliveries WHERE outcome = 'unauthorized'")) - unauth <= 10,
+            "at most 10 forged deliveries an hour leave a sampled row")
+    R.eq(q("SELECT count(*) FROM enrich.unauthorized_counts", user="rdr") != "0", True,
+         "the reader sees the counters")
+
+    # --- records jsonb cannot store fail alone (webhook) ------------------------
+    bN, tN, idsN, eN = make_batch(4)
+    bodyN = envelope(eN, "FINISHED", [record(idsN[0], we="ok1@example.com"),
+                                      record(idsN[1], we="nul@example.com"),
+                                      record(idsN[2], we="big@example.com", extra={"score": 7}),
+                                      record(idsN[3], we="ok2@example.com")], credits=4)
+    bodyN = bodyN.replace(b"nul@example.com", b"n\\u0000l@example.com").replace(b'"score":7', b'"score":1e400000')
+    st, msg = deliver(bodyN, token=tN, kind="job")
+    R.check(st == 200 and "2 part(s) could not be stored" in msg,
+            "a final delivery with a \\u0000 record and an overflowing one: 200", msg)
+    R.eq(q("SELECT string_agg(r.state || ':' || coalesce(r.error_code, '') || ':' || coalesce(t.work_email, ''), ',' "
+           "ORDER BY r.id) FROM enrich.requests r LEFT JOIN enrich.results t ON t.request_id = r.id "
+           "WHERE r.batch_id = %d" % bN),
+         "done::ok1@example.com,failed:invalid_record:,failed:invalid_record:,done::ok2@example.com",
+         "the storable records are applied, the others fail alone")
+    R.check("\\u0000" in q("SELECT error_message FROM enrich.requests WHERE id = %d" % idsN[1]) and
+            "overflows numeric" in q("SELECT error_message FROM enrich.requests WHERE id = %d" % idsN[2]),
+            "each failed request says why")
+    R.eq(q("SELECT state || ',' || (SELECT count(*) FROM enrich.requests WHERE batch_id = %d "
+           "AND state IN ('sending', 'in_flight')) FROM enrich.batches WHERE id = %d" % (bN, bN)),
+         "finished,0", "the batch ends and releases its in-flight capacity")
+    R.check("record 2 (request %d) cannot be stored" % idsN[1] in
+            q("SELECT reason FROM enrich.deliveries WHERE batch_id = %d AND kind = 'job'" % bN),
+            "the delivery's reason names the records left out")
+
+    # --- ... and on the polling path --------------------------------------------
+    def polled(b, text, status="FINISHED"):
+        return C.psql("SELECT enrich._dispatch_polled(%d, 200, %s, %s, NULL, NULL, '5 min')"
+                      % (b, lit(text), lit(status)))
+    bP, tP, idsP, eP = make_batch(2)
+    textP = envelope(eP, "FINISHED", [record(idsP[0], we="p1@example.com"),
+                                      record(idsP[1], we="pnul@example.com")], credits=2).decode()
+    polled(bP, textP.replace("pnul@example.com", "p\\u0000@example.com"))
+    R.eq(q("SELECT b.state || ':' || string_agg(r.state || '/' || coalesce(r.error_code, ''), ',' ORDER BY r.id) "
+           "FROM enrich.batches b JOIN enrich.requests r ON r.batch_id = b.id WHERE b.id = %d GROUP BY b.state" % bP),
+         "finished:done/,failed/invalid_record", "a polled answer with a \\u0000 record: the rest applied, the batch ends")
+    bQ, tQ, idsQ, eQ = make_batch(2)
+    textQ = envelope(eQ, "FINISHED", [record(idsQ[0], we="q1@example.com")]).decode().replace(
+        '"status":"FINISHED"', '"status":"FINISHED\\u0000"')
+    seen = []
+    for i in range(3):
+        polled(bQ, textQ)
+        seen.append(q("SELECT state || '/' || coalesce(error_code, '') FROM enrich.batches WHERE id = %d" % bQ))
+    R.eq(seen, ["sent/invalid_response", "sent/invalid_response", "abandoned/invalid_response"],
+         "an answer that cannot be stored at all: the batch is given up on after 3 tries")
+    R.eq(q("SELECT string_agg(state || '/' || error_code, ',') FROM enrich.requests WHERE batch_id = %d" % bQ),
+         "failed/invalid_response,failed/invalid_response", "its requests fail and leave flight")
+    R.check("\\u0000" in q("SELECT error_message FROM enrich.batches WHERE id = %d" % bQ),
+            "the batch says why")
 
     # --- pg_dump keeps the inbox ------------------------------------------
     R.eq(q("SELECT count(*) FROM pg_extension e, unnest(e.extconfig) c "

@@ -43,7 +43,8 @@ $roles$;
 -- rate_limit the API reported RATE_LIMIT (undocumented status)    yes
 -- unknown    the API reported UNKNOWN (undocumented status)       yes
 -- rejected   the API refused the POST (4xx); see error_code       yes
--- abandoned  never accepted and given up on (see error_message)   yes
+-- abandoned  never accepted, or its answers could not be read,    yes
+--            and given up on (see error_code, error_message)
 --
 -- While a batch is 'sending', attempts and next_attempt_at say where its
 -- POST stands (the dispatcher relies on this after a crash):
@@ -75,13 +76,19 @@ CREATE TABLE enrich.batches (
     api_status      text,                   -- job status as the API spells it
     credits_used    numeric,                -- cost.credits as last reported
     error_code      text,                   -- API error code or local reason
-    error_message   text
+    error_message   text,
+    -- Poll answers in a row that could not be stored at all (see
+    -- enrich._dispatch_polled): at 3 the batch is given up on.
+    bad_answers     integer NOT NULL DEFAULT 0
 );
 CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
     WHERE state IN ('sending', 'sent');
 -- The latest job that ran out of credits (the dispatcher pauses after it).
 CREATE INDEX batches_credits_idx ON enrich.batches (finished_at)
     WHERE state = 'credits_insufficient';
+-- Retention walks ended batches by age.
+CREATE INDEX batches_finished_idx ON enrich.batches (finished_at)
+    WHERE finished_at IS NOT NULL;
 
 COMMENT ON TABLE enrich.batches IS 'One row per FullEnrich job (a POST of 1-100 contacts).';
 
@@ -146,6 +153,9 @@ CREATE INDEX requests_retry_idx ON enrich.requests (next_attempt_at)
 CREATE INDEX requests_input_key_idx ON enrich.requests (input_key);
 CREATE INDEX requests_source_idx ON enrich.requests (source_table, source_id)
     WHERE source_table IS NOT NULL;
+-- Retention walks ended requests by age.
+CREATE INDEX requests_ended_idx ON enrich.requests (updated_at)
+    WHERE state IN ('done', 'failed');
 
 COMMENT ON TABLE enrich.requests IS 'One row per contact asked for; state says where it is.';
 

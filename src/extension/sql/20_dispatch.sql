@@ -458,10 +458,16 @@ AS $$
 $$;
 
 -- What a poll of p_batch answered: a result envelope (a 200 or 402 body)
--- goes through the webhook ingest path (enrich.ingest_result); otherwise
--- p_code/p_message say why there is none (the job still runs, or a
--- transient error).  A batch still open is polled again after p_next.
--- Returns ingest_result's message, or the error.
+-- goes through the webhook ingest path (enrich._envelope_parse, then
+-- enrich._ingest_envelope as for a .../job delivery); otherwise p_code/
+-- p_message say why there is none (the job still runs, or a transient
+-- error).  A record that cannot be stored (a \u0000 escape, a number out of
+-- range) fails its request alone with the reason; the others are applied.
+-- An answer that cannot be stored at all (code invalid_response, from here
+-- or from the worker) counts in bad_answers: after BAD_ANSWERS_MAX of them
+-- in a row the batch is abandoned and its unanswered requests fail, so
+-- their in-flight capacity is released.  A batch still open is polled
+-- again after p_next.  Returns ingest's message, or the error.
 CREATE FUNCTION enrich._dispatch_polled(p_batch bigint, p_http integer, p_body text,
                                         p_api_status text, p_code text, p_message text,
                                         p_next interval)
@@ -470,26 +476,60 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    BAD_ANSWERS_MAX constant integer := 3;
     v_env   jsonb;
-    v_out   text;
+    v_bad   jsonb;
+    v_why   text;
+    v_r     record;
     v_msg   text;
+    v_n     integer;
 BEGIN
     IF p_body IS NOT NULL THEN
         BEGIN
-            v_env := p_body::jsonb;
+            SELECT e.env, e.bad, e.problem INTO v_env, v_bad, v_why
+              FROM enrich._envelope_parse(p_body) e;
+            v_why := coalesce(v_why, enrich._envelope_problem(v_env));
         EXCEPTION WHEN OTHERS THEN
-            p_code := 'invalid_response';
-            p_message := 'the poll answer cannot be stored as jsonb: ' || SQLERRM;
+            v_why := SQLERRM;
         END;
-    END IF;
-    IF v_env IS NOT NULL THEN
-        SELECT r.outcome, r.message INTO v_out, v_msg
-          FROM enrich.ingest_result(p_batch, v_env) r;
-        IF v_out <> 'accepted' THEN
+        IF v_why IS NOT NULL THEN
             p_code := 'invalid_response';
-            p_message := v_msg;
+            p_message := 'the poll answer cannot be stored: ' || v_why;
+        ELSIF NOT EXISTS (SELECT FROM enrich.batches b WHERE b.id = p_batch) THEN
+            RETURN format('no batch %s', p_batch);
+        ELSE
+            SELECT * INTO v_r FROM enrich._ingest_envelope(p_batch, v_env, true, v_bad);
+            v_msg := concat_ws('; ', format('%s record(s), %s result(s) changed',
+                                            v_r.record_count, coalesce(cardinality(v_r.changed), 0)),
+                               v_r.note);
         END IF;
     END IF;
+
+    IF p_code = 'invalid_response' THEN
+        UPDATE enrich.batches b
+           SET bad_answers = b.bad_answers + 1
+         WHERE b.id = p_batch AND b.state IN ('sending', 'sent')
+        RETURNING b.bad_answers INTO v_n;
+        IF v_n >= BAD_ANSWERS_MAX THEN
+            p_message := format('gave up after %s poll answers that could not be stored: %s',
+                                v_n, p_message);
+            UPDATE enrich.batches b
+               SET state = 'abandoned', finished_at = now(), next_poll_at = NULL,
+                   next_attempt_at = NULL, last_polled_at = now(), http_status = p_http,
+                   api_status = coalesce(p_api_status, b.api_status),
+                   error_code = p_code, error_message = p_message
+             WHERE b.id = p_batch;
+            UPDATE enrich.requests q
+               SET state = 'failed', updated_at = now(), next_attempt_at = NULL,
+                   error_code = p_code, error_message = p_message
+             WHERE q.batch_id = p_batch AND q.state IN ('sending', 'in_flight');
+            PERFORM enrich._wake_dispatcher();
+            RETURN p_message;
+        END IF;
+    ELSIF v_env IS NOT NULL THEN
+        UPDATE enrich.batches b SET bad_answers = 0 WHERE b.id = p_batch AND b.bad_answers <> 0;
+    END IF;
+
     UPDATE enrich.batches b
        SET last_polled_at = now(), http_status = p_http,
            api_status = coalesce(p_api_status, b.api_status),

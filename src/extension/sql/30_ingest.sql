@@ -5,24 +5,40 @@
 -- signature, path) in its own transaction and answers the HTTP status this
 -- returns once the transaction committed.  In order:
 --
---   1. X-Signature-SHA1 is checked in C (enrich._signature_valid) against
+--   1. What cannot be authentic costs no write at all: a path without a
+--      batch token (.../<64 hex>/contact or /job) is answered 404, a missing
+--      or malformed X-Signature-SHA1 401, and nothing is inserted, so the
+--      transaction commits nothing.
+--   2. X-Signature-SHA1 is checked in C (enrich._signature_valid) against
 --      enrich.api_key and, during a key change, enrich.api_key_previous.  A
---      failure is answered 401 and recorded as metadata only (size, time,
---      reason): unauthenticated junk cannot fill the disk.
---   2. A body whose SHA-256 was already stored with a final outcome is a
---      retry or duplicate: it is recorded without its body and answered like
---      the first copy, and nothing else happens.
---   3. Otherwise the raw body is stored in enrich.deliveries with its digest
+--      wrong signature is answered 401 and counted, not stored: one row per
+--      hour and reason in enrich.unauthorized_counts is updated in place,
+--      and only the first few of each hour and reason
+--      (UNAUTHORIZED_SAMPLES) leave a metadata row in enrich.deliveries.
+--      Junk therefore cannot grow either table per request; it still costs
+--      a small commit (the counter's update), which the receiver avoids by
+--      refusing what it can before calling this function.
+--   3. A body already stored for the same batch token and kind (/contact or
+--      /job) with a final outcome is a retry or duplicate: it is recorded
+--      without its body and answered like the first copy, and nothing else
+--      happens.  The same bytes sent to another token, or to /job after
+--      /contact (a one-contact job's last per-contact delivery can be
+--      byte-identical to its final one), are not duplicates.
+--   4. Otherwise the raw body is stored in enrich.deliveries with its digest
 --      before anything is parsed, so whatever happens next it can be
 --      replayed (enrich.replay_delivery).
---   4. The body is decoded (UTF-8), parsed (jsonb) and checked to be a
---      result envelope; any failure is answered 400 with the reason.  A valid
---      envelope for a token this database does not know is quarantined and
---      answered 200.  An unexpected error is caught, recorded, answered 500
---      (the vendor retries) and the body stays.
---   5. enrich._ingest_envelope() upserts one enrich.results row per record,
+--   5. The body is decoded (UTF-8), parsed (jsonb) and checked to be a
+--      result envelope; any failure is answered 400 with the reason.  JSON
+--      that jsonb cannot hold (a \u0000 escape, a number beyond numeric's
+--      range) is taken apart (enrich._envelope_parse): a record that cannot
+--      be stored fails its request alone with the reason, the others are
+--      applied.  A valid envelope for a token this database does not know
+--      is quarantined and answered 200.  An unexpected error is caught,
+--      recorded, answered 500 (the vendor retries) and the body stays.
+--   6. enrich._ingest_envelope() upserts one enrich.results row per record,
 --      keyed by custom.enrich_request_id, and moves requests and the batch
---      on.  The polling path (enrich.ingest_result) shares it.
+--      on.  The polling path (enrich._dispatch_polled, enrich.ingest_result)
+--      shares it.
 --
 -- Idempotency: results are upserted only when their content changes and
 -- never downgraded (a record with fewer findings does not replace one with
@@ -31,19 +47,47 @@
 -- in any order and any number of times.  Only deliveries to a .../job URL
 -- and polled results apply the job status to the batch: a per-contact
 -- delivery never ends a batch, whatever status it carries.
+--
+-- Cost independent of history: every statement on this path is a probe of
+-- a unique or equality-matched index (batches.token, deliveries_dedup_idx,
+-- requests_pkey or requests_batch_idx, results_pkey, batches_pkey), with no
+-- ORDER BY that could tempt the planner into walking deliveries_pkey.  The
+-- planner would still pick a sequential scan when stale statistics make it
+-- believe an equality matches much of a table (say they were taken during
+-- an early burst of retries of a few bodies: then a digest "matches" a
+-- tenth of the inbox, and LIMIT 1 "finds" one after a few rows), so
+-- ingest_webhook, _ingest_envelope and _retention_step run with
+-- enable_seqscan = off: an index path always wins.  test/ingest/
+-- test_plans.py checks every plan in generic mode on such statistics.
+-- Measured (EXPLAIN (ANALYZE, BUFFERS), generic plan, 400,000 deliveries,
+-- statistics taken while the table was empty): 0.1.0's duplicate check
+-- walked deliveries_pkey, 399,999 rows removed by filter, 17,095 buffers,
+-- 1,640 ms; this one reads 4 buffers of deliveries_dedup_idx, 0.05 ms.
+-- With statistics from a burst of retries (test_plans.py --deliveries
+-- 400000 prints it), where the planner expects a digest to match 69,665
+-- rows: still the index, 4 buffers.
+--
+-- History: enrich._retention_step(), run by the dispatcher worker every
+-- enrich.retention_interval, deletes deliveries older than
+-- enrich.delivery_retention (and results older than enrich.result_retention
+-- when that is set) in small index-driven batches; see its comment.
 ------------------------------------------------------------------------
 
 ------------------------------------------------------------------------
--- Deliveries: every POST the receiver passed on, one row each.
+-- Deliveries: every authentic POST the receiver passed on, one row each
+-- (and a few samples of unauthorized ones).
 --
 -- outcome       http  meaning
 -- received      -     being processed (never visible after commit)
 -- accepted      200   parsed and applied (reason notes skipped records)
--- duplicate     as the first copy: same body already stored (duplicate_of)
+-- duplicate     as the first copy: same body, token and kind already stored
+--                     (duplicate_of)
 -- quarantined   200   authentic, but for a batch this database does not know
--- invalid       400   not UTF-8, not JSON, \u0000, or not a result envelope
--- unauthorized  401   signature missing, malformed or wrong (no body kept)
--- error         500   no API key configured (no body kept), or an
+-- invalid       400   not UTF-8, not JSON, or not a result envelope jsonb
+--                     can store
+-- unauthorized  401   a sample: signature wrong (no body kept; counted in
+--                     enrich.unauthorized_counts)
+-- error         500   no API key configured (a sample, no body kept), or an
 --                     unexpected error while applying it (body kept)
 ------------------------------------------------------------------------
 CREATE TABLE enrich.deliveries (
@@ -65,21 +109,44 @@ CREATE TABLE enrich.deliveries (
     enrichment_id   text,                   -- envelope id, when it parsed
     api_status      text,                   -- envelope status, when it parsed
     record_count    integer,                -- records in data[]
-    result_count    integer                 -- results inserted or changed
+    result_count    integer,                -- results inserted or changed
+    token           text                    -- the path's batch token (lower case)
 ) WITH (fillfactor = 90);
--- Only authenticated bodies are looked up by digest (duplicates).
-CREATE INDEX deliveries_sha256_idx ON enrich.deliveries (body_sha256)
-    WHERE body_sha256 IS NOT NULL;
+-- Duplicates: the first copies (they keep their body) by digest, token and
+-- kind, all three matched by equality, so the probe is one index descent
+-- whatever the statistics say.  None of these columns changes after the
+-- insert, so the final update of a delivery stays HOT.
+CREATE INDEX deliveries_dedup_idx ON enrich.deliveries (body_sha256, token, kind)
+    WHERE body IS NOT NULL;
 -- Stored bodies without a known batch: quarantined ones (and bad bodies
--- sent to unknown tokens).  Neither column changes after the insert, so
--- the final update of a delivery stays HOT.
+-- sent to unknown tokens).
 CREATE INDEX deliveries_unbatched_idx ON enrich.deliveries (id)
     WHERE batch_id IS NULL AND body IS NOT NULL;
+-- Retention walks the oldest first.
+CREATE INDEX deliveries_received_idx ON enrich.deliveries (received_at);
 
 COMMENT ON TABLE enrich.deliveries IS 'Every webhook delivery the receiver passed on: raw body (when authentic), digest, outcome.';
 
 SELECT pg_catalog.pg_extension_config_dump('enrich.deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('enrich.deliveries_id_seq', '');
+
+------------------------------------------------------------------------
+-- Unauthorized deliveries, counted: one row per hour (UTC) and reason,
+-- updated in place, so a flood of forged POSTs adds no row per request.
+------------------------------------------------------------------------
+CREATE TABLE enrich.unauthorized_counts (
+    hour            timestamptz NOT NULL,   -- start of the hour (UTC)
+    reason          text NOT NULL,          -- as answered (e.g. invalid X-Signature-SHA1)
+    deliveries      bigint NOT NULL,
+    bytes           bigint NOT NULL,        -- body bytes, summed
+    first_at        timestamptz NOT NULL,
+    last_at         timestamptz NOT NULL,
+    PRIMARY KEY (hour, reason)
+);
+
+COMMENT ON TABLE enrich.unauthorized_counts IS 'Webhook POSTs refused for their signature, counted per hour and reason (the first few also sampled in enrich.deliveries).';
+
+SELECT pg_catalog.pg_extension_config_dump('enrich.unauthorized_counts', '');
 
 ------------------------------------------------------------------------
 -- C helpers.
@@ -120,19 +187,148 @@ AS $$
 $$;
 
 ------------------------------------------------------------------------
+-- Parse the text of a delivery or poll answer into an envelope.  Valid JSON
+-- that jsonb refuses as a whole (a \u0000 escape, a number beyond
+-- numeric's range) is taken apart instead: each member and each record of
+-- "data" is converted on its own, and what cannot be stored is left out
+-- and listed in bad (records as {"index", "request_id", "reason"}, other
+-- members as {"key", "reason"}).  problem says why there is no envelope at
+-- all (its "id" or "status" cannot be stored, or it is not a JSON object);
+-- other errors (invalid JSON, too deep) are raised to the caller.
+--
+-- PostgreSQL's json functions refuse to extract anything from an object
+-- holding a \u0000 escape, so before taking it apart each such escape (a
+-- backslash not itself escaped, then u0000) is replaced by a marker that
+-- does not occur in the text; a part containing the marker is one that
+-- cannot be stored.  The json type checks the syntax; nothing else is
+-- parsed by hand.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._envelope_parse(p_text text, OUT env jsonb, OUT bad jsonb,
+                                       OUT problem text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    NUL_REASON  constant text := 'it holds a \u0000 escape, which jsonb cannot store';
+    v_why       text;
+    v_mark      text;
+    v_json      json;
+    v_key       text;
+    v_val       json;
+    v_rec       json;
+    v_n         bigint;
+    v_rid       text;
+    v_data      jsonb;
+BEGIN
+    BEGIN
+        env := p_text::jsonb;
+        RETURN;
+    EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range THEN
+        v_why := SQLERRM;
+    END;
+
+    v_json := p_text::json;             -- raises on invalid JSON
+    IF json_typeof(v_json) IS DISTINCT FROM 'object' THEN
+        problem := format('the body is valid JSON but not an object, and jsonb cannot store it (%s)',
+                          v_why);
+        RETURN;
+    END IF;
+
+    LOOP
+        v_mark := '{nul:' || md5(random()::text) || '}';
+        EXIT WHEN strpos(p_text, v_mark) = 0;
+    END LOOP;
+    v_json := regexp_replace(p_text, '(?<!\\)((?:\\\\)*)\\u0000', '\1' || v_mark, 'g')::json;
+
+    env := '{}';
+    bad := '[]';
+    FOR v_key, v_val IN SELECT e.key, e.value FROM json_each(v_json) e LOOP
+        IF v_key = 'data' AND json_typeof(v_val) = 'array' THEN
+            v_data := '[]';
+            FOR v_rec, v_n IN SELECT r.value, r.n
+                                FROM json_array_elements(v_val) WITH ORDINALITY AS r(value, n) LOOP
+                v_why := NULL;
+                IF strpos(v_rec::text, v_mark) > 0 THEN
+                    v_why := NUL_REASON;
+                ELSE
+                    BEGIN
+                        v_data := v_data || jsonb_build_array(v_rec::jsonb);
+                    EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range THEN
+                        v_why := format('it holds a value jsonb cannot store (%s)', SQLERRM);
+                    END;
+                END IF;
+                IF v_why IS NOT NULL THEN
+                    v_rid := CASE WHEN json_typeof(v_rec) = 'object'
+                                  THEN v_rec -> 'custom' ->> 'enrich_request_id' END;
+                    bad := bad || jsonb_build_array(jsonb_build_object(
+                               'index', v_n,
+                               'request_id', CASE WHEN strpos(v_rid, v_mark) = 0 THEN v_rid END,
+                               'reason', v_why));
+                END IF;
+            END LOOP;
+            env := env || jsonb_build_object('data', v_data);
+        ELSE
+            v_why := NULL;
+            IF strpos(v_key, v_mark) > 0 OR strpos(v_val::text, v_mark) > 0 THEN
+                v_why := NUL_REASON;
+            ELSE
+                BEGIN
+                    env := env || jsonb_build_object(v_key, v_val::jsonb);
+                EXCEPTION WHEN untranslatable_character OR numeric_value_out_of_range THEN
+                    v_why := format('it holds a value jsonb cannot store (%s)', SQLERRM);
+                END;
+            END IF;
+            IF v_why IS NOT NULL THEN
+                IF v_key IN ('id', 'status') THEN
+                    problem := format('the envelope''s "%s" cannot be stored: %s', v_key, v_why);
+                    env := NULL;
+                    bad := NULL;
+                    RETURN;
+                END IF;
+                env := env - v_key;     -- a repeated member: none of its values
+                bad := bad || jsonb_build_array(jsonb_build_object(
+                           'key', replace(v_key, v_mark, '\u0000'), 'reason', v_why));
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+
+------------------------------------------------------------------------
+-- What _envelope_parse left out, in words (NULL when nothing).
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._envelope_bad_note(p_bad jsonb)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(CASE WHEN b ? 'key'
+                           THEN format('member "%s" left out: %s', b ->> 'key', b ->> 'reason')
+                           ELSE format('record %s (request %s) cannot be stored: %s',
+                                       b ->> 'index', coalesce(b ->> 'request_id', 'unknown'),
+                                       b ->> 'reason') END,
+                      '; ' ORDER BY n)
+      FROM jsonb_array_elements(p_bad) WITH ORDINALITY AS x(b, n)
+$$;
+
+------------------------------------------------------------------------
 -- Apply a result envelope (already checked by _envelope_problem) to batch
 -- p_batch_id: upsert the records that belong to its requests, mark those
 -- requests done, and when p_final (a .../job delivery or a polled result)
 -- and the status is terminal, end the batch and fail its requests that got
--- no record.  Returns a note on what was skipped (or NULL), the number of
--- records and the request ids whose result was inserted or changed (each
--- also announced with NOTIFY enrich_result).
+-- no record.  p_bad lists the records _envelope_parse could not store:
+-- their requests (of this batch, without a result) fail with
+-- invalid_record and the reason.  Returns a note on what was skipped (or
+-- NULL), the number of records and the request ids whose result was
+-- inserted or changed (each also announced with NOTIFY enrich_result).
 ------------------------------------------------------------------------
 CREATE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env jsonb, p_final boolean,
+                                        p_bad jsonb,
                                         OUT note text, OUT record_count integer,
                                         OUT changed bigint[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     v_status    text := upper(p_env ->> 'status');
@@ -144,6 +340,9 @@ DECLARE
     v_matched   integer;
     v_done      integer;
     v_failed    integer := 0;
+    v_bad       integer := 0;
+    v_n         integer;
+    v_ended     boolean := false;
     v_sending   boolean := false;
 BEGIN
     -- Every delivery locks the batch row before any result or request row,
@@ -154,8 +353,11 @@ BEGIN
     -- they would take anyway at the end of their INSERT into results (its
     -- foreign key to batches), but too late: holding a results row while
     -- waiting for a final delivery that waits for that row is a deadlock.
-    IF p_final THEN
-        PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
+    -- Failing unstorable records changes requests too: FOR UPDATE as well.
+    IF p_final OR jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        SELECT NOT p_final AND b.state = 'sending' INTO v_sending
+          FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
+        v_sending := coalesce(v_sending, false);
     ELSE
         PERFORM FROM enrich.batches b
          WHERE b.id = p_batch_id AND b.state = 'sending' FOR UPDATE;
@@ -277,6 +479,26 @@ BEGIN
         v_done := 0;
     END IF;
 
+    -- Records that could not be stored: their requests fail alone (a
+    -- result that came another way stays).
+    IF jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        UPDATE enrich.requests q
+           SET state = 'failed', updated_at = now(), next_attempt_at = NULL,
+               error_code = 'invalid_record',
+               error_message = format('the API''s record for this contact cannot be stored: %s',
+                                      x.reason)
+          FROM (SELECT DISTINCT ON (b ->> 'request_id')
+                       (b ->> 'request_id')::bigint AS request_id, b ->> 'reason' AS reason
+                  FROM jsonb_array_elements(p_bad) b
+                 WHERE (b ->> 'request_id') ~ '^[0-9]{1,18}$') x
+         WHERE q.id = x.request_id AND q.batch_id = p_batch_id
+           AND q.state IN ('sending', 'in_flight')
+           AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+        GET DIAGNOSTICS v_bad = ROW_COUNT;
+        v_failed := v_failed + v_bad;
+        note := concat_ws('; ', note, enrich._envelope_bad_note(p_bad));
+    END IF;
+
     IF p_final THEN
         v_state := CASE v_status
                        WHEN 'FINISHED' THEN 'finished'
@@ -303,6 +525,9 @@ BEGIN
                    finished_at = coalesce(b.finished_at, now())
              WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent');
             IF FOUND THEN
+                -- The dispatcher acts on a batch's end at once (a
+                -- CREDITS_INSUFFICIENT one pauses sending).
+                v_ended := true;
                 UPDATE enrich.requests q
                    SET state = 'failed', updated_at = now(),
                        error_code = CASE v_state WHEN 'finished' THEN 'no_result' ELSE v_state END,
@@ -310,7 +535,8 @@ BEGIN
                                               p_env ->> 'status')
                  WHERE q.batch_id = p_batch_id AND q.state IN ('sending', 'in_flight')
                    AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
-                GET DIAGNOSTICS v_failed = ROW_COUNT;
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_failed := v_failed + v_n;
             END IF;
         ELSE
             -- Not terminal (a polled running job): only the running figures.
@@ -344,15 +570,16 @@ BEGIN
         END IF;
     END IF;
 
-    -- Requests that left sending/in_flight free the dispatcher's capacity.
-    IF v_done > 0 OR v_failed > 0 THEN
+    -- Requests that left sending/in_flight free the dispatcher's capacity;
+    -- an ended batch may change what it does.
+    IF v_done > 0 OR v_failed > 0 OR v_ended THEN
         PERFORM enrich._wake_dispatcher();
     END IF;
 END
 $$;
 
 ------------------------------------------------------------------------
--- Process a stored delivery (steps 4-5 of the header): decode, parse,
+-- Process a stored delivery (steps 5-6 of the header): decode, parse,
 -- check, apply, and record the outcome on its row.  Returns the HTTP status
 -- and message for the sender.
 ------------------------------------------------------------------------
@@ -366,6 +593,7 @@ DECLARE
     v_stage     text := 'utf8';
     v_text      text;
     v_env       jsonb;
+    v_bad       jsonb;
     v_outcome   text;
     v_reason    text;
     v_records   integer;
@@ -376,19 +604,20 @@ BEGIN
     BEGIN
         v_text := convert_from(p_body, 'UTF8');
         v_stage := 'json';
-        v_env := v_text::jsonb;
+        SELECT e.env, e.bad, e.problem INTO v_env, v_bad, v_reason
+          FROM enrich._envelope_parse(v_text) e;
         v_stage := 'shape';
-        v_reason := enrich._envelope_problem(v_env);
+        v_reason := coalesce(v_reason, enrich._envelope_problem(v_env));
         IF v_reason IS NOT NULL THEN
             v_outcome := 'invalid';
             http_status := 400;
             message := v_reason;
+            v_env := NULL;
         ELSIF p_batch_id IS NULL THEN
             v_outcome := 'quarantined';
             http_status := 200;
             message := 'quarantined: no batch of this database has this token';
-            v_reason := CASE WHEN p_kind IS NULL THEN 'the path has no batch token'
-                             ELSE 'unknown batch token' END;
+            v_reason := concat_ws('; ', 'unknown batch token', enrich._envelope_bad_note(v_bad));
             IF jsonb_typeof(v_env -> 'data') = 'array' THEN
                 v_records := jsonb_array_length(v_env -> 'data');
             END IF;
@@ -396,11 +625,15 @@ BEGIN
             v_stage := 'apply';
             SELECT e.note, e.record_count, e.changed
               INTO v_reason, v_records, v_changed
-              FROM enrich._ingest_envelope(p_batch_id, v_env, p_kind = 'job') e;
+              FROM enrich._ingest_envelope(p_batch_id, v_env, p_kind = 'job', v_bad) e;
             v_outcome := 'accepted';
             http_status := 200;
             message := format('accepted: %s record(s), %s result(s) changed',
                               v_records, coalesce(cardinality(v_changed), 0));
+            IF jsonb_array_length(coalesce(v_bad, '[]')) > 0 THEN
+                message := message || format('; %s part(s) could not be stored (see the delivery''s reason)',
+                                             jsonb_array_length(v_bad));
+            END IF;
         END IF;
     EXCEPTION WHEN OTHERS THEN
         GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_detail = PG_EXCEPTION_DETAIL;
@@ -413,10 +646,9 @@ BEGIN
         ELSIF v_stage = 'json' THEN
             v_outcome := 'invalid';
             http_status := 400;
-            message := CASE WHEN v_state = '22P05'
-                            THEN 'the body holds a Unicode escape jsonb cannot store (\u0000)'
-                            WHEN v_state = '54001' THEN 'the body nests too deeply'
-                            ELSE 'the body is not valid JSON' END;
+            message := CASE WHEN v_state = '54001' THEN 'the body nests too deeply'
+                            WHEN v_state = '22P02' THEN 'the body is not valid JSON'
+                            ELSE 'the body cannot be read as JSON: ' || SQLERRM END;
             v_reason := concat_ws(': ', message, NULLIF(v_detail, ''));
         ELSE
             -- A bug or a transient failure (deadlock, ...): the body stays
@@ -426,6 +658,7 @@ BEGIN
             message := format('internal error; delivery %s kept for replay', p_id);
             v_reason := format('%s: %s', v_state, SQLERRM);
         END IF;
+        v_env := NULL;
     END;
 
     UPDATE enrich.deliveries d
@@ -439,71 +672,97 @@ $$;
 
 ------------------------------------------------------------------------
 -- The receiver's entry point (see the header).  Executable by
--- enrich_receiver only.
+-- enrich_receiver only.  Every statement is an equality probe of an index
+-- (see the header); the plans are checked by test/ingest/test_plans.py.
 ------------------------------------------------------------------------
 CREATE FUNCTION enrich.ingest_webhook(body bytea, signature text, path text)
 RETURNS TABLE (http_status integer, message text)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
+    -- Unauthorized deliveries leave a metadata row for the first few of
+    -- each hour and reason only; the rest are only counted.
+    UNAUTHORIZED_SAMPLES constant integer := 10;
     v_body      bytea := coalesce(ingest_webhook.body, ''::bytea);
     v_size      integer := octet_length(v_body);
     v_path      text := left(ingest_webhook.path, 300);
     v_sig       text;
     v_sha       bytea;
     v_m         text[];
+    v_token     text;
     v_kind      text;
     v_batch_id  bigint;
     v_dup       record;
     v_id        bigint;
+    v_n         bigint;
     v_status    integer;
     v_message   text;
 BEGIN
+    -- .../<64 hex token>/<contact|job>, whatever comes before.  Anything
+    -- else is no webhook URL of ours: answered without writing anything.
+    v_m := regexp_match(ingest_webhook.path, '/([0-9A-Fa-f]{64})/(contact|job)/?([?#].*)?$');
+    IF v_m IS NULL THEN
+        RETURN QUERY SELECT 404, 'not a webhook URL of this database: the path has no batch token'::text;
+        RETURN;
+    END IF;
+    v_token := lower(v_m[1]);
+    v_kind := v_m[2];
+
     v_sig := enrich._signature_valid(v_body, signature);
-    IF v_sig NOT IN ('current', 'previous') THEN
+    IF v_sig IN ('missing', 'malformed') THEN
+        -- Cannot be authentic: no write, so nothing to commit.
+        RETURN QUERY SELECT 401, CASE v_sig WHEN 'missing' THEN 'missing X-Signature-SHA1'
+                                 ELSE 'malformed X-Signature-SHA1' END;
+        RETURN;
+    ELSIF v_sig NOT IN ('current', 'previous') THEN
         v_status := CASE WHEN v_sig = 'nokey' THEN 500 ELSE 401 END;
-        v_message := CASE v_sig
-                         WHEN 'missing' THEN 'missing X-Signature-SHA1'
-                         WHEN 'malformed' THEN 'malformed X-Signature-SHA1'
-                         WHEN 'nokey' THEN 'no API key configured to verify signatures'
-                         ELSE 'invalid X-Signature-SHA1' END;
-        INSERT INTO enrich.deliveries (path, body_size, outcome, http_status, reason)
-        VALUES (v_path, v_size, CASE WHEN v_sig = 'nokey' THEN 'error' ELSE 'unauthorized' END,
-                v_status, v_message);
+        v_message := CASE v_sig WHEN 'nokey' THEN 'no API key configured to verify signatures'
+                                ELSE 'invalid X-Signature-SHA1' END;
+        INSERT INTO enrich.unauthorized_counts AS u
+               (hour, reason, deliveries, bytes, first_at, last_at)
+        VALUES (date_trunc('hour', now(), 'UTC'), v_message, 1, v_size, now(), now())
+        ON CONFLICT (hour, reason) DO UPDATE
+           SET deliveries = u.deliveries + 1, bytes = u.bytes + EXCLUDED.bytes,
+               last_at = EXCLUDED.last_at
+        RETURNING u.deliveries INTO v_n;
+        IF v_n <= UNAUTHORIZED_SAMPLES THEN
+            INSERT INTO enrich.deliveries (path, kind, body_size, outcome, http_status, reason)
+            VALUES (v_path, v_kind, v_size,
+                    CASE WHEN v_sig = 'nokey' THEN 'error' ELSE 'unauthorized' END,
+                    v_status, v_message);
+        END IF;
         RETURN QUERY SELECT v_status, v_message;
         RETURN;
     END IF;
 
-    -- A retry or duplicate of a body already handled: answer the same.
+    -- A retry or duplicate of a body already handled for this token and
+    -- kind: answer the same.  Any first copy will do (no ORDER BY: the probe
+    -- must not become a walk of deliveries_pkey).
     v_sha := sha256(v_body);
     SELECT d.id, d.http_status, d.outcome INTO v_dup
       FROM enrich.deliveries d
-     WHERE d.body_sha256 = v_sha
+     WHERE d.body_sha256 = v_sha AND d.token = v_token AND d.kind = v_kind
+       AND d.body IS NOT NULL
        AND d.outcome IN ('accepted', 'quarantined', 'invalid')
-     ORDER BY d.id
      LIMIT 1;
     IF FOUND THEN
-        INSERT INTO enrich.deliveries (path, body_size, body_sha256, signed_with, duplicate_of,
-                                       outcome, http_status, reason)
-        VALUES (v_path, v_size, v_sha, v_sig, v_dup.id, 'duplicate', v_dup.http_status,
-                format('same body as delivery %s (%s)', v_dup.id, v_dup.outcome));
+        INSERT INTO enrich.deliveries (path, kind, body_size, body_sha256, signed_with,
+                                       duplicate_of, outcome, http_status, reason, token)
+        VALUES (v_path, v_kind, v_size, v_sha, v_sig, v_dup.id, 'duplicate', v_dup.http_status,
+                format('same body as delivery %s (%s)', v_dup.id, v_dup.outcome), v_token);
         RETURN QUERY SELECT v_dup.http_status,
                             format('duplicate of delivery %s (%s)', v_dup.id, v_dup.outcome);
         RETURN;
     END IF;
 
-    -- .../<64 hex token>/<contact|job>, whatever comes before.
-    v_m := regexp_match(ingest_webhook.path, '/([0-9A-Fa-f]{64})/(contact|job)/?([?#].*)?$');
-    IF v_m IS NOT NULL THEN
-        v_kind := v_m[2];
-        SELECT b.id INTO v_batch_id FROM enrich.batches b WHERE b.token = lower(v_m[1]);
-    END IF;
+    SELECT b.id INTO v_batch_id FROM enrich.batches b WHERE b.token = v_token;
 
     -- Keep the raw delivery before anything else.
     INSERT INTO enrich.deliveries (path, kind, batch_id, body_size, body_sha256, body,
-                                   signed_with, outcome)
-    VALUES (v_path, v_kind, v_batch_id, v_size, v_sha, v_body, v_sig, 'received')
+                                   signed_with, outcome, token)
+    VALUES (v_path, v_kind, v_batch_id, v_size, v_sha, v_body, v_sig, 'received', v_token)
     RETURNING id INTO v_id;
 
     RETURN QUERY SELECT p.http_status, p.message
@@ -536,7 +795,7 @@ BEGIN
         RETURN QUERY SELECT 'unknown_batch'::text, format('no batch %s', ingest_result.batch_id);
         RETURN;
     END IF;
-    SELECT * INTO v_r FROM enrich._ingest_envelope(ingest_result.batch_id, envelope, true);
+    SELECT * INTO v_r FROM enrich._ingest_envelope(ingest_result.batch_id, envelope, true, NULL);
     RETURN QUERY SELECT 'accepted'::text,
                         concat_ws('; ', format('%s record(s), %s result(s) changed',
                                                v_r.record_count,
@@ -579,8 +838,9 @@ $$;
 
 ------------------------------------------------------------------------
 -- Delete deliveries older than keep, except those that may still need a
--- look (quarantined, invalid, error).  Returns how many went.  Superuser
--- only; run it from cron or by hand.
+-- look (quarantined, invalid, error), in one statement.  Returns how many
+-- went.  Superuser only; for a one-off purge by hand: the dispatcher runs
+-- enrich._retention_step() on its own (see below).
 ------------------------------------------------------------------------
 CREATE FUNCTION enrich.purge_deliveries(keep interval DEFAULT '30 days')
 RETURNS bigint
@@ -594,6 +854,112 @@ AS $$
         RETURNING 1
     )
     SELECT count(*) FROM gone
+$$;
+
+------------------------------------------------------------------------
+-- One step of retention, run by the dispatcher worker every
+-- enrich.retention_interval (superuser only; callable by hand).  Deletes at
+-- most p_limit rows of each kind, oldest first, each walk driven by an
+-- index on its time column, rows picked by id and deleted through the
+-- primary key: only row locks, held for one short transaction.
+--
+-- Deliveries older than enrich.delivery_retention (default 30 days, never
+-- less than an hour: the vendor retries a failed delivery 5 times a minute
+-- apart, and every retry must still find its first copy to be answered as
+-- a duplicate) go, except those of a batch still open (sending or sent),
+-- whatever their age: such a batch can still get deliveries and be polled
+-- (the vendor keeps a job readable for 3 months), so their first copies
+-- stay to recognise duplicates.  Quarantined, invalid and error deliveries
+-- go after the same time: replay them (enrich.replay_delivery) before, or
+-- raise the setting (90 days matches the vendor's GET window).
+-- Unauthorized counters go after enrich.delivery_retention too.
+--
+-- With enrich.result_retention set (default 0: results are kept for ever,
+-- see the README), ended requests (done, failed) last changed longer ago
+-- than that go with their results (ON DELETE CASCADE), except those of a
+-- batch still open and those whose input a queued request shares (it may
+-- be served from that result); then ended batches finished that long ago
+-- with no request or result left.
+--
+-- Returns what went and whether a walk stopped at p_limit (more is left:
+-- the worker comes back sooner).
+-- SECURITY DEFINER, and granted to enrich_dispatcher only, so that a worker
+-- running as enrich.worker_role (which may not DELETE anything) can run it.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._retention_step(p_limit integer DEFAULT 1000,
+                                       OUT deliveries bigint, OUT requests bigint,
+                                       OUT batches bigint, OUT more boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    SCAN_FACTOR constant integer := 10;
+    v_keep      interval := greatest(coalesce(NULLIF(current_setting('enrich.delivery_retention', true), ''),
+                                              '30d')::interval,
+                                     interval '1 hour');
+    v_results   interval := NULLIF(coalesce(NULLIF(current_setting('enrich.result_retention', true), ''),
+                                            '0')::interval, interval '0');
+BEGIN
+    -- Each walk is a range scan of a time index, oldest first, with a LIMIT
+    -- and no other condition (so no statistics can turn it into a scan and
+    -- sort of everything old); the rows to keep are filtered out above it
+    -- by scalar subqueries (index probes, never turned into joins), and the
+    -- rest deleted by ctid (a TID scan).  Up to SCAN_FACTOR * p_limit old
+    -- rows are looked at, so rows that must stay (a long-open batch) cannot
+    -- make a step expensive.
+    DELETE FROM enrich.deliveries d
+     WHERE d.ctid = ANY (ARRAY(
+        SELECT w.ctid
+          FROM (SELECT o.ctid, o.batch_id
+                  FROM enrich.deliveries o
+                 WHERE o.received_at < now() - v_keep
+                 ORDER BY o.received_at
+                 LIMIT p_limit * SCAN_FACTOR) w
+         WHERE w.batch_id IS NULL
+            OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                           FROM enrich.batches b WHERE b.id = w.batch_id), true)
+         LIMIT p_limit));
+    GET DIAGNOSTICS deliveries = ROW_COUNT;
+
+    DELETE FROM enrich.unauthorized_counts u WHERE u.hour < now() - v_keep;
+
+    requests := 0;
+    batches := 0;
+    IF v_results IS NOT NULL THEN
+        DELETE FROM enrich.requests q
+         WHERE q.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.batch_id, o.input_key
+                      FROM enrich.requests o
+                     WHERE o.state IN ('done', 'failed') AND o.updated_at < now() - v_results
+                     ORDER BY o.updated_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE (w.batch_id IS NULL
+                    OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                                   FROM enrich.batches b WHERE b.id = w.batch_id), true))
+               AND (SELECT x.id FROM enrich.requests x
+                     WHERE x.input_key = w.input_key AND x.state = 'queued' LIMIT 1) IS NULL
+             LIMIT p_limit));
+        GET DIAGNOSTICS requests = ROW_COUNT;
+
+        DELETE FROM enrich.batches b
+         WHERE b.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.id, o.state
+                      FROM enrich.batches o
+                     WHERE o.finished_at IS NOT NULL AND o.finished_at < now() - v_results
+                     ORDER BY o.finished_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE w.state NOT IN ('sending', 'sent')
+               AND (SELECT q.id FROM enrich.requests q WHERE q.batch_id = w.id LIMIT 1) IS NULL
+               AND (SELECT t.request_id FROM enrich.results t WHERE t.batch_id = w.id LIMIT 1) IS NULL
+             LIMIT p_limit));
+        GET DIAGNOSTICS batches = ROW_COUNT;
+    END IF;
+
+    more := greatest(deliveries, requests, batches) >= p_limit;
+END
 $$;
 
 ------------------------------------------------------------------------
@@ -616,4 +982,5 @@ CREATE VIEW enrich.quarantined_deliveries AS
 COMMENT ON VIEW enrich.quarantined_deliveries IS 'Authentic deliveries for batches this database does not know; replay with enrich.replay_delivery(id).';
 
 GRANT EXECUTE ON FUNCTION enrich.ingest_webhook(bytea, text, text) TO enrich_receiver;
-GRANT SELECT ON enrich.webhook_deliveries, enrich.quarantined_deliveries TO enrich_reader;
+GRANT SELECT ON enrich.webhook_deliveries, enrich.quarantined_deliveries,
+                enrich.unauthorized_counts TO enrich_reader;
