@@ -405,6 +405,31 @@ enrich_guc_init_retention(void)
 }
 
 /*
+ * Warn, once per backend and file name, when the key file can be read by
+ * anyone but its owner (the server's OS user): the key would be as public
+ * as the file.  Like the server's own SSL key check, but a warning: the
+ * key still works, and the log says what to fix.
+ */
+static void
+check_key_file_mode(FILE *f, const char *path)
+{
+	static char *warned_path = NULL;
+	struct stat st;
+
+	if (fstat(fileno(f), &st) != 0 || (st.st_mode & (S_IRWXG | S_IRWXO)) == 0)
+		return;
+	if (warned_path != NULL && strcmp(warned_path, path) == 0)
+		return;
+	if (warned_path != NULL)
+		free(warned_path);
+	warned_path = strdup(path);
+	ereport(WARNING,
+			(errmsg("API key file \"%s\" can be read by other users of this machine", path),
+			 errdetail("Its permissions are %04o.", (unsigned) (st.st_mode & 07777)),
+			 errhint("Make it readable by the server's OS user only: chmod 600 \"%s\".", path)));
+}
+
+/*
  * Read a key from a file: palloc'd, surrounding white space trimmed, or
  * NULL when the file is empty or unreadable.  Reading failures are reported
  * as WARNING without the file's content.
@@ -427,6 +452,7 @@ read_key_file(const char *path)
 				 errmsg("could not open API key file \"%s\": %m", path)));
 		return NULL;
 	}
+	check_key_file_mode(f, path);
 	n = fread(buf, 1, API_KEY_FILE_MAX, f);
 	FreeFile(f);
 	buf[n] = '\0';

@@ -85,6 +85,13 @@ def test_without_preload():
     R.check("no dispatcher will send" in r.stderr, "with a warning that no dispatcher will send it")
     R.eq(c.scalar("SELECT state FROM enrich.requests"), "queued", "the request waits, queued")
     R.eq(signature_check(c, KEY), "current", "the key file's key verifies webhook signatures")
+    R.check("can be read by other users" not in c.log(), "a key file of mode 0600 draws no warning")
+    c._run(["chmod", "0644", keyfile])
+    r = c.psql("SELECT enrich._signature_valid('x', repeat('0', 40))", check=False)
+    R.check("API key file \"%s\" can be read by other users of this machine" % keyfile in r.stderr
+            and "chmod 600" in r.stderr and KEY not in r.stderr,
+            "a key file others can read is warned about, with the fix, never the key", r.stderr)
+    c._run(["chmod", "0600", keyfile])
 
     # The same role after its session loaded the library (enrich.submit).
     out = peek(c, "alice", "SELECT enrich.preloaded();")
