@@ -46,8 +46,8 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
-#include "dispatch.h"
 #include "enrich.h"
+#include "shmem.h"
 
 PG_FUNCTION_INFO_V1(enrich_wait);
 PG_FUNCTION_INFO_V1(enrich_cancel);
@@ -221,8 +221,7 @@ enrich_wait(PG_FUNCTION_ARGS)
 		 * Prepare to sleep before looking, so a broadcast that comes between
 		 * the look and the sleep is not missed.
 		 */
-		if (enrich_shared != NULL)
-			ConditionVariablePrepareToSleep(&enrich_shared->requests_cv);
+		enrich_requests_prepare_wait();
 
 		control_spi("SELECT pg_catalog.count(*) FROM enrich.requests q "
 					"WHERE q.id OPERATOR(pg_catalog.=) ANY ($1) "
@@ -240,19 +239,10 @@ enrich_wait(PG_FUNCTION_ARGS)
 			break;
 		left_ms = (long) Min((deadline - now + 999) / 1000, (TimestampTz) WAIT_RECHECK_MS);
 
-		if (enrich_shared != NULL)
-			(void) ConditionVariableTimedSleep(&enrich_shared->requests_cv, left_ms,
-											   PG_WAIT_EXTENSION);
-		else
-		{
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 left_ms, PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
-		}
+		enrich_requests_sleep(left_ms);
 		CHECK_FOR_INTERRUPTS();
 	}
-	if (enrich_shared != NULL)
-		ConditionVariableCancelSleep();
+	enrich_requests_cancel_wait();
 
 	control_spi("SELECT i.id, q.state, r.outcome, q.error_code "
 				"FROM pg_catalog.unnest($1) WITH ORDINALITY AS i(id, n) "

@@ -184,22 +184,6 @@ dispatch_parse_answer(const char *body, size_t len, DispatchAnswer *answer)
 	json_tokener_free(tok);
 }
 
-/* Is this job status one after which nothing more happens? */
-bool
-dispatch_status_terminal(const char *status)
-{
-	static const char *const terminal[] = {
-		"FINISHED", "CREDITS_INSUFFICIENT", "CANCELED", "RATE_LIMIT", "UNKNOWN"
-	};
-
-	if (status == NULL)
-		return false;
-	for (int i = 0; i < lengthof(terminal); i++)
-		if (pg_strcasecmp(status, terminal[i]) == 0)
-			return true;
-	return false;
-}
-
 /*
  * Does a 400 with this code refuse the job as a whole (our request is
  * wrong: its name, its webhook URL, an empty data array) rather than one of

@@ -129,10 +129,12 @@ dispatch_http_init(void)
 	if (multi == NULL)
 		ereport(FATAL,
 				(errmsg("could not create a libcurl multi handle")));
-	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
-	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+	if (curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, socket_cb) != CURLM_OK ||
+		curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, timer_cb) != CURLM_OK ||
 	/* Keep a few connections to the API host for reuse. */
-	curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, 8L);
+		curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, 8L) != CURLM_OK)
+		ereport(FATAL,
+				(errmsg("could not set up the libcurl multi handle")));
 }
 
 /* Abort every call and release libcurl; the worker is exiting. */
@@ -154,15 +156,27 @@ dispatch_http_shutdown(void)
 	curl_global_cleanup();
 }
 
-/* Set an easy option, failing loudly if libcurl refuses it. */
+/*
+ * Set an easy option unless an earlier one failed; the first failure is
+ * kept in rc_/failed_opt and reported once everything is released.
+ */
 #define SETOPT(easy, opt, val) \
 	do { \
-		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val)); \
-		if (rc_ != CURLE_OK) \
-			ereport(ERROR, \
-					(errmsg("could not set libcurl option %s: %s", #opt, \
-							curl_easy_strerror(rc_)))); \
+		if (rc_ == CURLE_OK && (rc_ = curl_easy_setopt((easy), (opt), (val))) != CURLE_OK) \
+			failed_opt = #opt; \
 	} while (0)
+
+/* Append a header, keeping the list when libcurl runs out of memory. */
+static bool
+append_header(DispatchCall *call, const char *header)
+{
+	struct curl_slist *l = curl_slist_append(call->headers, header);
+
+	if (l == NULL)
+		return false;
+	call->headers = l;
+	return true;
+}
 
 /*
  * Start a call: a POST of body (malloc'd; the call owns it from now on)
@@ -175,7 +189,10 @@ dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
 {
 	DispatchCall *call;
 	char	   *auth;
+	bool		headers_ok;
 	CURLMcode	mrc;
+	CURLcode	rc_ = CURLE_OK;
+	const char *failed_opt = NULL;
 
 	call = calloc(1, sizeof(DispatchCall));
 	if (call == NULL)
@@ -194,14 +211,19 @@ dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
 	}
 
 	auth = psprintf("Authorization: Bearer %s", api_key);
-	call->headers = curl_slist_append(call->headers, auth);
+	headers_ok = append_header(call, auth);
 	explicit_bzero(auth, strlen(auth));
 	pfree(auth);
-	call->headers = curl_slist_append(call->headers, "Accept: application/json");
+	headers_ok = headers_ok && append_header(call, "Accept: application/json");
 	if (body != NULL)
-		call->headers = curl_slist_append(call->headers, "Content-Type: application/json");
+		headers_ok = headers_ok && append_header(call, "Content-Type: application/json");
 	/* No "Expect: 100-continue" round trip for our small bodies. */
-	call->headers = curl_slist_append(call->headers, "Expect:");
+	headers_ok = headers_ok && append_header(call, "Expect:");
+	if (!headers_ok)
+	{
+		dispatch_http_free(call);
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	}
 
 	SETOPT(call->easy, CURLOPT_URL, url);
 	SETOPT(call->easy, CURLOPT_HTTPHEADER, call->headers);
@@ -225,6 +247,14 @@ dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
 		SETOPT(call->easy, CURLOPT_POSTFIELDS, body);
 		SETOPT(call->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) body_len);
 	}
+	if (rc_ != CURLE_OK)
+	{
+		/* Nothing of the call is palloc'd: release it before raising. */
+		dispatch_http_free(call);
+		ereport(ERROR,
+				(errmsg("could not set libcurl option %s: %s", failed_opt,
+						curl_easy_strerror(rc_))));
+	}
 
 	mrc = curl_multi_add_handle(multi, call->easy);
 	if (mrc != CURLM_OK)
@@ -247,6 +277,18 @@ dispatch_http_running(void)
 }
 
 /*
+ * A libcurl multi call failed: nothing to undo (the calls it drives end
+ * with their own errors), but say so rather than lose it.
+ */
+static void
+check_multi(CURLMcode mrc)
+{
+	if (mrc != CURLM_OK)
+		ereport(WARNING,
+				(errmsg("libcurl multi interface error: %s", curl_multi_strerror(mrc))));
+}
+
+/*
  * A running call ended with result: take it off the multi handle and the
  * running list, note its HTTP status and whether the whole request went out
  * (an answer came, or every body byte was uploaded), and queue it for
@@ -262,7 +304,7 @@ end_call(DispatchCall *call, CURLcode result)
 	curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
 	curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
 	call->body_sent = call->http_status > 0 || (curl_off_t) call->body_len <= uploaded;
-	curl_multi_remove_handle(multi, call->easy);
+	check_multi(curl_multi_remove_handle(multi, call->easy));
 
 	for (p = &running; *p != NULL; p = &(*p)->next)
 		if (*p == call)
@@ -361,13 +403,13 @@ dispatch_http_wait(long timeout_ms)
 				flags |= CURL_CSELECT_IN;
 			if (events[i].events & WL_SOCKET_WRITEABLE)
 				flags |= CURL_CSELECT_OUT;
-			curl_multi_socket_action(multi, events[i].fd, flags, &still_running);
+			check_multi(curl_multi_socket_action(multi, events[i].fd, flags, &still_running));
 		}
 	}
 	if (timer_ms >= 0 && timer_remaining() == 0)
 	{
 		timer_ms = -1;
-		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running);
+		check_multi(curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running));
 	}
 	collect_finished();
 	return latch_set;

@@ -122,7 +122,7 @@ static const char *key_source = "none";
 static bool extension_warned = false;
 static bool recovered = false;
 
-/* Pacing (the call budget itself is shared: dispatch_shmem.c). */
+/* Pacing (the call budget itself is shared: shmem.c). */
 static TimestampTz paused_until = 0;	/* no call before (429, failures) */
 static int	consecutive_failures = 0;
 static bool key_rejected = false;
@@ -217,12 +217,7 @@ publish_status(void)
 static uint64
 read_wakeups(void)
 {
-	uint64		n;
-
-	SpinLockAcquire(&enrich_shared->mutex);
-	n = enrich_shared->wakeups;
-	SpinLockRelease(&enrich_shared->mutex);
-	return n;
+	return enrich_wakeup_total();
 }
 
 /* Milliseconds from now until t, at least 0. */
@@ -375,20 +370,33 @@ run_tx(const char *what, TxBody body, void *arg)
 	return ok;
 }
 
-/* Run a statement with arguments; error unless it returns rows as asked. */
+/*
+ * Run one of the worker's statements (each a SELECT from a function) with
+ * arguments; error unless it ran as a SELECT and returned its rows.
+ */
 static void
 spi_run(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls)
 {
 	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
 
-	if (rc < 0)
-		elog(ERROR, "SPI_execute_with_args failed (%d): %s", rc, sql);
+	if (rc != SPI_OK_SELECT || SPI_tuptable == NULL)
+		elog(ERROR, "SPI_execute_with_args returned %d, not rows: %s", rc, sql);
 }
 
-/* Column col (1-based) of row 0 of the last result, and its nullness. */
+/* Error unless the last result has row (0-based) and column col (1-based). */
+static void
+spi_check_cell(int row, int col)
+{
+	if (row < 0 || (uint64) row >= SPI_processed || col < 1 || col > SPI_tuptable->tupdesc->natts)
+		elog(ERROR, "the worker's statement returned " UINT64_FORMAT " row(s) of %d column(s); "
+			 "row %d, column %d was expected", SPI_processed, SPI_tuptable->tupdesc->natts, row, col);
+}
+
+/* Column col (1-based) of row (0-based) of the last result, and its nullness. */
 static Datum
 spi_value(int row, int col, bool *isnull)
 {
+	spi_check_cell(row, col);
 	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, isnull);
 }
 
@@ -396,7 +404,10 @@ spi_value(int row, int col, bool *isnull)
 static char *
 spi_text(int row, int col)
 {
-	char	   *v = SPI_getvalue(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col);
+	char	   *v;
+
+	spi_check_cell(row, col);
+	v = SPI_getvalue(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col);
 
 	return v == NULL ? NULL : MemoryContextStrdup(iter_ctx, v);
 }
@@ -1325,16 +1336,7 @@ handle_finished_calls(void)
 static void
 dispatch_on_exit(int code, Datum arg)
 {
-	if (enrich_shared == NULL)
-		return;
-	SpinLockAcquire(&enrich_shared->mutex);
-	if (enrich_shared->worker_pid == MyProcPid)
-	{
-		enrich_shared->worker_latch = NULL;
-		enrich_shared->worker_pid = 0;
-		strlcpy(enrich_shared->status.state, "stopped", sizeof(enrich_shared->status.state));
-	}
-	SpinLockRelease(&enrich_shared->mutex);
+	enrich_worker_unpublish();
 }
 
 /*
@@ -1478,10 +1480,7 @@ enrich_dispatch_main(Datum main_arg)
 	memset(&status, 0, sizeof(status));
 	status.started_at = GetCurrentTimestamp();
 	set_state("starting", "connected to database \"%s\"", enrich_database_name);
-	SpinLockAcquire(&enrich_shared->mutex);
-	enrich_shared->worker_latch = MyLatch;
-	enrich_shared->worker_pid = MyProcPid;
-	SpinLockRelease(&enrich_shared->mutex);
+	enrich_worker_publish();
 	before_shmem_exit(dispatch_on_exit, (Datum) 0);
 
 	dispatch_http_init();

@@ -44,6 +44,6 @@ _PG_init(void)
 		return;
 
 	enrich_is_preloaded = true;
-	enrich_dispatch_shmem_init();
+	enrich_shmem_init();
 	enrich_dispatch_register();
 }

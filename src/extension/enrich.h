@@ -3,10 +3,14 @@
  * enrich.h
  *		Declarations shared by the parts of the enrich extension.
  *
- * The extension has four subsystems, each in its own files:
- *	guc_*		settings (GUCs) and the API key
- *	submit_*	validation of contacts and the commit-time dispatcher wakeup
- *	dispatch_*	the dispatcher background worker and its shared memory
+ * The extension's parts, each in its own files:
+ *	guc.c		settings (GUCs) and the API key
+ *	shmem.c		shared memory (shmem.h): the only code that touches it
+ *	submit*.c	validation and insertion of contacts, the commit-time
+ *				dispatcher wakeup, the DROP EXTENSION guard
+ *	dispatch_*	the dispatcher background worker (dispatch.h)
+ *	search_http.c	synchronous search and lookup calls from backends
+ *	control.c	enrich.wait() and enrich.cancel()
  *	ingest_*	webhook signature checks used by enrich.ingest_webhook()
  *
  *-------------------------------------------------------------------------
@@ -61,8 +65,8 @@ extern void enrich_guard_init(void);
 extern void enrich_submit_init(void);
 extern void enrich_wake_dispatcher_at_commit(void);
 
-/* dispatch_shmem.c */
-extern void enrich_dispatch_shmem_init(void);
+/* shmem.c */
+extern void enrich_shmem_init(void);
 extern void enrich_dispatch_wake(void);
 
 /* dispatch_worker.c */

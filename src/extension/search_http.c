@@ -10,7 +10,7 @@
  * company/lookup, made here in the calling backend.
  *
  * The budget.  Before the call the backend takes a slot of the call budget
- * it shares with the dispatcher worker (enrich_rate_take, dispatch_shmem.c):
+ * it shares with the dispatcher worker (enrich_rate_take, shmem.c):
  * when the minute's calls are spent it sleeps on its latch until a slot
  * frees, so searches and the dispatcher's POSTs together never exceed
  * enrich.max_calls_per_minute.  A 429 (someone else used the workspace's
@@ -212,7 +212,7 @@ enrich_api_post(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("\"%s\" is not a search or lookup endpoint", endpoint)));
-	if (enrich_shared == NULL)
+	if (!enrich_shmem_attached())
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("enrich is not in shared_preload_libraries, so searches and lookups cannot share the API call budget"),

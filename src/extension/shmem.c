@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
- * dispatch_shmem.c
- *		Shared state between backends and the dispatcher worker.
+ * shmem.c
+ *		The extension's shared memory; the only file that touches it.
  *
  * Backends need two things from the worker: a latch to set when they commit
  * new requests (published when it starts, cleared when it exits), and its
@@ -20,6 +20,7 @@
 
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "storage/condition_variable.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
@@ -29,10 +30,10 @@
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
-#include "dispatch.h"
 #include "enrich.h"
+#include "shmem.h"
 
-EnrichShared *enrich_shared = NULL;
+static EnrichShared *enrich_shared = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -68,7 +69,7 @@ enrich_shmem_startup(void)
 
 /* Install the shared-memory hooks; called from _PG_init when preloaded. */
 void
-enrich_dispatch_shmem_init(void)
+enrich_shmem_init(void)
 {
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = enrich_shmem_request;
@@ -95,6 +96,87 @@ enrich_dispatch_wake(void)
 	if (latch)
 		SetLatch(latch);
 	ConditionVariableBroadcast(&enrich_shared->requests_cv);
+}
+
+/* Is the shared memory there (the library was preloaded)? */
+bool
+enrich_shmem_attached(void)
+{
+	return enrich_shared != NULL;
+}
+
+/* Commits that asked for the dispatcher since the server started. */
+uint64
+enrich_wakeup_total(void)
+{
+	uint64		n;
+
+	if (enrich_shared == NULL)
+		return 0;
+	SpinLockAcquire(&enrich_shared->mutex);
+	n = enrich_shared->wakeups;
+	SpinLockRelease(&enrich_shared->mutex);
+	return n;
+}
+
+/* The worker publishes its latch and pid at start ... */
+void
+enrich_worker_publish(void)
+{
+	SpinLockAcquire(&enrich_shared->mutex);
+	enrich_shared->worker_latch = MyLatch;
+	enrich_shared->worker_pid = MyProcPid;
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+/* ... and takes them back when it exits. */
+void
+enrich_worker_unpublish(void)
+{
+	if (enrich_shared == NULL)
+		return;
+	SpinLockAcquire(&enrich_shared->mutex);
+	if (enrich_shared->worker_pid == MyProcPid)
+	{
+		enrich_shared->worker_latch = NULL;
+		enrich_shared->worker_pid = 0;
+		strlcpy(enrich_shared->status.state, "stopped", sizeof(enrich_shared->status.state));
+	}
+	SpinLockRelease(&enrich_shared->mutex);
+}
+
+/*
+ * enrich.wait()'s sleep: prepare before looking at the requests (so a
+ * broadcast between the look and the sleep is not lost), sleep at most
+ * timeout_ms or until a commit moves requests on, cancel when done.
+ * Without shared memory the sleep is a plain timed wait on the latch.
+ */
+void
+enrich_requests_prepare_wait(void)
+{
+	if (enrich_shared != NULL)
+		ConditionVariablePrepareToSleep(&enrich_shared->requests_cv);
+}
+
+void
+enrich_requests_sleep(long timeout_ms)
+{
+	if (enrich_shared != NULL)
+		(void) ConditionVariableTimedSleep(&enrich_shared->requests_cv, timeout_ms,
+										   PG_WAIT_EXTENSION);
+	else
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+void
+enrich_requests_cancel_wait(void)
+{
+	if (enrich_shared != NULL)
+		ConditionVariableCancelSleep();
 }
 
 /* Publish the worker's status (called by the worker only). */

@@ -33,8 +33,8 @@
 #include "parser/parse_type.h"
 #include "utils/typcache.h"
 
-#include "dispatch.h"
 #include "enrich.h"
+#include "shmem.h"
 #include "submit.h"
 
 PG_FUNCTION_INFO_V1(enrich_wake_dispatcher);
@@ -524,12 +524,7 @@ PG_FUNCTION_INFO_V1(enrich_wakeup_count);
 Datum
 enrich_wakeup_count(PG_FUNCTION_ARGS)
 {
-	uint64		n;
-
-	if (enrich_shared == NULL)
+	if (!enrich_shmem_attached())
 		PG_RETURN_NULL();
-	SpinLockAcquire(&enrich_shared->mutex);
-	n = enrich_shared->wakeups;
-	SpinLockRelease(&enrich_shared->mutex);
-	PG_RETURN_INT64((int64) n);
+	PG_RETURN_INT64((int64) enrich_wakeup_total());
 }
