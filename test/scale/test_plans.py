@@ -93,6 +93,13 @@ def problems(plan):
     """Why a plan is not index-driven (empty when it is)."""
     bad = ["sequential scan of %s" % t for t in BIG
            if re.search(r"Seq Scan on (enrich\.)?%s\b" % t, plan)]
+    if "JIT:" in plan:
+        bad.append("JIT compilation (a plan costed as if it scanned everything)")
+    if "Gather" in plan:
+        bad.append("a parallel plan (costed as if it scanned everything)")
+    for n in re.findall(r"Heap Blocks: exact=(\d+)", plan):
+        if int(n) > 1000:
+            bad.append("a bitmap scan visiting %s heap pages" % n)
     for n in re.findall(r"Rows Removed by (?:Filter|Index Recheck|Join Filter): (\d+)", plan):
         if int(n) > 1000:
             bad.append("%s rows read and thrown away" % n)

@@ -31,7 +31,16 @@
 -- forms that walk an index in its order and stop (ORDER BY ... LIMIT, min),
 -- each function runs with enable_seqscan = off: a sequential scan is then
 -- chosen only when no index can answer, which test/scale/test_plans.py
--- checks never happens on 100,000+ rows with misleading statistics.
+-- checks never happens on 100,000+ rows with misleading statistics.  And
+-- with enable_bitmapscan = off: the small partial indexes (queued, open,
+-- sending) also hold entries of every row that left them since the last
+-- vacuum, as many as autovacuum lets pile up (a fifth of the table by
+-- default); a plain index scan marks those dead the first time it meets
+-- them and skips them afterwards, a bitmap scan visits their heap pages
+-- on every call.  And with jit = off and no parallel workers: statistics
+-- that overstate a set (or the cost a disabled scan is given) would
+-- otherwise buy a second of JIT compiling, or the start of two workers,
+-- for a millisecond of work.
 ------------------------------------------------------------------------
 
 -- Ask for a dispatcher wakeup when the current transaction commits (the
@@ -54,6 +63,9 @@ RETURNS TABLE (id bigint, ready_at timestamptz)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     RETURN QUERY
@@ -89,6 +101,9 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     SELECT count(*) INTO in_flight
@@ -129,11 +144,22 @@ RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
+    -- The batch's rows first, by its index, then sorted: with ORDER BY in
+    -- the same query the planner may walk the primary key in id order
+    -- through every request instead.
+    WITH q AS MATERIALIZED (
+        SELECT q.id, q.first_name, q.last_name, q.domain, q.company_name, q.linkedin_url,
+               q.fields, q.custom
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+    )
     SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
            q.company_name, q.linkedin_url, q.fields, q.custom
-      FROM enrich.batches b
-      JOIN enrich.requests q ON q.batch_id = b.id AND q.state = 'sending'
+      FROM enrich.batches b, q
      WHERE b.id = p_batch
      ORDER BY q.id
 $$;
@@ -148,6 +174,9 @@ RETURNS bigint[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_served bigint[];
@@ -223,6 +252,9 @@ CREATE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new boolean, p_reus
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids       bigint[];
@@ -312,6 +344,9 @@ RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     UPDATE enrich.batches b
@@ -342,6 +377,9 @@ RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_b record;
@@ -389,6 +427,9 @@ RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids   bigint[];
@@ -448,6 +489,9 @@ RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_n integer;
@@ -481,6 +525,9 @@ RETURNS TABLE (batch_id bigint, enrichment_id text)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     WITH due AS (
         SELECT b.id
@@ -551,6 +598,9 @@ RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids bigint[];
@@ -586,6 +636,9 @@ RETURNS SETOF timestamptz
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     SELECT b.sent_at FROM enrich.batches b WHERE b.sent_at > now() - interval '1 minute'
     UNION ALL

@@ -41,6 +41,8 @@ CREATE TABLE enrich.request_counts (
     n           bigint NOT NULL
 );
 
+CREATE INDEX request_counts_state_idx ON enrich.request_counts (state);
+
 COMMENT ON TABLE enrich.request_counts IS 'Net changes of the number of done and failed requests (per error_code); sum n per key for the count.';
 
 CREATE FUNCTION enrich._count_requests()
@@ -124,7 +126,8 @@ CREATE TRIGGER requests_count_truncate AFTER TRUNCATE ON enrich.requests
 -- and next_attempt_at describe the backlog).  No branch reads history.  A
 -- function, so that it can run with enable_seqscan = off: statistics taken
 -- when most requests were in flight would otherwise make the planner count
--- the in-flight ones by reading every request.  SECURITY DEFINER because
+-- the in-flight ones by reading every request (with enable_bitmapscan
+-- and jit off too, for the reasons 20_dispatch.sql gives).  SECURITY DEFINER because
 -- submitters may read the queue but not enrich.requests; it returns counts
 -- only.
 CREATE FUNCTION enrich._queue()
@@ -133,6 +136,9 @@ RETURNS TABLE (state text, terminal boolean, requests bigint, oldest timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     SELECT u.state, u.terminal, u.requests, u.oldest, u.next_attempt_at
     FROM (SELECT 1 AS ord, 'queued'::text AS state, false AS terminal,

@@ -33,6 +33,9 @@ RETURNS TABLE (id bigint, ready_at timestamptz)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     RETURN QUERY
@@ -65,6 +68,9 @@ CREATE OR REPLACE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     SELECT count(*) INTO in_flight
@@ -104,11 +110,22 @@ RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
+    -- The batch's rows first, by its index, then sorted: with ORDER BY in
+    -- the same query the planner may walk the primary key in id order
+    -- through every request instead.
+    WITH q AS MATERIALIZED (
+        SELECT q.id, q.first_name, q.last_name, q.domain, q.company_name, q.linkedin_url,
+               q.fields, q.custom
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+    )
     SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
            q.company_name, q.linkedin_url, q.fields, q.custom
-      FROM enrich.batches b
-      JOIN enrich.requests q ON q.batch_id = b.id AND q.state = 'sending'
+      FROM enrich.batches b, q
      WHERE b.id = p_batch
      ORDER BY q.id
 $$;
@@ -118,6 +135,9 @@ RETURNS bigint[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_served bigint[];
@@ -185,6 +205,9 @@ CREATE OR REPLACE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new bool
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids       bigint[];
@@ -271,6 +294,9 @@ RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     UPDATE enrich.batches b
@@ -296,6 +322,9 @@ RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_b record;
@@ -338,6 +367,9 @@ RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids   bigint[];
@@ -392,6 +424,9 @@ RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_n integer;
@@ -422,6 +457,9 @@ RETURNS TABLE (batch_id bigint, enrichment_id text)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     WITH due AS (
         SELECT b.id
@@ -443,6 +481,9 @@ RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids bigint[];
@@ -475,6 +516,9 @@ RETURNS SETOF timestamptz
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     SELECT b.sent_at FROM enrich.batches b WHERE b.sent_at > now() - interval '1 minute'
     UNION ALL
@@ -488,6 +532,8 @@ CREATE TABLE enrich.request_counts (
     error_code  text,                       -- failed requests only
     n           bigint NOT NULL
 );
+
+CREATE INDEX request_counts_state_idx ON enrich.request_counts (state);
 
 COMMENT ON TABLE enrich.request_counts IS 'Net changes of the number of done and failed requests (per error_code); sum n per key for the count.';
 
@@ -579,6 +625,9 @@ RETURNS TABLE (state text, terminal boolean, requests bigint, oldest timestamptz
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     SELECT u.state, u.terminal, u.requests, u.oldest, u.next_attempt_at
     FROM (SELECT 1 AS ord, 'queued'::text AS state, false AS terminal,
