@@ -43,6 +43,7 @@ import hashlib
 import hmac
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,12 +149,17 @@ class Bench:
                 "shared_buffers": "'512MB'", "max_wal_size": "'16GB'",
                 "checkpoint_timeout": "'1h'", "max_connections": "40",
                 "fsync": "on" if args.fsync else "off",
-                "log_min_messages": "warning"}
+                "log_min_messages": "warning",
+                # Pages touched per call, beside the times: what a plan
+                # costs whatever the cache holds.
+                "shared_preload_libraries": "'enrich,pg_stat_statements'",
+                "pg_stat_statements.track": "top"}
         self.c = Cluster("bench-scale", conf=conf)
         self.c.start()
         with open(os.path.join(HERE, "scale_history.sql")) as f:
             history = f.read()
-        self.c.psql("CREATE EXTENSION enrich; CREATE ROLE %s LOGIN IN ROLE enrich_receiver;" % ROLE
+        self.c.psql("CREATE EXTENSION enrich; CREATE EXTENSION pg_stat_statements;"
+                    "CREATE ROLE %s LOGIN IN ROLE enrich_receiver;" % ROLE
                     + history +
                     "CREATE TABLE bench.bodies (id bigint PRIMARY KEY, body bytea, sig text, path text);"
                     "CREATE SEQUENCE bench.next_id; CREATE SEQUENCE bench.step;"
@@ -171,11 +177,17 @@ class Bench:
     def timed(self, script, transactions, rounds=3, protocol="prepared"):
         """Per-statement ms of a script, the lowest of `rounds` averages of
         `transactions` runs each (this machine is shared: a burst of
-        someone else's work lands in one round, not in the figure)."""
+        someone else's work lands in one round, not in the figure).  Also
+        sets self.pages: shared buffers touched (hit or read) per run of
+        the script, from pg_stat_statements."""
         best = None
+        self.c.psql("SELECT pg_stat_statements_reset()")
         for _ in range(rounds):
             _, _, lat = self.pgbench(script, transactions=transactions, protocol=protocol)
             best = lat if best is None else [min(a, b) for a, b in zip(best, lat)]
+        self.pages = float(self.c.scalar(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0) / %d FROM pg_stat_statements "
+            "WHERE query !~* 'pg_stat_statements_reset'" % (rounds * transactions)))
         return best
 
     def pgbench(self, script, transactions=None, seconds=None, clients=1, user=None,
@@ -292,7 +304,7 @@ class Bench:
         fig["ingest (deliveries/s)"] = ("rate", filed / secs)
         ingested = (p0, p0 + filed - 1)
         # The same deliveries again: duplicates.
-        _, _, lat = self.pgbench(DUPLICATE_SQL.format(lo=first, hi=first + filed - 1), transactions=200,
+        _, _, lat = self.pgbench(DUPLICATE_SQL.format(lo=first, hi=first + filed - 1), transactions=50,
                                  user=ROLE)
         fig["duplicate delivery (ms)"] = ("time", lat[-1])
         self.retire_leftovers()
@@ -311,6 +323,7 @@ class Bench:
         lat = self.timed(STEP_SQL, a.steps)
         step = sum(lat[i] for i in STEP_PARTS)
         fig["dispatcher step: claim + outcome (ms)"] = ("time", step)
+        fig["  pages touched per step, all statements"] = ("pages", self.pages)
         for i, name in STEP_PARTS.items():
             fig["  %s (ms)" % name] = ("time", lat[i])
         fig["  (job's result filed, ms)"] = ("time", lat[9])
@@ -318,6 +331,7 @@ class Bench:
 
         # Reuse: contacts identical to the ones just ingested.
         lat = self.timed(REUSE_SQL.format(lo=ingested[0], hi=max(ingested[0], ingested[1] - 99)), 10)
+        fig["  pages touched per 100 (submit + reuse)"] = ("pages", self.pages)
         served = int(self.c.scalar("SELECT count(*) FROM enrich.requests WHERE reused_from IS NOT NULL "
                                    "AND created_at > now() - interval '1 minute'"))
         if served == 0:
@@ -333,6 +347,7 @@ class Bench:
             script = "\\set g random(%d, %d)\n\\set b random(%s, %s)\n%s\n" % (lo, hi, blo, bhi, sql)
             lat = self.timed(script, a.lookups, protocol="simple")
             fig["%s (ms)" % name] = ("time", lat[-1], point)
+            fig["  %s: pages" % name[:34]] = ("pages", self.pages)
 
         # Write-back: nothing new, then 1,000 new results.
         apply = ("SELECT enrich.apply_results('bench.crm', "
@@ -348,6 +363,7 @@ class Bench:
 
     def destroy(self):
         self.c.destroy()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def main():
@@ -403,6 +419,8 @@ def main():
             and results[-1][1][k][1] >= 10.0]
     print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
     print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
+    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and base[k][0] == "pages"]
+    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ CREATE INDEX request_counts_state_idx ON enrich.request_counts (state);
 
 COMMENT ON TABLE enrich.request_counts IS 'Net changes of the number of done and failed requests (per error_code); sum n per key for the count.';
 
+-- SECURITY DEFINER so that whoever may change requests (a retention job
+-- run by a non-superuser, say) need not be granted request_counts too.
 CREATE FUNCTION enrich._count_requests()
 RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

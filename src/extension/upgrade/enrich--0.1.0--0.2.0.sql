@@ -539,7 +539,7 @@ COMMENT ON TABLE enrich.request_counts IS 'Net changes of the number of done and
 
 CREATE FUNCTION enrich._count_requests()
 RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
