@@ -35,7 +35,7 @@ size/empty, times: empty/size; 1.00 = no slower).  The goal is every
 ratio >= 0.8 at 1M and point lookups under 10 ms.
 
 Usage: python3 test/bench/bench_scale.py [--sizes 0,100000,1000000] [--big]
-       [--fsync] [--seconds 5]
+       [--fsync] [--nojit] [--seconds 5]
 """
 
 import argparse
@@ -149,6 +149,7 @@ class Bench:
                 "shared_buffers": "'512MB'", "max_wal_size": "'16GB'",
                 "checkpoint_timeout": "'1h'", "max_connections": "40",
                 "fsync": "on" if args.fsync else "off",
+                "jit": "off" if args.nojit else "on",
                 "log_min_messages": "warning",
                 # Pages touched per call, beside the times: what a plan
                 # costs whatever the cache holds.
@@ -372,6 +373,9 @@ def main():
                     help="history sizes (contacts), comma-separated, ascending")
     ap.add_argument("--big", action="store_true", help="also 5,000,000")
     ap.add_argument("--fsync", action="store_true", help="fsync = on (default off)")
+    ap.add_argument("--nojit", action="store_true",
+                    help="jit = off (with these statistics the views' plans are costed high "
+                         "enough to be JIT-compiled, which takes longer than the lookups)")
     ap.add_argument("--seconds", type=int, default=5, help="ingest time per size")
     ap.add_argument("--deliveries", type=int, default=6000, help="fresh deliveries prepared per size")
     ap.add_argument("--steps", type=int, default=10, help="dispatcher steps per round (3 rounds)")
@@ -397,7 +401,8 @@ def main():
             b.destroy()
 
     base = results[0][1]
-    head = "%-44s" % ("figure (fsync %s, autovacuum off, generic plans)" % ("on" if args.fsync else "off"))
+    head = "%-44s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
+                                                                  "off" if args.nojit else "on"))
     for size, _ in results:
         head += " %18s" % ("%s" % format(size, ","))
     print()
