@@ -100,9 +100,13 @@ def main():
                                         "WHERE backend_type = 'enrich dispatcher'"), 30, 0.2, "the worker")
 
         def counts():
-            """(requests sent so far, requests done so far)"""
-            out = c.scalar("SELECT count(*) FILTER (WHERE state NOT IN ('queued', 'sending')) || ' ' || "
-                           "count(*) FILTER (WHERE state = 'done') FROM enrich.requests")
+            """(requests sent so far, requests done so far), from enrich.queue,
+            which reads kept counts and the backlog's indexes: counting the
+            table itself every 0.2 s took a core of this 2-core machine away
+            from the loop in proportion to the history (139 ms a look at
+            40,000 requests)."""
+            out = c.scalar("SELECT sum(requests) FILTER (WHERE state NOT IN ('queued', 'sending')) || ' ' || "
+                           "sum(requests) FILTER (WHERE state = 'done') FROM enrich.queue")
             return [int(x) for x in out.split()]
 
         def run(n, offset):
