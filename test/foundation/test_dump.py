@@ -53,6 +53,9 @@ VALUES (1, 1, 'found', 'ada@example.com', '{"headline": "Analyst"}');
         r.eq(after, before, "requests, batches and results restored unchanged")
         r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE state = 'queued'", db="restored"),
              "2", "queued requests are still queued")
+        r.eq(c.scalar("SELECT string_agg(state || '=' || requests, ',') FROM enrich.queue", db="restored"),
+             "queued=2,sending=0,in_flight=0,done=1,failed=0,canceled=0",
+             "the queue counts the restored requests (the kept counts are rebuilt by the restore)")
         new_id = c.scalar("""SELECT enrich.submit('{"linkedin_url": "https://www.linkedin.com/in/new"}')""",
                           db="restored")
         r.eq(new_id, "4", "request ids continue after the restored ones")

@@ -20,21 +20,28 @@ ALLOWED = {
 
 CHECK = r"""
 WITH fns AS (
-    SELECT p.oid, NULL::oid AS rel
+    SELECT p.oid, NULL::oid AS rel, NULL::name AS oldtable, NULL::name AS newtable
     FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
     WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace
       AND p.prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype)
     UNION ALL
-    SELECT DISTINCT p.oid, t.tgrelid
-    FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-    JOIN pg_trigger t ON t.tgfoid = p.oid
-    WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace
-      AND p.prorettype = 'trigger'::regtype
+    -- each trigger function on each table, with the trigger that names the
+    -- most transition tables (one function serves the INSERT, UPDATE and
+    -- DELETE triggers, and only the UPDATE one has both)
+    SELECT * FROM (
+        SELECT DISTINCT ON (p.oid, t.tgrelid) p.oid, t.tgrelid, t.tgoldtable, t.tgnewtable
+        FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+        JOIN pg_trigger t ON t.tgfoid = p.oid
+        WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace
+          AND p.prorettype = 'trigger'::regtype
+        ORDER BY p.oid, t.tgrelid,
+                 (t.tgoldtable IS NOT NULL)::int + (t.tgnewtable IS NOT NULL)::int DESC) tf
 )
 SELECT format('%s|%s|%s|%s|%s', f.oid::regprocedure, c.level, c.message,
               coalesce(c.lineno::text, '-'), coalesce(c.detail, ''))
 FROM fns f
 CROSS JOIN LATERAL plpgsql_check_function_tb(f.oid, coalesce(f.rel, 0),
+                                              oldtable => f.oldtable, newtable => f.newtable,
                                               extra_warnings => true,
                                               security_warnings => true) c
 ORDER BY 1;

@@ -119,6 +119,9 @@ VALUES (1, 1, 'found', 'ada@example.com', '{"headline": "Analyst"}');
              "1:done,2:queued", "requests kept")
         r.eq(c.scalar("SELECT work_email || ' ' || (profile->>'headline') FROM enrich.results"),
              "ada@example.com Analyst", "results kept")
+        r.eq(c.scalar("SELECT string_agg(state || '=' || requests, ',') FROM enrich.queue"),
+             "queued=1,sending=0,in_flight=0,done=1,failed=0,canceled=0",
+             "the queue counts the requests the upgraded database had")
         new_id = c.scalar("""SELECT enrich.submit('{"linkedin_url": "https://www.linkedin.com/in/new"}')""")
         r.eq(new_id, "3", "submission works after the upgrade, ids continue")
     finally:

@@ -83,6 +83,13 @@ CREATE TABLE enrich.batches (
 );
 CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
     WHERE state IN ('sending', 'sent');
+-- Batches waiting to be POSTed, in the order the dispatcher takes them (a
+-- split half by creation, a resend by its time); the claim reads the first.
+CREATE INDEX batches_sending_idx ON enrich.batches ((coalesce(next_attempt_at, created_at)), id)
+    WHERE state = 'sending';
+-- The calls of the last minute (the dispatcher's rate window at start).
+CREATE INDEX batches_sent_at_idx ON enrich.batches (sent_at) WHERE sent_at IS NOT NULL;
+CREATE INDEX batches_polled_idx ON enrich.batches (last_polled_at) WHERE last_polled_at IS NOT NULL;
 -- The latest job that ran out of credits (the dispatcher pauses after it).
 CREATE INDEX batches_credits_idx ON enrich.batches (finished_at)
     WHERE state = 'credits_insufficient';
@@ -153,9 +160,24 @@ CREATE INDEX requests_retry_idx ON enrich.requests (next_attempt_at)
 CREATE INDEX requests_input_key_idx ON enrich.requests (input_key);
 CREATE INDEX requests_source_idx ON enrich.requests (source_table, source_id)
     WHERE source_table IS NOT NULL;
--- Retention walks ended requests by age.
+-- Retention walks ended requests by age.  Only a query with a condition
+-- on updated_at can use it (updated_at IS NOT NULL, never null anyway, is
+-- in the predicate for that): otherwise "state = 'done'" alone would match
+-- it, and with statistics from before any request was done the planner
+-- takes it for a short list and drives the reuse lookup from every done
+-- request (test/scale/test_plans.py).
 CREATE INDEX requests_ended_idx ON enrich.requests (updated_at)
-    WHERE state IN ('done', 'failed');
+    WHERE state IN ('done', 'failed', 'canceled') AND updated_at IS NOT NULL;
+-- Reporting lookups through enrich.enriched_contacts (company domain and
+-- LinkedIn URL as submitted, normalised by enrich.submit).
+CREATE INDEX requests_domain_idx ON enrich.requests (domain) WHERE domain IS NOT NULL;
+CREATE INDEX requests_linkedin_idx ON enrich.requests (linkedin_url)
+    WHERE linkedin_url IS NOT NULL;
+-- The latest failure of each reason (enrich.failures).  No index leads
+-- to all done requests: with statistics taken before any request was done,
+-- the planner would take it for a short list and drive joins from it.
+CREATE INDEX requests_failed_idx ON enrich.requests (error_code, updated_at)
+    WHERE state = 'failed';
 
 COMMENT ON TABLE enrich.requests IS 'One row per contact asked for; state says where it is.';
 
@@ -189,6 +211,13 @@ CREATE TABLE enrich.results (
 );
 CREATE INDEX results_received_idx ON enrich.results (received_at);
 CREATE INDEX results_batch_idx ON enrich.results (batch_id);
+-- Reporting lookups through enrich.enriched_contacts: exact match on the
+-- value as the API sent it.
+CREATE INDEX results_work_email_idx ON enrich.results (work_email)
+    WHERE work_email IS NOT NULL;
+CREATE INDEX results_personal_email_idx ON enrich.results (personal_email)
+    WHERE personal_email IS NOT NULL;
+CREATE INDEX results_phone_idx ON enrich.results (phone) WHERE phone IS NOT NULL;
 
 COMMENT ON TABLE enrich.results IS 'One row per enriched contact; contact_info and profile as the API sent them.';
 

@@ -21,6 +21,26 @@
 --
 -- These functions are for the worker (a superuser) only: nothing here is
 -- granted to anyone.
+--
+-- Cost independent of history: every statement here reaches its rows
+-- through an index (the partial indexes of 00_schema.sql hold only the
+-- backlog, open batches and their order), whatever the statistics say.
+-- Plans are made once and kept (PL/pgSQL caches them, generic), often from
+-- statistics of another day: right after a bulk submission they say every
+-- request is queued, after a burst that most are in flight.  So besides
+-- forms that walk an index in its order and stop (ORDER BY ... LIMIT, min),
+-- each function runs with enable_seqscan = off: a sequential scan is then
+-- chosen only when no index can answer, which test/scale/test_plans.py
+-- checks never happens on 100,000+ rows with misleading statistics.  And
+-- with enable_bitmapscan = off: the small partial indexes (queued, open,
+-- sending) also hold entries of every row that left them since the last
+-- vacuum, as many as autovacuum lets pile up (a fifth of the table by
+-- default); a plain index scan marks those dead the first time it meets
+-- them and skips them afterwards, a bitmap scan visits their heap pages
+-- on every call.  And with jit = off and no parallel workers: statistics
+-- that overstate a set (or the cost a disabled scan is given) would
+-- otherwise buy a second of JIT compiling, or the start of two workers,
+-- for a millisecond of work.
 ------------------------------------------------------------------------
 
 -- Ask for a dispatcher wakeup when the current transaction commits (the
@@ -42,6 +62,10 @@ CREATE FUNCTION enrich._dispatch_ready(p_limit integer)
 RETURNS TABLE (id bigint, ready_at timestamptz)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     RETURN QUERY
@@ -76,6 +100,10 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT credits_out_at timestamptz)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     SELECT count(*) INTO in_flight
@@ -84,15 +112,25 @@ BEGIN
       FROM enrich._dispatch_ready(100) r;
     SELECT min(r.next_attempt_at) INTO next_ready
       FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
-    batch_due := EXISTS (SELECT FROM enrich.batches b
-                          WHERE b.state = 'sending'
-                            AND ((b.attempts = 0 AND b.next_attempt_at IS NULL)
-                                 OR b.next_attempt_at <= now()));
-    SELECT min(b.next_attempt_at) INTO next_batch
-      FROM enrich.batches b WHERE b.state = 'sending' AND b.next_attempt_at > now();
-    poll_due := EXISTS (SELECT FROM enrich.batches b
-                         WHERE b.state = 'sent' AND b.next_poll_at <= now());
+    -- The batch checks read batches_sending_idx and batches_open_idx in
+    -- their order and stop at the first entry (an EXISTS lets the planner
+    -- hope a scan of every batch stops early; with stale statistics it
+    -- did, and read them all).
+    batch_due := coalesce((SELECT true
+                             FROM enrich.batches b
+                            WHERE b.state = 'sending'
+                              AND coalesce(b.next_attempt_at, b.created_at) <= now()
+                              AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+                            ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+                            LIMIT 1), false);
+    SELECT coalesce(b.next_attempt_at, b.created_at) INTO next_batch
+      FROM enrich.batches b
+     WHERE b.state = 'sending' AND coalesce(b.next_attempt_at, b.created_at) > now()
+       AND b.next_attempt_at IS NOT NULL
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1;
     SELECT min(b.next_poll_at) INTO next_poll FROM enrich.batches b WHERE b.state = 'sent';
+    poll_due := coalesce(next_poll <= now(), false);
     SELECT max(b.finished_at) INTO credits_out_at
       FROM enrich.batches b WHERE b.state = 'credits_insufficient';
 END
@@ -105,11 +143,23 @@ RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
                linkedin_url text, fields text[], custom jsonb)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
+    -- The batch's rows first, by its index, then sorted: with ORDER BY in
+    -- the same query the planner may walk the primary key in id order
+    -- through every request instead.
+    WITH q AS MATERIALIZED (
+        SELECT q.id, q.first_name, q.last_name, q.domain, q.company_name, q.linkedin_url,
+               q.fields, q.custom
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+    )
     SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
            q.company_name, q.linkedin_url, q.fields, q.custom
-      FROM enrich.batches b
-      JOIN enrich.requests q ON q.batch_id = b.id AND q.state = 'sending'
+      FROM enrich.batches b, q
      WHERE b.id = p_batch
      ORDER BY q.id
 $$;
@@ -123,6 +173,10 @@ CREATE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
 RETURNS bigint[]
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_served bigint[];
@@ -130,6 +184,12 @@ BEGIN
     IF p_window <= interval '0' OR p_ids IS NULL THEN
         RETURN '{}'::bigint[];
     END IF;
+    -- The join can only start from the given ids: earlier requests are
+    -- reachable only by input_key (no index leads to all done requests)
+    -- and results only by request_id (the window is tested as
+    -- received_at + p_window, which results_received_idx cannot serve), so
+    -- no statistics can make the planner read all history looking for a
+    -- match.
     WITH src AS (
         SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want,
                coalesce(t.reused_from, p.id) AS origin, t.*
@@ -139,7 +199,7 @@ BEGIN
            AND p.state = 'done' AND p.fields @> q.fields
           JOIN enrich.results t ON t.request_id = p.id
          WHERE q.id = ANY (p_ids) AND q.state = 'queued'
-           AND t.received_at > now() - p_window
+           AND t.received_at + p_window > now()
            AND t.outcome IN ('found', 'partial', 'not_found')
          ORDER BY q.id, t.received_at DESC
     ), res AS (
@@ -191,16 +251,23 @@ CREATE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new boolean, p_reus
                                             OUT batch_id bigint, OUT reused integer)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids       bigint[];
     v_served    bigint[];
 BEGIN
     reused := 0;
+    -- Due: never posted (attempts = 0, no time), or its resend time came.
+    -- In batches_sending_idx's order, so the scan stops at the first one.
     SELECT b.id INTO batch_id
       FROM enrich.batches b
      WHERE b.state = 'sending'
-       AND ((b.attempts = 0 AND b.next_attempt_at IS NULL) OR b.next_attempt_at <= now())
+       AND coalesce(b.next_attempt_at, b.created_at) <= now()
+       AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
      ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
      LIMIT 1
        FOR UPDATE SKIP LOCKED;
@@ -276,6 +343,10 @@ CREATE FUNCTION enrich._dispatch_accepted(p_batch bigint, p_eid text, p_http int
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
     UPDATE enrich.batches b
@@ -305,6 +376,10 @@ CREATE FUNCTION enrich._dispatch_retry(p_batch bigint, p_http integer, p_code te
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_b record;
@@ -351,6 +426,10 @@ CREATE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_ids   bigint[];
@@ -409,6 +488,10 @@ CREATE FUNCTION enrich._dispatch_requeue(p_batch bigint, p_state text, p_http in
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
     v_n integer;
@@ -441,6 +524,10 @@ CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
 RETURNS TABLE (batch_id bigint, enrichment_id text)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     WITH due AS (
         SELECT b.id
@@ -550,22 +637,34 @@ CREATE FUNCTION enrich._dispatch_recover(p_grace interval)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
 DECLARE
-    v_n integer;
+    v_ids bigint[];
     v_msg text := 'the dispatcher stopped while this POST was under way; sent again after '
                   'enrich.resend_grace unless a webhook shows the API has it';
 BEGIN
-    UPDATE enrich.batches b
-       SET next_attempt_at = now() + p_grace, error_code = 'interrupted', error_message = v_msg
-     WHERE b.state = 'sending' AND b.attempts > 0 AND b.next_attempt_at IS NULL;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
+    -- A POST under way: attempts > 0 and no time (batches_sending_idx holds
+    -- those under coalesce(next_attempt_at, created_at) <= now()).  The
+    -- requests are then found by their batch ids, not by a join the
+    -- planner may turn into a scan of every request.
+    WITH upd AS (
+        UPDATE enrich.batches b
+           SET next_attempt_at = now() + p_grace, error_code = 'interrupted', error_message = v_msg
+         WHERE b.state = 'sending' AND b.attempts > 0 AND b.next_attempt_at IS NULL
+           AND coalesce(b.next_attempt_at, b.created_at) <= now()
+        RETURNING b.id)
+    SELECT array_agg(upd.id) INTO v_ids FROM upd;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
     UPDATE enrich.requests q
        SET next_attempt_at = now() + p_grace, error_code = 'interrupted', error_message = v_msg
-      FROM enrich.batches b
-     WHERE q.batch_id = b.id AND q.state = 'sending'
-       AND b.state = 'sending' AND b.error_code = 'interrupted' AND q.next_attempt_at IS NULL;
-    RETURN v_n;
+     WHERE q.batch_id = ANY (v_ids) AND q.state = 'sending' AND q.next_attempt_at IS NULL;
+    RETURN cardinality(v_ids);
 END
 $$;
 
@@ -576,6 +675,10 @@ CREATE FUNCTION enrich._dispatch_recent_calls()
 RETURNS SETOF timestamptz
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
 AS $$
     SELECT b.sent_at FROM enrich.batches b WHERE b.sent_at > now() - interval '1 minute'
     UNION ALL

@@ -932,7 +932,7 @@ BEGIN
             SELECT w.ctid
               FROM (SELECT o.ctid, o.batch_id, o.input_key
                       FROM enrich.requests o
-                     WHERE o.state IN ('done', 'failed') AND o.updated_at < now() - v_results
+                     WHERE o.state IN ('done', 'failed', 'canceled') AND o.updated_at < now() - v_results
                      ORDER BY o.updated_at
                      LIMIT p_limit * SCAN_FACTOR) w
              WHERE (w.batch_id IS NULL

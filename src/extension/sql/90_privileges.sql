@@ -14,6 +14,7 @@ GRANT USAGE ON SCHEMA enrich TO enrich_submitter, enrich_reader, enrich_receiver
 -- Submitters queue contacts (functions granted in 10_submit) and watch the
 -- queue; they see states and reasons, not enrichment data.
 GRANT SELECT ON enrich.queue, enrich.request_status, enrich.failures TO enrich_submitter;
+GRANT EXECUTE ON FUNCTION enrich._queue() TO enrich_submitter, enrich_reader;
 
 -- Readers see everything that was found, and all status views.  Not the
 -- batches' webhook tokens: whoever knows one can post to that batch's

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Benchmark: every per-delivery, per-contact, per-step and per-report cost
+from empty tables to a million results, measured in one run.
+
+One cluster, autovacuum off (statistics stay those of the empty tables: the
+stalest they can be) and plan_cache_mode = force_generic_plan (every
+prepared statement and every statement inside PL/pgSQL runs the plan chosen
+without looking at its parameters).  The history grows in steps, 0, 100,000
+and 1,000,000 contacts by default (--big adds 5,000,000), preloaded with SQL
+(test/bench/scale_history.sql: finished batches, done and failed requests,
+results with realistic ~1.2 kB profiles, one accepted delivery with its
+~2 kB body per result, a CRM row each).  At each size it measures, with
+pgbench against the same server:
+
+  ingest          fresh signed per-contact deliveries filed by
+                  enrich.ingest_webhook (2 clients), deliveries/s
+  duplicate       a delivery already filed, sent again: answer time
+  submit          enrich.submit() of 10,000 contacts, contacts/s
+  dispatcher      one step as the worker makes it: _dispatch_plan, claim
+                  (_dispatch_next_batch with reuse on), the batch's rows,
+                  a failed POST (_dispatch_retry), the resend claim, the
+                  accepted POST (_dispatch_accepted), the poll claim,
+                  dispatcher_status; then the job's result is filed
+                  (ingest_result) so nothing piles up in flight
+  reuse           100 contacts identical to earlier ones served from their
+                  results (_dispatch_reuse)
+  views           the typical questions: enriched_contacts by work email,
+                  personal email, phone, CRM row, company domain, LinkedIn
+                  URL; request_status by CRM row; batch_status latest 10
+                  and one batch; queue; failures; dispatcher
+  apply_results   with nothing new, and with 1,000 new results
+
+and prints each figure beside its ratio to the empty-table figure (rates:
+size/empty, times: empty/size; 1.00 = no slower).  The goal is every
+ratio >= 0.8 at 1M and point lookups under 10 ms.
+
+Usage: python3 test/bench/bench_scale.py [--sizes 0,100000,1000000] [--big]
+       [--fsync] [--nojit] [--seconds 5]
+"""
+
+import argparse
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
+from enrichtest import Cluster, as_pg_user  # noqa: E402
+
+KEY = "bench-key-0123456789"
+ROLE = "recv"
+
+INGEST_SQL = """\
+WITH n AS (SELECT pg_catalog.nextval('bench.next_id') AS id)
+SELECT w.http_status FROM n JOIN bench.bodies b USING (id),
+       LATERAL enrich.ingest_webhook(b.body, b.sig, b.path) w;
+"""
+
+DUPLICATE_SQL = """\
+\\set i random({lo}, {hi})
+SELECT w.http_status FROM bench.bodies b, LATERAL enrich.ingest_webhook(b.body, b.sig, b.path) w
+ WHERE b.id = :i;
+"""
+
+STEP_SQL = """\
+SELECT count(enrich.submit(jsonb_build_object('first_name', 'D' || s.v || '-' || g, 'last_name', 'Step',
+                                              'domain', 'step.example.com')))
+  FROM (SELECT pg_catalog.nextval('bench.step') AS v) s, generate_series(1, 100) g;
+SELECT * FROM enrich._dispatch_plan();
+SELECT batch_id FROM enrich._dispatch_next_batch(100, true, interval '1 day') \\gset
+SELECT count(*) FROM enrich._dispatch_batch_rows(:batch_id);
+SELECT enrich._dispatch_retry(:batch_id, 503, 'http_503', 'bench', interval '0', true, 5);
+SELECT batch_id AS again FROM enrich._dispatch_next_batch(100, false, interval '1 day') \\gset
+SELECT enrich._dispatch_accepted(:batch_id, 'step-' || :batch_id, 200, interval '1 hour');
+SELECT count(*) FROM enrich._dispatch_poll_claim(10, interval '1 hour');
+SELECT * FROM enrich.dispatcher_status();
+SELECT outcome FROM enrich.ingest_result(:batch_id, (
+    SELECT jsonb_build_object('id', 'step-' || :batch_id, 'status', 'FINISHED', 'data', jsonb_agg(
+               jsonb_build_object('custom', jsonb_build_object('enrich_request_id', q.id::text),
+                                  'contact_info', jsonb_build_object('most_probable_work_email',
+                                      jsonb_build_object('email', 'd' || q.id || '@step.example.com',
+                                                         'status', 'DELIVERABLE')))))
+      FROM enrich.requests q WHERE q.batch_id = :batch_id));
+"""
+# Which statements of STEP_SQL make "one dispatcher step" (claim + outcome).
+STEP_PARTS = {1: "plan", 2: "claim", 3: "batch rows", 4: "retry", 5: "resend claim",
+              6: "accepted", 7: "poll claim", 8: "dispatcher_status"}
+
+REUSE_SQL = """\
+\\set p random({lo}, {hi})
+SELECT min(id) AS a, max(id) AS z FROM (
+    SELECT enrich.submit(jsonb_build_object('first_name', 'First' || p, 'last_name', 'Last' || p,
+                                           'domain', bench.domain(p), 'linkedin_url', bench.linkedin(p))) AS id
+      FROM generate_series(:p::bigint, :p::bigint + 99) p) s \\gset
+SELECT cardinality(enrich._dispatch_reuse(ARRAY(SELECT generate_series(:a::bigint, :z::bigint)), interval '7 days')) AS served;
+"""
+
+# (name, point lookup?, script); {lo}/{hi} bound the persons with results,
+# {blo}/{bhi} the batches.
+VIEWS = [
+    ("enriched_contacts by work_email", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE work_email = bench.work_email(:g);"),
+    ("enriched_contacts by personal_email", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE personal_email = bench.personal_email(:g);"),
+    ("enriched_contacts by phone", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE phone = bench.phone(:g);"),
+    ("enriched_contacts by CRM row", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE source_table = 'bench.crm'::regclass "
+     "AND source_id = :g::text;"),
+    ("enriched_contacts by company domain (50)", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE domain = bench.domain(:g);"),
+    ("enriched_contacts by LinkedIn URL", True,
+     "SELECT * FROM enrich.enriched_contacts WHERE linkedin_url = bench.linkedin(:g);"),
+    ("request_status by CRM row", True,
+     "SELECT * FROM enrich.request_status WHERE source_table = 'bench.crm'::regclass "
+     "AND source_id = :g::text;"),
+    ("batch_status one batch", True,
+     "SELECT * FROM enrich.batch_status WHERE batch_id = :b;"),
+    ("batch_status latest 10", False,
+     "SELECT * FROM enrich.batch_status ORDER BY batch_id DESC LIMIT 10;"),
+    ("queue", False, "SELECT * FROM enrich.queue;"),
+    ("failures", False, "SELECT * FROM enrich.failures;"),
+    ("dispatcher", False, "SELECT * FROM enrich.dispatcher;"),
+]
+
+
+def sign(body):
+    return hmac.new(KEY.encode(), body, hashlib.sha1).hexdigest()
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix="enrich-bench-scale-")
+        os.chmod(self.tmp, 0o755)
+        conf = {"enrich.api_key": "'%s'" % KEY,
+                # The worker stays idle (no extension there): this benchmark
+                # drives the dispatcher's functions itself.
+                "enrich.database_name": "'postgres'",
+                "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
+                "autovacuum": "off",
+                "plan_cache_mode": "force_generic_plan",
+                "shared_buffers": "'512MB'", "max_wal_size": "'16GB'",
+                "checkpoint_timeout": "'1h'", "max_connections": "40",
+                "fsync": "on" if args.fsync else "off",
+                "jit": "off" if args.nojit else "on",
+                "log_min_messages": "warning",
+                # Pages touched per call, beside the times: what a plan
+                # costs whatever the cache holds.
+                "shared_preload_libraries": "'enrich,pg_stat_statements'",
+                "pg_stat_statements.track": "top"}
+        self.c = Cluster("bench-scale", conf=conf)
+        self.c.start()
+        with open(os.path.join(HERE, "scale_history.sql")) as f:
+            history = f.read()
+        self.c.psql("CREATE EXTENSION enrich; CREATE EXTENSION pg_stat_statements;"
+                    "CREATE ROLE %s LOGIN IN ROLE enrich_receiver;" % ROLE
+                    + history +
+                    "CREATE TABLE bench.bodies (id bigint PRIMARY KEY, body bytea, sig text, path text);"
+                    "CREATE SEQUENCE bench.next_id; CREATE SEQUENCE bench.step;"
+                    "GRANT USAGE ON SCHEMA bench TO %s; GRANT SELECT ON bench.bodies TO %s;"
+                    "GRANT USAGE ON SEQUENCE bench.next_id TO %s;"
+                    # The statistics every later plan sees: empty tables.
+                    "ANALYZE;" % ((ROLE,) * 3))
+        self.next_p = 1         # next person number
+        self.history = 0        # contacts preloaded so far
+        self.hist_range = None  # (lo, hi) persons of the preload with results
+        self.batch_no = 0
+
+    # -- helpers ------------------------------------------------------------
+
+    def timed(self, script, transactions, rounds=3, protocol="prepared"):
+        """Per-statement ms of a script, the lowest of `rounds` averages of
+        `transactions` runs each (this machine is shared: a burst of
+        someone else's work lands in one round, not in the figure).  Also
+        sets self.pages: shared buffers touched (hit or read) per run of
+        the script, from pg_stat_statements."""
+        best = None
+        self.c.psql("SELECT pg_stat_statements_reset()")
+        for _ in range(rounds):
+            _, _, lat = self.pgbench(script, transactions=transactions, protocol=protocol)
+            best = lat if best is None else [min(a, b) for a, b in zip(best, lat)]
+        self.pages = float(self.c.scalar(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0) / %d FROM pg_stat_statements "
+            "WHERE query !~* 'pg_stat_statements_reset'" % (rounds * transactions)))
+        return best
+
+    def pgbench(self, script, transactions=None, seconds=None, clients=1, user=None,
+                protocol="prepared"):
+        """Run a pgbench script; returns (transactions, seconds, [per-statement ms])."""
+        path = os.path.join(self.tmp, "script.sql")
+        with open(path, "w") as f:
+            f.write(script)
+        os.chmod(path, 0o644)
+        cmd = ["pgbench", "-n", "-r", "-M", protocol, "-f", path, "-c", str(clients),
+               "-j", str(clients), "-h", "127.0.0.1", "-p", str(self.c.port),
+               "-U", user or "postgres", self.c.dbname]
+        cmd += ["-T", str(seconds)] if seconds else ["-t", str(transactions)]
+        t0 = time.monotonic()
+        r = subprocess.run(as_pg_user(cmd), capture_output=True, text=True)
+        elapsed = time.monotonic() - t0
+        if r.returncode != 0:
+            raise RuntimeError("pgbench failed:\n%s%s\n%s" % (r.stdout, r.stderr, script))
+        tx = int(re.search(r"number of transactions actually processed: (\d+)", r.stdout).group(1))
+        lat = []
+        after = r.stdout.split("statement latencies in milliseconds", 1)[1].splitlines()[1:]
+        for line in after:
+            m = re.match(r"\s+([\d.]+)\s+(\d+\s+)?\S", line)
+            if m and not line.strip().startswith("\\"):
+                lat.append(float(m.group(1)))
+        return tx, (seconds or elapsed), lat
+
+    def grow(self, target):
+        """Preload history up to target contacts (in steps of 250,000)."""
+        t0 = time.monotonic()
+        first = self.next_p
+        while self.history < target:
+            n = min(250000, target - self.history)
+            self.c.psql("SELECT bench.grow(%d, %d, true)" % (n, self.next_p))
+            self.next_p += n
+            self.history += n
+        if self.next_p > first:
+            self.hist_range = (1 if self.hist_range is None else self.hist_range[0], self.next_p - 1)
+        self.c.psql("CHECKPOINT")
+        return time.monotonic() - t0
+
+    def fresh_deliveries(self, n):
+        """n in-flight requests (persons next_p...) in sent batches of 100 and
+        their signed per-contact deliveries in bench.bodies, ids in person
+        order; returns (first body id, first person)."""
+        p0 = self.next_p
+        rows = []
+        for k0 in range(0, n, 100):
+            k = min(100, n - k0)
+            self.batch_no += 1
+            eid = "fresh-%d" % self.batch_no
+            out = self.c.psql("""
+                WITH b AS (INSERT INTO enrich.batches (state, enrichment_id, name, contact_count, sent_at,
+                                                       next_poll_at, attempts)
+                           VALUES ('sent', '%s', 'bench', %d, now(), now() + interval '1 day', 1)
+                           RETURNING id, token),
+                q AS (INSERT INTO enrich.requests (state, batch_id, fields, input_key, first_name,
+                                                   last_name, domain, linkedin_url, source_table,
+                                                   source_id, attempts)
+                      SELECT 'in_flight', b.id, '{personal_email,phone,work_email}', bench.input_key(p),
+                             'First' || p, 'Last' || p, bench.domain(p), bench.linkedin(p),
+                             'bench.crm'::regclass, p::text, 1
+                        FROM b, generate_series(%d, %d) p
+                      RETURNING id, source_id::bigint AS p)
+                SELECT q.p, '/webhooks/' || (SELECT token FROM b) || '/contact',
+                       '{"id": "%s", "name": "bench", "status": "IN_PROGRESS", "cost": {"credits": 1}, '
+                       || '"data": [' || bench.record(q.p, q.id) || ']}'
+                  FROM q ORDER BY q.p""" % (eid, k, self.next_p, self.next_p + k - 1, eid))
+            for line in out.splitlines():
+                p, path, body = line.split("|", 2)
+                rows.append((int(p), path, body.encode()))
+            self.next_p += k
+        first = int(self.c.scalar("SELECT coalesce(max(id), 0) + 1 FROM bench.bodies"))
+        data = "".join("%d\t\\\\x%s\t%s\t%s\n" % (first + i, body.hex(), sign(body), path)
+                       for i, (_, path, body) in enumerate(rows))
+        self.c.psql("COPY bench.bodies FROM STDIN;\n" + data + "\\.\n"
+                    "SELECT setval('bench.next_id', %d, false);"
+                    "INSERT INTO bench.crm (id) SELECT g FROM generate_series(%d, %d) g"
+                    % (first, p0, self.next_p - 1))
+        return first, p0
+
+    def accepted(self, lo, hi):
+        return int(self.c.scalar("SELECT count(*) FROM enrich.deliveries d JOIN bench.bodies b "
+                                 "ON b.body = d.body WHERE d.outcome = 'accepted' AND b.id BETWEEN %d AND %d"
+                                 % (lo, hi)))
+
+    def retire_leftovers(self):
+        """Requests the run left open (bodies not filed in time, submits)
+        fail, so the next measurements see a realistic in-flight set."""
+        self.c.psql("UPDATE enrich.requests SET state = 'failed', error_code = 'bench_unused', "
+                    "error_message = 'left over by the benchmark' "
+                    "WHERE state IN ('queued', 'sending', 'in_flight');"
+                    "UPDATE enrich.batches SET state = 'finished', finished_at = now(), next_poll_at = NULL "
+                    "WHERE state IN ('sending', 'sent');")
+
+    # -- one size -----------------------------------------------------------
+
+    def measure(self):
+        a = self.args
+        fig = {}
+        # Ingest of fresh signed deliveries.
+        first, p0 = self.fresh_deliveries(a.deliveries)
+        mark = int(self.c.scalar("SELECT coalesce(max(id), 0) FROM enrich.deliveries"))
+        tx, secs, _ = self.pgbench(INGEST_SQL, seconds=a.seconds, clients=2, user=ROLE)
+        filed = int(self.c.scalar("SELECT count(*) FROM enrich.deliveries WHERE id > %d AND outcome = 'accepted'"
+                                  % mark))
+        other = self.c.scalar("SELECT count(*) FROM enrich.deliveries WHERE id > %d AND outcome <> 'accepted'"
+                              % mark)
+        if other != "0" or filed == 0:
+            raise RuntimeError("ingest: %d accepted, %s other outcomes" % (filed, other))
+        if filed >= a.deliveries:
+            print("    (all %d prepared deliveries were filed before the time ran out: raise --deliveries)"
+                  % a.deliveries)
+        fig["ingest (deliveries/s)"] = ("rate", filed / secs)
+        ingested = (p0, p0 + filed - 1)
+        # The same deliveries again: duplicates.
+        _, _, lat = self.pgbench(DUPLICATE_SQL.format(lo=first, hi=first + filed - 1), transactions=50,
+                                 user=ROLE)
+        fig["duplicate delivery (ms)"] = ("time", lat[-1])
+        self.retire_leftovers()
+
+        # Submission.
+        n = 10000
+        lat = self.timed(
+            "SELECT count(enrich.submit(jsonb_build_object('first_name', 'S' || g, 'last_name', 'Sub', "
+            "'domain', 'submit.example.com'))) FROM generate_series(%d, %d) g;\n" % (self.next_p, self.next_p + n - 1),
+            1)
+        self.next_p += n
+        fig["submit (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
+        self.retire_leftovers()
+
+        # Dispatcher steps.
+        lat = self.timed(STEP_SQL, a.steps)
+        step = sum(lat[i] for i in STEP_PARTS)
+        fig["dispatcher step: claim + outcome (ms)"] = ("time", step)
+        fig["  pages touched per step, all statements"] = ("pages", self.pages)
+        for i, name in STEP_PARTS.items():
+            fig["  %s (ms)" % name] = ("time", lat[i])
+        fig["  (job's result filed, ms)"] = ("time", lat[9])
+        self.retire_leftovers()
+
+        # Reuse: contacts identical to the ones just ingested.
+        lat = self.timed(REUSE_SQL.format(lo=ingested[0], hi=max(ingested[0], ingested[1] - 99)), 10)
+        fig["  pages touched per 100 (submit + reuse)"] = ("pages", self.pages)
+        served = int(self.c.scalar("SELECT count(*) FROM enrich.requests WHERE reused_from IS NOT NULL "
+                                   "AND created_at > now() - interval '1 minute'"))
+        if served == 0:
+            raise RuntimeError("reuse served nothing")
+        fig["reuse lookup, 100 contacts (ms)"] = ("time", lat[-1])
+        self.retire_leftovers()
+
+        # Views: persons with results are the preload's (or, on empty
+        # tables, the ones just ingested).
+        lo, hi = self.hist_range or ingested
+        blo, bhi = self.c.psql("SELECT min(id) || ' ' || max(id) FROM enrich.batches").split()
+        for name, point, sql in VIEWS:
+            script = "\\set g random(%d, %d)\n\\set b random(%s, %s)\n%s\n" % (lo, hi, blo, bhi, sql)
+            lat = self.timed(script, a.lookups, protocol="simple")
+            fig["%s (ms)" % name] = ("time", lat[-1], point)
+            fig["  %s: pages" % name[:34]] = ("pages", self.pages)
+
+        # Write-back: nothing new, then 1,000 new results.
+        apply = ("SELECT enrich.apply_results('bench.crm', "
+                 "'{\"email\": \"work_email\", \"phone\": \"phone\"}');\n")
+        self.c.psql("SELECT enrich.apply_results('bench.crm', '{\"email\": \"work_email\", \"phone\": \"phone\"}')")
+        _, _, lat = self.pgbench(apply, transactions=1)
+        fig["apply_results, nothing new (ms)"] = ("time", lat[0])
+        self.c.psql("SELECT bench.grow(1000, %d, false)" % self.next_p)
+        self.next_p += 1000
+        _, _, lat = self.pgbench(apply, transactions=1)
+        fig["apply_results, 1,000 new (ms)"] = ("time", lat[0])
+        return fig
+
+    def destroy(self):
+        self.c.destroy()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="0,100000,1000000",
+                    help="history sizes (contacts), comma-separated, ascending")
+    ap.add_argument("--big", action="store_true", help="also 5,000,000")
+    ap.add_argument("--fsync", action="store_true", help="fsync = on (default off)")
+    ap.add_argument("--nojit", action="store_true",
+                    help="jit = off (with these statistics the views' plans are costed high "
+                         "enough to be JIT-compiled, which takes longer than the lookups)")
+    ap.add_argument("--seconds", type=int, default=5, help="ingest time per size")
+    ap.add_argument("--deliveries", type=int, default=6000, help="fresh deliveries prepared per size")
+    ap.add_argument("--steps", type=int, default=10, help="dispatcher steps per round (3 rounds)")
+    ap.add_argument("--lookups", type=int, default=50, help="queries per view and round (3 rounds)")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.big:
+        sizes.append(5000000)
+
+    b = Bench(args)
+    results = []
+    try:
+        for size in sizes:
+            secs = b.grow(size)
+            print("history %d contacts (preloaded in %.0f s); measuring..." % (size, secs), flush=True)
+            results.append((size, b.measure()))
+        size_mb = b.c.scalar("SELECT pg_size_pretty(pg_total_relation_size('enrich.results')) || ' results, ' "
+                             "|| pg_size_pretty(pg_total_relation_size('enrich.deliveries')) || ' deliveries'")
+    finally:
+        if os.environ.get("ENRICH_BENCH_KEEP"):
+            print("cluster kept: %s (port %d)" % (b.c.base, b.c.port))
+        else:
+            b.destroy()
+
+    base = results[0][1]
+    head = "%-44s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
+                                                                  "off" if args.nojit else "on"))
+    for size, _ in results:
+        head += " %18s" % ("%s" % format(size, ","))
+    print()
+    print(head)
+    worst = {}
+    for key in base:
+        line = "%-44s" % key
+        for size, fig in results:
+            kind, value = fig[key][0], fig[key][1]
+            ratio = (value / base[key][1]) if kind == "rate" else (base[key][1] / value if value else 1.0)
+            line += " %10.2f (%4.2fx)" % (value, ratio) if size else " %10.2f        " % value
+            if size:
+                worst[key] = ratio
+        print(line)
+    print()
+    print("largest history: %s" % size_mb)
+    low = [k for k, r in worst.items() if r < 0.8 and not k.startswith("  ")]
+    slow = [k for k in base if len(results[-1][1][k]) > 2 and results[-1][1][k][2]
+            and results[-1][1][k][1] >= 10.0]
+    print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
+    print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
+    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and base[k][0] == "pages"]
+    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
+
+
+if __name__ == "__main__":
+    main()
