@@ -61,4 +61,7 @@ extern void enrich_dispatch_wake(void);
 /* dispatch_worker.c */
 extern void enrich_dispatch_register(void);
 
+/* watch.c */
+extern long enrich_watch_step(void);
+
 #endif							/* ENRICH_H */
