@@ -91,7 +91,6 @@ DECLARE
     changed_old text;
     changed_new text;
     rows_from text;
-    c text;
 BEGIN
     IF write_back IS NOT NULL AND NOT overwrite THEN
         SELECT string_agg(format('(n.%I IS NOT NULL AND n.%I::text OPERATOR(pg_catalog.<>) %L)', k, k, ''),
