@@ -43,6 +43,7 @@
 #include "pgstat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -168,6 +169,7 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 	int			nreasons = 0;
 	Datum	   *reasons = NULL;
 	Datum	   *counts = NULL;
+	int			gucs;
 
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_FOR_STATEMENT(td->tg_event) ||
@@ -233,6 +235,22 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("role \"%s\" that owns the watch does not exist", owner_name)));
 		SetUserIdAndSecContext(owner, sec);
+
+		/*
+		 * The application's session settings must not reach the owner's
+		 * statement: a search_path of the writer's choosing would let
+		 * only_if's operators and functions resolve to the writer's own, run
+		 * with the owner's rights; join settings (apply_results turns hash
+		 * joins off for its own statements, and its UPDATE fires this
+		 * trigger) would make the transition-table join quadratic.
+		 */
+		gucs = NewGUCNestLevel();
+		(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		(void) set_config_option("enable_hashjoin", "on", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+		(void) set_config_option("enable_mergejoin", "on", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
 		if (SPI_register_trigger_data(td) != SPI_OK_TD_REGISTER)
 			elog(ERROR, "SPI_register_trigger_data failed");
 		args[0] = fields;
@@ -248,6 +266,7 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 										   false, -1);
 			counts[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
 		}
+		AtEOXact_GUC(true, gucs);
 		SetUserIdAndSecContext(ext_owner, sec);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(callctx);

@@ -237,6 +237,19 @@ GRANT INSERT ON crm.leads TO crm_app;
     c.psql("INSERT INTO crm.leads VALUES (2, 'https://www.linkedin.com/in/john-doe-42')")  # superuser
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE source_table = 'crm.leads'::regclass"), "2",
          "only_if sees the owner as current_user, for the application and for a superuser alike")
+    # the writer's search_path does not reach only_if (it would run the
+    # writer's look-alike function with the owner's rights)
+    c.psql("CREATE SCHEMA app AUTHORIZATION crm_app")
+    c.psql("CREATE FUNCTION app.lower(text) RETURNS text LANGUAGE sql AS $$ SELECT 'hijacked-doe' $$",
+           user="crm_app")
+    c.psql("SELECT enrich.watch('crm.leads', only_if => 'lower(linkedin_url) LIKE ''%doe%''')", user="crm_owner")
+    c.psql("SET search_path = app, pg_catalog; INSERT INTO crm.leads VALUES (4, 'https://www.linkedin.com/in/jim-smith-42')",
+           user="crm_app")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE source_table = 'crm.leads'::regclass"), "2",
+         "only_if runs with a pinned search_path, not the writer's")
+    r.eq(c.scalar("SELECT sum(rows) FROM enrich.watch_skips WHERE target = 'crm.leads'::regclass"
+                  " AND reason = 'condition false'"), "1", "the row is counted as outside the condition")
+    c.psql("DELETE FROM crm.leads WHERE id = 4")
     c.psql("SELECT enrich.unwatch('crm.leads')")
     c.psql("INSERT INTO crm.leads VALUES (3, 'https://www.linkedin.com/in/jim-doe-42')")
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE source_table = 'crm.leads'::regclass"), "2",
