@@ -166,7 +166,7 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 	char	   *sql;
 	MemoryContext callctx = CurrentMemoryContext;
 	ResourceOwner callowner = CurrentResourceOwner;
-	int			nreasons = 0;
+	volatile int nreasons = 0;
 	Datum	   *reasons = NULL;
 	Datum	   *counts = NULL;
 	int			gucs;
@@ -257,14 +257,17 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 		args[1] = ObjectIdGetDatum(relid);
 		if (SPI_execute_plan(watch_plan(relid, is_update, sql), args, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "watch statement failed");
-		nreasons = SPI_processed;
-		reasons = palloc(sizeof(Datum) * (nreasons + 1));
-		counts = palloc(sizeof(Datum) * (nreasons + 1));
-		for (int i = 0; i < nreasons; i++)
+		reasons = palloc(sizeof(Datum) * (SPI_processed + 1));
+		counts = palloc(sizeof(Datum) * (SPI_processed + 1));
+		for (uint64 i = 0; i < SPI_processed; i++)
 		{
-			reasons[i] = SPI_datumTransfer(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull),
-										   false, -1);
-			counts[i] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+			char	   *reason = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+			if (reason == NULL || strcmp(reason, "submitted") == 0)
+				continue;		/* counted in enrich.requests */
+			reasons[nreasons] = CStringGetTextDatum(reason);
+			counts[nreasons] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+			nreasons++;
 		}
 		AtEOXact_GUC(true, gucs);
 		SetUserIdAndSecContext(ext_owner, sec);
@@ -301,8 +304,7 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 
 			skips_plan = keep_plan("INSERT INTO enrich.watch_skips (target, reason, rows)"
 								   " SELECT $1, u.r, u.n"
-								   " FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3)) u(r, n)"
-								   " WHERE u.r OPERATOR(pg_catalog.<>) 'submitted'",
+								   " FROM ROWS FROM (pg_catalog.unnest($2), pg_catalog.unnest($3)) u(r, n)",
 								   3, types);
 		}
 		args[0] = ObjectIdGetDatum(relid);
