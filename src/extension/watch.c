@@ -492,7 +492,6 @@ enrich_watch_step(void)
 	l.ctx = ctx;
 	l.n = 0;
 	l.jobs = NULL;
-	pgstat_report_activity(STATE_RUNNING, "enrich: writing results back into watched tables");
 	if (watch_tx(tx_list, &l) == NULL)
 	{
 		for (int i = 0; i < l.n; i++)
@@ -510,7 +509,6 @@ enrich_watch_step(void)
 			}
 		}
 	}
-	pgstat_report_activity(STATE_IDLE, NULL);
 	pgstat_report_stat(false);
 	MemoryContextSwitchTo(oldctx);
 	MemoryContextDelete(ctx);
