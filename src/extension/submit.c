@@ -655,3 +655,50 @@ enrich_contact_columns(PG_FUNCTION_ARGS)
 	PG_RETURN_ARRAYTYPE_P(construct_md_array(names, nulls, 1, dims, lbs, NAMEOID,
 											 NAMEDATALEN, false, TYPALIGN_CHAR));
 }
+
+PG_FUNCTION_INFO_V1(enrich_row_input_key);
+
+/*
+ * enrich._row_input_key(contact record) RETURNS text
+ *		The input_key a request for this row would get now, or NULL when the
+ *		row could not be sent (no identity, an invalid value).  Write-back
+ *		compares it with the request's, so an answer for an identity the row
+ *		no longer has is not written.
+ */
+Datum
+enrich_row_input_key(PG_FUNCTION_ARGS)
+{
+	HeapTupleHeader row;
+	HeapTupleData tuple;
+	TupleDesc	desc;
+	SubmitCache *cache;
+	RowMap	   *map;
+	Contact		c;
+	const char *reason = NULL;
+	char	   *key = NULL;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	row = PG_GETARG_HEAPTUPLEHEADER(0);
+	desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row));
+	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
+	ItemPointerSetInvalid(&tuple.t_self);
+	tuple.t_tableOid = InvalidOid;
+	tuple.t_data = row;
+	cache = fcinfo->flinfo->fn_extra;
+	if (cache == NULL)
+	{
+		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(SubmitCache));
+		fcinfo->flinfo->fn_extra = cache;
+	}
+	map = row_map_get(fcinfo, cache, HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row), desc);
+	memset(&c, 0, sizeof(c));
+	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
+		reason = contact_try_set(&c, f, row_column(&tuple, desc, map, f));
+	if (reason == NULL && contact_has_identity(&c))
+		key = contact_input_key(&c);
+	ReleaseTupleDesc(desc);
+	if (key == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(key));
+}

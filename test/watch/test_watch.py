@@ -130,6 +130,18 @@ FROM generate_series(1, 200) g;
     time.sleep(2)
     r.eq(c.scalar("SELECT coalesce(email, 'null') FROM crm.contacts WHERE id = 3"), "null",
          "a result for the identity the row no longer has is not written back")
+    # the identity changes to one that cannot be sent: no new request, and
+    # the answer for the old identity is not written either
+    c.psql("INSERT INTO crm.contacts (id, first_name, last_name, domain) VALUES (500, 'Old', 'Name', 'o.example')",
+           user="crm_app")
+    c.psql("UPDATE crm.contacts SET last_name = NULL WHERE id = 500", user="crm_app")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE source_id = '500'"), "1",
+         "an identity changed to one that cannot be sent is not re-submitted")
+    answer(c, "r.source_id = '500'")
+    time.sleep(2)
+    r.eq(c.scalar("SELECT coalesce(email, 'null') FROM crm.contacts WHERE id = 500"), "null",
+         "and the answer for its old identity is not written back")
+    c.psql("DELETE FROM crm.contacts WHERE id = 500", user="crm_app")
     answer(c, "r.source_id = '3' AND r.state = 'queued'")
     r.check(written(c, want + 1, "the new answer"), "the new answer is written")
     r.eq(c.scalar("SELECT email FROM crm.contacts WHERE id = 3"), "p3@newjob.example", "the new identity's answer")

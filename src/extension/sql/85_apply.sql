@@ -111,6 +111,8 @@ DECLARE
     differs text := '';     -- (e.vN IS NOT NULL AND t.cN IS DISTINCT FROM e.vN::type) OR ...
     stmt    text;
     full_stmt text;
+    ident_col text := '';      -- latest_only: the row's identity key, ...
+    ident_check text := '';    -- ... which must be its request's
     old_work_mem text;
     st      enrich.apply_state;
     snap_xmin xid8;
@@ -189,6 +191,14 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- latest_only: the row must still have the identity its request was
+    -- made for (it may have changed without a new request: a new identity
+    -- that could not be sent, a condition no longer true).
+    IF latest_only THEN
+        ident_col := ', enrich._row_input_key(t) AS ik';
+        ident_check := ' AND t.ik = (SELECT q.input_key FROM enrich.requests q WHERE q.id = w.request_id)';
+    END IF;
+
     -- Write the latest permitted result of each CRM row named in $2.  Every
     -- step goes row by row through an index (scalar subqueries and LATERAL
     -- ... OFFSET 0 keep the planner from choosing a scan of a big table on
@@ -207,9 +217,9 @@ BEGIN
             FROM w
             CROSS JOIN LATERAL (SELECT %3$s FROM enrich.enriched_contacts e
                                 WHERE e.request_id = w.request_id LIMIT 1) e
-            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s FROM %1$s t
+            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t
                                 WHERE t.%4$I = w.sid::%2$s OFFSET 0) t
-            WHERE w.request_id IS NOT NULL AND (%6$s)),
+            WHERE w.request_id IS NOT NULL AND (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.*, l.ok
             FROM todo n
@@ -225,7 +235,8 @@ BEGIN
                ARRAY(SELECT DISTINCT n.k::text FROM lk n WHERE n.ok IS NULL)
         $q$, target, key_type, vals, key_column, tcols, differs, sets,
         CASE WHEN latest_only THEN ''
-             ELSE 'AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)' END);
+             ELSE 'AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)' END,
+        ident_col, ident_check);
 
     -- The same for every row of the target at once (first call, rescan):
     -- set-based, hash joins only (every row is read anyway, whatever the
@@ -243,8 +254,8 @@ BEGIN
             FROM w
             JOIN (SELECT e.request_id AS rid, %3$s FROM enrich.enriched_contacts e) e
               ON e.rid = w.request_id
-            JOIN (SELECT t.%4$I AS k%5$s FROM %1$s t) t ON t.k = w.sid::%2$s
-            WHERE (%6$s)),
+            JOIN (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t) t ON t.k = w.sid::%2$s
+            WHERE (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.* FROM todo n JOIN %1$s t ON t.%4$I = n.k
             FOR UPDATE OF t SKIP LOCKED),
@@ -261,7 +272,8 @@ BEGIN
                ARRAY(SELECT DISTINCT n.k::text FROM todo n
                      WHERE NOT EXISTS (SELECT FROM lk WHERE lk.k = n.k))
         $q$, target, key_type, vals, key_column, tcols, differs, sets,
-        CASE WHEN latest_only THEN '' ELSE 'JOIN enrich.results x ON x.request_id = r.id' END);
+        CASE WHEN latest_only THEN '' ELSE 'JOIN enrich.results x ON x.request_id = r.id' END,
+        ident_col, ident_check);
 
     -- This caller's place for this target and mapping; a concurrent run of
     -- the same does the work, so do not wait for it.

@@ -61,6 +61,14 @@ LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION enrich._watch_submit(record, text[], regclass) IS
 'enrich.submit(record) for watched tables: returns ''submitted'' or why the row cannot be sent, never raises over the row.';
 
+CREATE FUNCTION enrich._row_input_key(contact record)
+RETURNS text
+AS 'MODULE_PATHNAME', 'enrich_row_input_key'
+LANGUAGE C STABLE PARALLEL SAFE;
+
+COMMENT ON FUNCTION enrich._row_input_key(record) IS
+'The input_key a request for this row would get now, or NULL when it could not be sent (write-back compares them).';
+
 CREATE FUNCTION enrich._contact_columns(target regclass)
 RETURNS name[]
 AS 'MODULE_PATHNAME', 'enrich_contact_columns'
@@ -383,6 +391,7 @@ REVOKE ALL ON FUNCTION enrich.watch(regclass, text[], jsonb, text, boolean, bool
                        enrich._watch_submit(record, text[], regclass),
                        enrich._watch_sql(text, boolean, name[], jsonb, text, boolean),
                        enrich._contact_columns(regclass),
+                       enrich._row_input_key(record),
                        enrich._watches_check(),
                        enrich._watch_dropped()
     FROM PUBLIC;
@@ -403,6 +412,7 @@ GRANT INSERT (target, owner, fields, write_back, only_if, overwrite),
     ON enrich.watches TO enrich_submitter;
 GRANT INSERT ON enrich.watch_skips TO enrich_submitter;
 GRANT SELECT ON enrich.watches, enrich.watch_status TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich._row_input_key(record) TO enrich_reader;
 GRANT SELECT ON enrich.watch_status TO enrich_submitter;
 -- The dispatcher worker reads the watches and keeps their write-back counters.
 GRANT SELECT, UPDATE (written_back, last_write_back_at, write_back_failures, last_error, last_error_at)

@@ -578,6 +578,8 @@ DECLARE
     differs text := '';     -- (e.vN IS NOT NULL AND t.cN IS DISTINCT FROM e.vN::type) OR ...
     stmt    text;
     full_stmt text;
+    ident_col text := '';      -- latest_only: the row's identity key, ...
+    ident_check text := '';    -- ... which must be its request's
     old_work_mem text;
     st      enrich.apply_state;
     snap_xmin xid8;
@@ -656,6 +658,14 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- latest_only: the row must still have the identity its request was
+    -- made for (it may have changed without a new request: a new identity
+    -- that could not be sent, a condition no longer true).
+    IF latest_only THEN
+        ident_col := ', enrich._row_input_key(t) AS ik';
+        ident_check := ' AND t.ik = (SELECT q.input_key FROM enrich.requests q WHERE q.id = w.request_id)';
+    END IF;
+
     -- Write the latest permitted result of each CRM row named in $2.  Every
     -- step goes row by row through an index (scalar subqueries and LATERAL
     -- ... OFFSET 0 keep the planner from choosing a scan of a big table on
@@ -674,9 +684,9 @@ BEGIN
             FROM w
             CROSS JOIN LATERAL (SELECT %3$s FROM enrich.enriched_contacts e
                                 WHERE e.request_id = w.request_id LIMIT 1) e
-            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s FROM %1$s t
+            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t
                                 WHERE t.%4$I = w.sid::%2$s OFFSET 0) t
-            WHERE w.request_id IS NOT NULL AND (%6$s)),
+            WHERE w.request_id IS NOT NULL AND (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.*, l.ok
             FROM todo n
@@ -692,7 +702,8 @@ BEGIN
                ARRAY(SELECT DISTINCT n.k::text FROM lk n WHERE n.ok IS NULL)
         $q$, target, key_type, vals, key_column, tcols, differs, sets,
         CASE WHEN latest_only THEN ''
-             ELSE 'AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)' END);
+             ELSE 'AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)' END,
+        ident_col, ident_check);
 
     -- The same for every row of the target at once (first call, rescan):
     -- set-based, hash joins only (every row is read anyway, whatever the
@@ -710,8 +721,8 @@ BEGIN
             FROM w
             JOIN (SELECT e.request_id AS rid, %3$s FROM enrich.enriched_contacts e) e
               ON e.rid = w.request_id
-            JOIN (SELECT t.%4$I AS k%5$s FROM %1$s t) t ON t.k = w.sid::%2$s
-            WHERE (%6$s)),
+            JOIN (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t) t ON t.k = w.sid::%2$s
+            WHERE (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.* FROM todo n JOIN %1$s t ON t.%4$I = n.k
             FOR UPDATE OF t SKIP LOCKED),
@@ -728,7 +739,8 @@ BEGIN
                ARRAY(SELECT DISTINCT n.k::text FROM todo n
                      WHERE NOT EXISTS (SELECT FROM lk WHERE lk.k = n.k))
         $q$, target, key_type, vals, key_column, tcols, differs, sets,
-        CASE WHEN latest_only THEN '' ELSE 'JOIN enrich.results x ON x.request_id = r.id' END);
+        CASE WHEN latest_only THEN '' ELSE 'JOIN enrich.results x ON x.request_id = r.id' END,
+        ident_col, ident_check);
 
     -- This caller's place for this target and mapping; a concurrent run of
     -- the same does the work, so do not wait for it.
@@ -850,7 +862,6 @@ REVOKE ALL ON FUNCTION enrich._apply_results(regclass, jsonb, name, boolean, boo
 GRANT EXECUTE ON FUNCTION enrich._apply_results(regclass, jsonb, name, boolean, boolean, boolean)
     TO enrich_reader;
 
-
 ------------------------------------------------------------------------
 -- Watched CRM tables.  enrich.watch('crm.contacts', ...) puts two
 -- statement-level triggers with transition tables on the table; every
@@ -912,6 +923,14 @@ LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
 COMMENT ON FUNCTION enrich._watch_submit(record, text[], regclass) IS
 'enrich.submit(record) for watched tables: returns ''submitted'' or why the row cannot be sent, never raises over the row.';
+
+CREATE FUNCTION enrich._row_input_key(contact record)
+RETURNS text
+AS 'MODULE_PATHNAME', 'enrich_row_input_key'
+LANGUAGE C STABLE PARALLEL SAFE;
+
+COMMENT ON FUNCTION enrich._row_input_key(record) IS
+'The input_key a request for this row would get now, or NULL when it could not be sent (write-back compares them).';
 
 CREATE FUNCTION enrich._contact_columns(target regclass)
 RETURNS name[]
@@ -1235,6 +1254,7 @@ REVOKE ALL ON FUNCTION enrich.watch(regclass, text[], jsonb, text, boolean, bool
                        enrich._watch_submit(record, text[], regclass),
                        enrich._watch_sql(text, boolean, name[], jsonb, text, boolean),
                        enrich._contact_columns(regclass),
+                       enrich._row_input_key(record),
                        enrich._watches_check(),
                        enrich._watch_dropped()
     FROM PUBLIC;
@@ -1255,6 +1275,7 @@ GRANT INSERT (target, owner, fields, write_back, only_if, overwrite),
     ON enrich.watches TO enrich_submitter;
 GRANT INSERT ON enrich.watch_skips TO enrich_submitter;
 GRANT SELECT ON enrich.watches, enrich.watch_status TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich._row_input_key(record) TO enrich_reader;
 GRANT SELECT ON enrich.watch_status TO enrich_submitter;
 -- The dispatcher worker reads the watches and keeps their write-back counters.
 GRANT SELECT, UPDATE (written_back, last_write_back_at, write_back_failures, last_error, last_error_at)
