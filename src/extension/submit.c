@@ -573,11 +573,25 @@ enrich_watch_submit(PG_FUNCTION_ARGS)
 
 	cache = submit_cache(fcinfo);
 	map = row_map_get(fcinfo, cache, typid, typmod, desc);
-	/* a transition table's rows are anonymous records: the table is given */
+	/*
+	 * A transition table's rows are anonymous records: the table is given.
+	 * Their columns need not be the table's, so only SELECT on the whole
+	 * table will do (a watch's owner has it, enrich.watch() checks).
+	 */
 	if (!OidIsValid(map->relid) && !PG_ARGISNULL(2))
 	{
+		if (pg_class_aclcheck(PG_GETARG_OID(2), GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		{
+			ReleaseTupleDesc(desc);
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to submit rows of table %s",
+							quote_qualified_identifier(get_namespace_name(get_rel_namespace(PG_GETARG_OID(2))),
+													   get_rel_name(PG_GETARG_OID(2)))),
+					 errdetail("The role that owns the watch needs SELECT on the table.")));
+		}
 		map->relid = PG_GETARG_OID(2);
-		map->checked_user = InvalidOid;
+		map->checked_user = GetUserId();
 	}
 	if (OidIsValid(map->relid) && map->checked_user != GetUserId())
 	{

@@ -232,6 +232,25 @@ FROM generate_series(1, 200) g;
     c.psql("ALTER TABLE crm.people RENAME TO contacts", user="crm_owner")
 
 
+def test_forged_rows(r, c):
+    # _watch_submit() takes the table as an argument for transition-table
+    # rows: a crafted record naming a table needs SELECT on the whole table
+    c.psql("CREATE ROLE mallory LOGIN IN ROLE enrich_submitter; GRANT USAGE ON SCHEMA crm TO mallory;"
+           "GRANT SELECT (id) ON crm.contacts TO mallory")
+    out = c.psql("SELECT enrich._watch_submit(x, '{work_email}', 'crm.contacts') FROM (SELECT 1 AS id, "
+                 "'Eve' AS first_name, 'Mallory' AS last_name, 'evil.example' AS domain) x",
+                 user="mallory", check=False)
+    r.check(out.returncode != 0 and "permission denied to submit rows of table crm.contacts" in out.stderr,
+            "a forged record naming a table is refused without SELECT on the table", out.stderr)
+    out = c.psql("UPDATE enrich.watches SET only_if = 'true'", user="mallory", check=False)
+    r.check(out.returncode != 0 and ("must be owned by a role you are a member of" in out.stderr
+                                     or "permission denied to watch" in out.stderr),
+            "another submitter cannot change a watch", out.stderr)
+    out = c.psql("DELETE FROM enrich.watches", user="mallory", check=False)
+    r.check(out.returncode != 0 and "permission denied to remove the watch" in out.stderr,
+            "nor remove it", out.stderr)
+
+
 def test_only_if_rights(r, c):
     # only_if runs as the watch's owner, whoever writes the table
     c.psql("""
@@ -296,6 +315,7 @@ def main():
     try:
         c.psql(SETUP)
         test_flow(r, c)
+        test_forged_rows(r, c)
         test_only_if_rights(r, c)
         test_dump_restore(r, c)
     finally:
