@@ -11,8 +11,10 @@ and the new answer written (not the old one), other updates not
 re-enriched, a deleted row, write-back after UPDATE is revoked (visible
 failure, nothing written), a locked row, two results per row (latest wins,
 idempotent), a not-found result over existing values, only_if checked at
-watch() time and run as the owner, a renamed table, unwatch, dropping the
-table, and pg_dump/pg_restore of a watched table."""
+watch() time and run as the owner with a pinned search_path, forged records
+and other submitters' changes refused, a renamed table, unwatch, dropping
+the table, pg_dump/pg_restore of a watched table; and once end to end with
+enrich-sandbox and enrich-receiver."""
 import os
 import subprocess
 import sys
@@ -309,17 +311,78 @@ def test_dump_restore(r, c):
          "and its triggers work in the restored database")
 
 
+def test_end_to_end(r):
+    """The whole path: the dispatcher sends the watched rows to enrich-sandbox,
+    whose webhooks reach enrich-receiver, and the answers come back into the
+    table by themselves."""
+    key = "watch-e2e-key-0123456789abcdef"
+    sport, rport = enrichtest.free_port(), enrichtest.free_port()
+    c = enrichtest.Cluster("watch-e2e", conf={
+        "enrich.api_url": "'http://127.0.0.1:%d/api/v2'" % sport,
+        "enrich.webhook_base_url": "'http://127.0.0.1:%d'" % rport,
+        "enrich.batch_delay": "'200ms'"})
+    keyfile = os.path.join(c.base, "api.key")
+    c._run(["sh", "-c", "umask 077; cat > '%s'" % keyfile], input=key + "\n")
+    c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
+    sandbox = enrichtest.Daemon([enrichtest.daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % sport,
+                                 "--api-key", key, "--contact-delay-ms", "20", "--rate-limit", "0",
+                                 "--retry-interval-ms", "500", "--seed", "7"], "sandbox", c.base)
+    receiver = enrichtest.Daemon([enrichtest.daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % rport,
+                                  "--dsn", c.dsn(user="e2e_receiver")], "receiver", c.base)
+    try:
+        c.start()
+        c.psql("""
+CREATE EXTENSION enrich;
+CREATE ROLE e2e_receiver LOGIN IN ROLE enrich_receiver;
+CREATE TABLE public.leads (id int PRIMARY KEY, first_name text, last_name text, company text,
+                           website text, email text, title text);
+SELECT enrich.watch('public.leads', write_back => '{"email": "work_email", "title": "job_title"}');
+""")
+        sandbox.start()
+        enrichtest.wait_port(sport)
+        receiver.start()
+        enrichtest.wait_port(rport)
+        c.psql("""INSERT INTO public.leads (id, first_name, last_name, company, website)
+SELECT g, 'Person' || g, 'Family' || g, 'Company ' || g, 'company' || g || '.example'
+FROM generate_series(1, 20) g""")
+        want = ("SELECT count(*) FROM enrich.enriched_contacts e WHERE e.source_table = 'public.leads'::regclass"
+                " AND e.work_email IS NOT NULL")
+        missing = ("SELECT count(*) FROM public.leads l JOIN enrich.enriched_contacts e"
+                   " ON e.source_table = 'public.leads'::regclass AND e.source_id = l.id::text"
+                   " WHERE e.work_email IS NOT NULL AND l.email IS DISTINCT FROM e.work_email")
+        try:
+            enrichtest.wait_for(lambda: c.scalar(
+                "SELECT waiting = 0 AND enriched = 20 AND (%s) = 0 FROM enrich.watch_status" % missing) == "t",
+                timeout=120, interval=0.2, what="the answers")
+            done = True
+        except Exception:
+            done = False
+        r.check(done, "sandbox answers reach the watched table through the receiver, by themselves",
+                c.scalar("SELECT row(w.*)::text FROM enrich.watch_status w"))
+        r.check(int(c.scalar(want)) > 0, "some answers carry a work email (%s)" % c.scalar(want))
+        r.eq(c.scalar(missing), "0", "every row with an answer holds its work email")
+        r.check(int(c.scalar("SELECT written_back FROM enrich.watch_status")) >= int(c.scalar(want)),
+                "watch_status counts the rows written back")
+    finally:
+        receiver.stop()
+        sandbox.stop()
+        c.destroy()
+
+
 def main():
     r = enrichtest.Results("watch")
     c = enrichtest.Cluster("watch", conf={"enrich.api_url": "'http://127.0.0.1:9/v2'"}).start()
     try:
         c.psql(SETUP)
-        test_flow(r, c)
-        test_forged_rows(r, c)
-        test_only_if_rights(r, c)
-        test_dump_restore(r, c)
+        for t in (test_flow, test_forged_rows, test_only_if_rights, test_dump_restore):
+            t0 = time.monotonic()
+            t(r, c)
+            print("# %s: %.1f s" % (t.__name__, time.monotonic() - t0), flush=True)
     finally:
         c.destroy()
+    t0 = time.monotonic()
+    test_end_to_end(r)
+    print("# test_end_to_end: %.1f s" % (time.monotonic() - t0), flush=True)
     r.finish()
 
 
