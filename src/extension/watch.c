@@ -59,6 +59,8 @@ PG_FUNCTION_INFO_V1(enrich_watch_trigger);
 #define WATCH_MIN_INTERVAL_MS	500
 /* ... and at least this often (rows skipped because they were locked). */
 #define WATCH_RETRY_MS			5000
+/* Old enrich.watch_skips rows are folded together this often. */
+#define WATCH_COMPACT_MS		60000
 
 /* A prepared watch statement, kept for the backend's life. */
 typedef struct WatchPlan
@@ -364,6 +366,8 @@ watch_tx(void (*fn) (void *), void *arg)
 
 typedef struct WatchList
 {
+	bool		compact;		/* fold old enrich.watch_skips rows too */
+	bool		installed;		/* enrich.watches exists */
 	MemoryContext ctx;
 	int			n;
 	WatchJob   *jobs;
@@ -396,6 +400,15 @@ tx_list(void *arg)
 		l->jobs[i].write_back = MemoryContextStrdup(l->ctx, SPI_getvalue(t, d, 3));
 		l->jobs[i].overwrite = DatumGetBool(SPI_getbinval(t, d, 4, &isnull));
 	}
+	l->installed = true;
+}
+
+/* Fold old enrich.watch_skips rows together (as the worker's role). */
+static void
+tx_compact(void *arg)
+{
+	if (SPI_execute("SELECT enrich._watch_compact()", false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not compact enrich.watch_skips");
 }
 
 typedef struct WatchRun
@@ -470,6 +483,7 @@ long
 enrich_watch_step(void)
 {
 	static TimestampTz last_run = 0;
+	static TimestampTz last_compact = 0;
 	static uint64 last_wakeups = 0;
 	TimestampTz now = GetCurrentTimestamp();
 	uint64		wakeups;
@@ -490,6 +504,10 @@ enrich_watch_step(void)
 	ctx = AllocSetContextCreate(CurrentMemoryContext, "enrich watch step", ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(ctx);
 	l.ctx = ctx;
+	l.installed = false;
+	l.compact = now >= last_compact + (TimestampTz) WATCH_COMPACT_MS * 1000;
+	if (l.compact)
+		last_compact = now;
 	l.n = 0;
 	l.jobs = NULL;
 	if (watch_tx(tx_list, &l) == NULL)
@@ -508,6 +526,14 @@ enrich_watch_step(void)
 							(errmsg("enrich dispatcher: could not record a write-back failure: %s", err)));
 			}
 		}
+	}
+	if (l.installed && l.compact)
+	{
+		char	   *err = watch_tx(tx_compact, NULL);
+
+		if (err != NULL)
+			ereport(WARNING,
+					(errmsg("enrich dispatcher: could not compact enrich.watch_skips: %s", err)));
 	}
 	pgstat_report_stat(false);
 	MemoryContextSwitchTo(oldctx);

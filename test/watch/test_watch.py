@@ -234,6 +234,24 @@ FROM generate_series(1, 200) g;
     c.psql("ALTER TABLE crm.people RENAME TO contacts", user="crm_owner")
 
 
+def test_compact(r, c):
+    # one row per statement that skipped rows; the dispatcher folds old ones
+    before = c.scalar("SELECT skipped || ' ' || skipped_by_reason::text FROM enrich.watch_status")
+    c.psql("UPDATE enrich.watch_skips SET at = at - interval '2 minutes';"
+           "INSERT INTO enrich.watch_skips (target, reason, rows, at)"
+           " SELECT 'crm.contacts', 'condition false', 1, now() - interval '3 minutes' FROM generate_series(1, 50)")
+    n = int(c.scalar("SELECT count(*) FROM enrich.watch_skips"))
+    c.psql("SELECT enrich._watch_compact()")
+    r.check(int(c.scalar("SELECT count(*) FROM enrich.watch_skips")) <= 10,
+            "old skip rows are folded into one per reason (%s rows before, %s after)"
+            % (n, c.scalar("SELECT count(*) FROM enrich.watch_skips")))
+    r.eq(c.scalar("SELECT count(*) FROM enrich.watch_skips WHERE at < now() - interval '1 minute'"),
+         c.scalar("SELECT count(DISTINCT reason) FROM enrich.watch_skips WHERE at < now() - interval '1 minute'"),
+         "one old row per reason remains")
+    after = c.scalar("SELECT (skipped - 50) || ' ' || skipped_by_reason::text FROM enrich.watch_status")
+    r.eq(after.split(" ")[0], before.split(" ")[0], "and the totals in watch_status are unchanged")
+
+
 def test_forged_rows(r, c):
     # _watch_submit() takes the table as an argument for transition-table
     # rows: a crafted record naming a table needs SELECT on the whole table
@@ -374,7 +392,7 @@ def main():
     c = enrichtest.Cluster("watch", conf={"enrich.api_url": "'http://127.0.0.1:9/v2'"}).start()
     try:
         c.psql(SETUP)
-        for t in (test_flow, test_forged_rows, test_only_if_rights, test_dump_restore):
+        for t in (test_flow, test_compact, test_forged_rows, test_only_if_rights, test_dump_restore):
             t0 = time.monotonic()
             t(r, c)
             print("# %s: %.1f s" % (t.__name__, time.monotonic() - t0), flush=True)

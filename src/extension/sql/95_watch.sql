@@ -50,6 +50,31 @@ CREATE INDEX watch_skips_target_idx ON enrich.watch_skips (target);
 
 COMMENT ON TABLE enrich.watch_skips IS 'Rows of watched tables that were not submitted, and why (one row per statement and reason).';
 
+-- The dispatcher folds older rows into one per table and reason, so the
+-- table stays small however many statements skip rows.
+CREATE FUNCTION enrich._watch_compact()
+RETURNS bigint
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    WITH g AS (
+        SELECT k.target, k.reason FROM enrich.watch_skips k
+        WHERE k.at < now() - interval '1 minute'
+        GROUP BY k.target, k.reason HAVING count(*) > 1),
+    d AS (
+        DELETE FROM enrich.watch_skips k USING g
+        WHERE k.target = g.target AND k.reason = g.reason AND k.at < now() - interval '1 minute'
+        RETURNING k.target, k.reason, k.rows, k.at),
+    i AS (
+        INSERT INTO enrich.watch_skips (target, reason, rows, at)
+        SELECT d.target, d.reason, sum(d.rows), max(d.at) FROM d GROUP BY d.target, d.reason
+        RETURNING 1)
+    SELECT count(*) FROM i;
+END;
+
+COMMENT ON FUNCTION enrich._watch_compact() IS
+'Fold enrich.watch_skips rows older than a minute into one per table and reason (the dispatcher calls it).';
+
 SELECT pg_catalog.pg_extension_config_dump('enrich.watches', '');
 SELECT pg_catalog.pg_extension_config_dump('enrich.watch_skips', '');
 
@@ -393,7 +418,8 @@ REVOKE ALL ON FUNCTION enrich.watch(regclass, text[], jsonb, text, boolean, bool
                        enrich._contact_columns(regclass),
                        enrich._row_input_key(record),
                        enrich._watches_check(),
-                       enrich._watch_dropped()
+                       enrich._watch_dropped(),
+                       enrich._watch_compact()
     FROM PUBLIC;
 
 -- Watching is submitting: enrich_submitter may watch tables it may put
@@ -417,3 +443,5 @@ GRANT SELECT ON enrich.watch_status TO enrich_submitter;
 -- The dispatcher worker reads the watches and keeps their write-back counters.
 GRANT SELECT, UPDATE (written_back, last_write_back_at, write_back_failures, last_error, last_error_at)
     ON enrich.watches TO enrich_dispatcher;
+GRANT SELECT, INSERT, DELETE ON enrich.watch_skips TO enrich_dispatcher;
+GRANT EXECUTE ON FUNCTION enrich._watch_compact() TO enrich_dispatcher;
