@@ -330,15 +330,18 @@ def test_dump_restore(r, c):
 
 
 def test_end_to_end(r):
-    """The whole path: the dispatcher sends the watched rows to enrich-sandbox,
-    whose webhooks reach enrich-receiver, and the answers come back into the
-    table by themselves."""
+    """The whole path: the dispatcher (as an ordinary enrich_dispatcher role)
+    sends the watched rows to enrich-sandbox, whose webhooks reach
+    enrich-receiver, and the answers come back into the table by themselves,
+    written as the watch's owner."""
     key = "watch-e2e-key-0123456789abcdef"
     sport, rport = enrichtest.free_port(), enrichtest.free_port()
     c = enrichtest.Cluster("watch-e2e", conf={
         "enrich.api_url": "'http://127.0.0.1:%d/api/v2'" % sport,
         "enrich.webhook_base_url": "'http://127.0.0.1:%d'" % rport,
-        "enrich.batch_delay": "'200ms'"})
+        "enrich.batch_delay": "'200ms'",
+        # the worker as an ordinary role (write-back still runs as the owner)
+        "enrich.worker_role": "'e2e_dispatch'"})
     keyfile = os.path.join(c.base, "api.key")
     c._run(["sh", "-c", "umask 077; cat > '%s'" % keyfile], input=key + "\n")
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
@@ -352,21 +355,28 @@ def test_end_to_end(r):
         c.psql("""
 CREATE EXTENSION enrich;
 CREATE ROLE e2e_receiver LOGIN IN ROLE enrich_receiver;
-CREATE TABLE public.leads (id int PRIMARY KEY, first_name text, last_name text, company text,
-                           website text, email text, title text);
-SELECT enrich.watch('public.leads', write_back => '{"email": "work_email", "title": "job_title"}');
+CREATE ROLE e2e_dispatch LOGIN IN ROLE enrich_dispatcher;
+CREATE ROLE e2e_owner LOGIN IN ROLE enrich_submitter, enrich_reader;
+CREATE SCHEMA leads AUTHORIZATION e2e_owner;
 """)
+        c.psql("""
+CREATE TABLE leads.leads (id int PRIMARY KEY, first_name text, last_name text, company text,
+                          website text, email text, title text);
+SELECT enrich.watch('leads.leads', write_back => '{"email": "work_email", "title": "job_title"}');
+""", user="e2e_owner")
         sandbox.start()
         enrichtest.wait_port(sport)
         receiver.start()
         enrichtest.wait_port(rport)
-        c.psql("""INSERT INTO public.leads (id, first_name, last_name, company, website)
+        enrichtest.wait_for(lambda: c.scalar("SELECT usename FROM pg_stat_activity WHERE backend_type = 'enrich dispatcher'")
+                            == "e2e_dispatch", timeout=30, what="the worker as e2e_dispatch")
+        c.psql("""INSERT INTO leads.leads (id, first_name, last_name, company, website)
 SELECT g, 'Person' || g, 'Family' || g, 'Company ' || g, 'company' || g || '.example'
 FROM generate_series(1, 20) g""")
-        want = ("SELECT count(*) FROM enrich.enriched_contacts e WHERE e.source_table = 'public.leads'::regclass"
+        want = ("SELECT count(*) FROM enrich.enriched_contacts e WHERE e.source_table = 'leads.leads'::regclass"
                 " AND e.work_email IS NOT NULL")
-        missing = ("SELECT count(*) FROM public.leads l JOIN enrich.enriched_contacts e"
-                   " ON e.source_table = 'public.leads'::regclass AND e.source_id = l.id::text"
+        missing = ("SELECT count(*) FROM leads.leads l JOIN enrich.enriched_contacts e"
+                   " ON e.source_table = 'leads.leads'::regclass AND e.source_id = l.id::text"
                    " WHERE e.work_email IS NOT NULL AND l.email IS DISTINCT FROM e.work_email")
         try:
             enrichtest.wait_for(lambda: c.scalar(
