@@ -12,7 +12,8 @@ re-enriched, a deleted row, write-back after UPDATE is revoked (visible
 failure, nothing written), a locked row, two results per row (latest wins,
 idempotent), a not-found result over existing values, only_if checked at
 watch() time and run as the owner with a pinned search_path, forged records
-and other submitters' changes refused, a renamed table, unwatch, dropping
+and other submitters' changes refused, backfill, skip-row compaction, a
+renamed table, unwatch, dropping
 the table, pg_dump/pg_restore of a watched table; and once end to end with
 enrich-sandbox and enrich-receiver."""
 import os
@@ -252,6 +253,21 @@ def test_compact(r, c):
     r.eq(after.split(" ")[0], before.split(" ")[0], "and the totals in watch_status are unchanged")
 
 
+def test_backfill(r, c):
+    c.psql("""
+CREATE TABLE crm.old (id int PRIMARY KEY, first_name text, last_name text, domain text, email text);
+INSERT INTO crm.old SELECT g, 'F' || g, CASE WHEN g <> 3 THEN 'L' || g END, 'old.example',
+                           CASE WHEN g = 4 THEN 'has@old.example' END
+FROM generate_series(1, 10) g;
+""", user="crm_owner")
+    r.eq(c.scalar("SELECT enrich.watch('crm.old', write_back => '{\"email\": \"work_email\"}',"
+                  " only_if => 'id <> 5', backfill => true)", user="crm_owner"), "7",
+         "backfill submits the existing rows that qualify and returns how many")
+    r.eq(c.scalar("SELECT skipped_by_reason::text FROM enrich.watch_status WHERE target = 'crm.old'::regclass"),
+         '{"no identity": 1, "condition false": 1, "already complete": 1}', "and counts the others with their reasons")
+    c.psql("SELECT enrich.unwatch('crm.old')", user="crm_owner")
+
+
 def test_forged_rows(r, c):
     # _watch_submit() takes the table as an argument for transition-table
     # rows: a crafted record naming a table needs SELECT on the whole table
@@ -402,7 +418,7 @@ def main():
     c = enrichtest.Cluster("watch", conf={"enrich.api_url": "'http://127.0.0.1:9/v2'"}).start()
     try:
         c.psql(SETUP)
-        for t in (test_flow, test_compact, test_forged_rows, test_only_if_rights, test_dump_restore):
+        for t in (test_flow, test_compact, test_backfill, test_forged_rows, test_only_if_rights, test_dump_restore):
             t0 = time.monotonic()
             t(r, c)
             print("# %s: %.1f s" % (t.__name__, time.monotonic() - t0), flush=True)
