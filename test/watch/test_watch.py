@@ -13,9 +13,9 @@ failure, nothing written), a locked row, two results per row (latest wins,
 idempotent), a not-found result over existing values, only_if checked at
 watch() time and run as the owner with a pinned search_path, forged records
 and other submitters' changes refused, backfill, skip-row compaction, a
-renamed table, unwatch, dropping
-the table, pg_dump/pg_restore of a watched table; and once end to end with
-enrich-sandbox and enrich-receiver."""
+renamed table, unwatch, dropping the table, pg_dump/pg_restore of a watched
+table; and once end to end with enrich-sandbox and enrich-receiver (the
+worker as an ordinary role)."""
 import os
 import subprocess
 import sys
