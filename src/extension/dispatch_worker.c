@@ -1530,7 +1530,7 @@ enrich_dispatch_main(Datum main_arg)
 		if (unrecorded != NULL)
 			wait = Min(wait, 1000L);	/* try recording again soon */
 		/* watched tables: write new results back (watch.c) */
-		wait = Min(wait, enrich_watch_step());
+		wait = Min(wait, enrich_watch_step(read_wakeups()));
 		if (dispatch_http_wait(wait))
 			woken = true;
 	}

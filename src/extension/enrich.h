@@ -62,6 +62,6 @@ extern void enrich_dispatch_wake(void);
 extern void enrich_dispatch_register(void);
 
 /* watch.c */
-extern long enrich_watch_step(void);
+extern long enrich_watch_step(uint64 wakeups);
 
 #endif							/* ENRICH_H */

@@ -50,7 +50,6 @@
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 
-#include "dispatch.h"
 #include "enrich.h"
 
 PG_FUNCTION_INFO_V1(enrich_watch_trigger);
@@ -474,26 +473,22 @@ tx_write_back(void *arg)
 }
 
 /*
- * The dispatcher's write-back step: when results arrived (the worker was
- * woken since the last run) and WATCH_MIN_INTERVAL_MS passed, or every
+ * The dispatcher's write-back step: when results arrived (wakeups, the
+ * count of commits that woke the worker, moved since the last run) and WATCH_MIN_INTERVAL_MS passed, or every
  * WATCH_RETRY_MS anyway, write every watch's new results back.  Returns
  * the milliseconds until it wants to be called again.
  */
 long
-enrich_watch_step(void)
+enrich_watch_step(uint64 wakeups)
 {
 	static TimestampTz last_run = 0;
 	static TimestampTz last_compact = 0;
 	static uint64 last_wakeups = 0;
 	TimestampTz now = GetCurrentTimestamp();
-	uint64		wakeups;
 	WatchList	l;
 	MemoryContext ctx;
 	MemoryContext oldctx = CurrentMemoryContext;
 
-	SpinLockAcquire(&enrich_shared->mutex);
-	wakeups = enrich_shared->wakeups;
-	SpinLockRelease(&enrich_shared->mutex);
 	if (now < last_run + (TimestampTz) WATCH_MIN_INTERVAL_MS * 1000)
 		return (long) ((last_run + (TimestampTz) WATCH_MIN_INTERVAL_MS * 1000 - now) / 1000) + 1;
 	if (wakeups == last_wakeups && now < last_run + (TimestampTz) WATCH_RETRY_MS * 1000)
