@@ -163,6 +163,30 @@ WHERE id IN (1, 2)""")
         show(cluster, """SELECT request_id, state, reused_from, batch_id FROM enrich.request_status
 ORDER BY request_id DESC LIMIT 2""")
         show(cluster, "SELECT calls, contacts_sent, contacts_reused FROM enrich.dispatcher")
+
+        say("A watched table fills itself in: no submit, no apply_results")
+        show(cluster, """CREATE TABLE crm.leads (id int PRIMARY KEY, first_name text, last_name text,
+                        company text, website text, email text, title text)""")
+        show(cluster, """SELECT enrich.watch('crm.leads',
+       write_back => '{"email": "work_email", "title": "job_title"}')""")
+        show(cluster, """INSERT INTO crm.leads (id, first_name, last_name, company, website, email) VALUES
+ (1, 'John',   'Backus',  'Fortran Corp',  'fortran.example', NULL),
+ (2, 'Radia',  'Perlman', 'Spanning Tree', 'spanning.example', NULL),
+ (3, 'Ken',    'Thompson', 'Unix Labs',    'unix.example', 'ken@unix.example'),
+ (4, 'Nobody', NULL,      NULL,            NULL, NULL)""")
+        print("   (the INSERT succeeded although row 4 has no identity; it is counted as skipped)")
+        try:
+            et.wait_for(lambda: cluster.scalar(
+                "SELECT waiting = 0 AND written_back = (SELECT count(*) FROM enrich.enriched_contacts e"
+                " WHERE e.source_table = 'crm.leads'::regclass AND e.work_email IS NOT NULL)"
+                " FROM enrich.watch_status WHERE target = 'crm.leads'::regclass") == "t",
+                timeout=args.timeout, what="the watched table to fill itself in")
+        except Exception:
+            print("   timed out; see the logs in %s" % cluster.base)
+            return 1
+        show(cluster, "SELECT id, first_name, last_name, email, title FROM crm.leads ORDER BY id")
+        show(cluster, """SELECT submitted, waiting, enriched, written_back, skipped_by_reason
+FROM enrich.watch_status""")
         say("Done")
         if args.keep:
             print("   left running: psql -h %s -p %d crm_demo   (logs in %s)" % (

@@ -1551,6 +1551,8 @@ enrich_dispatch_main(Datum main_arg)
 			wait = Min(wait, ms_until(last_plan + MIN_REPLAN_MS * 1000, now));
 		if (unrecorded != NULL)
 			wait = Min(wait, 1000L);	/* try recording again soon */
+		/* watched tables: write new results back (watch.c) */
+		wait = Min(wait, enrich_watch_step(read_wakeups()));
 		if (dispatch_http_wait(wait))
 			woken = true;
 	}

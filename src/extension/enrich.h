@@ -72,4 +72,7 @@ extern void enrich_dispatch_wake(void);
 /* dispatch_worker.c */
 extern void enrich_dispatch_register(void);
 
+/* watch.c */
+extern long enrich_watch_step(uint64 wakeups);
+
 #endif							/* ENRICH_H */

@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/relation.h"
 #include "access/xact.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
@@ -31,6 +32,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "parser/parse_type.h"
+#include "utils/rel.h"
 #include "utils/typcache.h"
 
 #include "enrich.h"
@@ -527,4 +529,185 @@ enrich_wakeup_count(PG_FUNCTION_ARGS)
 	if (!enrich_shmem_attached())
 		PG_RETURN_NULL();
 	PG_RETURN_INT64((int64) enrich_wakeup_total());
+}
+
+PG_FUNCTION_INFO_V1(enrich_watch_submit);
+
+/*
+ * enrich._watch_submit(contact record, fields text[]) RETURNS text
+ *		enrich.submit(record) for watched tables: queue the row and return
+ *		'submitted', or return why it cannot be sent ("no identity",
+ *		"domain invalid", ...) without raising, so that the application's
+ *		INSERT or UPDATE that fired the watch never fails because of a row
+ *		enrich cannot use.  Privilege errors (the watch owner lost SELECT on
+ *		the table) still raise; the watch trigger records them.
+ */
+Datum
+enrich_watch_submit(PG_FUNCTION_ARGS)
+{
+	HeapTupleHeader row;
+	HeapTupleData tuple;
+	Oid			typid;
+	int32		typmod;
+	TupleDesc	desc;
+	SubmitCache *cache;
+	RowMap	   *map;
+	Contact		c;
+	const char *reason = NULL;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_TEXT_P(cstring_to_text("no identity"));
+	row = PG_GETARG_HEAPTUPLEHEADER(0);
+	typid = HeapTupleHeaderGetTypeId(row);
+	typmod = HeapTupleHeaderGetTypMod(row);
+	desc = lookup_rowtype_tupdesc(typid, typmod);
+	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
+	ItemPointerSetInvalid(&tuple.t_self);
+	tuple.t_tableOid = InvalidOid;
+	tuple.t_data = row;
+
+	cache = submit_cache(fcinfo);
+	map = row_map_get(fcinfo, cache, typid, typmod, desc);
+	/*
+	 * A transition table's rows are anonymous records: the table is given.
+	 * Their columns need not be the table's, so only SELECT on the whole
+	 * table will do (a watch's owner has it, enrich.watch() checks).
+	 */
+	if (!OidIsValid(map->relid) && !PG_ARGISNULL(2))
+	{
+		if (pg_class_aclcheck(PG_GETARG_OID(2), GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		{
+			ReleaseTupleDesc(desc);
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to submit rows of table %s",
+							quote_qualified_identifier(get_namespace_name(get_rel_namespace(PG_GETARG_OID(2))),
+													   get_rel_name(PG_GETARG_OID(2)))),
+					 errdetail("The role that owns the watch needs SELECT on the table.")));
+		}
+		map->relid = PG_GETARG_OID(2);
+		map->checked_user = GetUserId();
+	}
+	if (OidIsValid(map->relid) && map->checked_user != GetUserId())
+	{
+		if (!row_may_select(map))
+		{
+			ReleaseTupleDesc(desc);
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied to submit rows of table %s",
+							quote_qualified_identifier(get_namespace_name(get_rel_namespace(map->relid)),
+													   get_rel_name(map->relid))),
+					 errdetail("The role that owns the watch needs SELECT on the table.")));
+		}
+		map->checked_user = GetUserId();
+	}
+
+	memset(&c, 0, sizeof(c));
+	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
+		reason = contact_try_set(&c, f, row_column(&tuple, desc, map, f));
+	if (reason == NULL && !contact_has_identity(&c))
+		reason = "no identity";
+	if (reason == NULL)
+	{
+		char	   *source_id = row_column(&tuple, desc, map, CF_COUNT);
+
+		if (source_id == NULL)
+			reason = "no id";
+		else
+		{
+			request_insert(cache->ins, &c, arg_fields(fcinfo, 1), NULL,
+						   map->relid, source_id);
+			enrich_wake_dispatcher_at_commit();
+		}
+	}
+	ReleaseTupleDesc(desc);
+	PG_RETURN_TEXT_P(cstring_to_text(reason == NULL ? "submitted" : reason));
+}
+
+PG_FUNCTION_INFO_V1(enrich_contact_columns);
+
+/*
+ * enrich._contact_columns(target regclass) RETURNS name[]
+ *		The columns enrich.submit(record) reads from a row of the table:
+ *		first_name, last_name, domain, company_name, linkedin_url and id, in
+ *		that order, NULL where the table has none.
+ */
+Datum
+enrich_contact_columns(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	Relation	rel;
+	TupleDesc	desc;
+	Datum		names[CF_COUNT + 1];
+	bool		nulls[CF_COUNT + 1];
+	int			dims[1] = {CF_COUNT + 1};
+	int			lbs[1] = {1};
+
+	rel = relation_open(relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	for (int f = 0; f <= CF_COUNT; f++)
+	{
+		int			a = row_find(desc, row_aliases[f]);
+
+		nulls[f] = a == 0;
+		names[f] = (Datum) 0;
+		if (a > 0)
+		{
+			Name		n = palloc0(NAMEDATALEN);
+
+			namestrcpy(n, NameStr(TupleDescAttr(desc, a - 1)->attname));
+			names[f] = NameGetDatum(n);
+		}
+	}
+	relation_close(rel, AccessShareLock);
+	PG_RETURN_ARRAYTYPE_P(construct_md_array(names, nulls, 1, dims, lbs, NAMEOID,
+											 NAMEDATALEN, false, TYPALIGN_CHAR));
+}
+
+PG_FUNCTION_INFO_V1(enrich_row_input_key);
+
+/*
+ * enrich._row_input_key(contact record) RETURNS text
+ *		The input_key a request for this row would get now, or NULL when the
+ *		row could not be sent (no identity, an invalid value).  Write-back
+ *		compares it with the request's, so an answer for an identity the row
+ *		no longer has is not written.
+ */
+Datum
+enrich_row_input_key(PG_FUNCTION_ARGS)
+{
+	HeapTupleHeader row;
+	HeapTupleData tuple;
+	TupleDesc	desc;
+	SubmitCache *cache;
+	RowMap	   *map;
+	Contact		c;
+	const char *reason = NULL;
+	char	   *key = NULL;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	row = PG_GETARG_HEAPTUPLEHEADER(0);
+	desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row));
+	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
+	ItemPointerSetInvalid(&tuple.t_self);
+	tuple.t_tableOid = InvalidOid;
+	tuple.t_data = row;
+	cache = fcinfo->flinfo->fn_extra;
+	if (cache == NULL)
+	{
+		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(SubmitCache));
+		fcinfo->flinfo->fn_extra = cache;
+	}
+	map = row_map_get(fcinfo, cache, HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row), desc);
+	memset(&c, 0, sizeof(c));
+	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
+		reason = contact_try_set(&c, f, row_column(&tuple, desc, map, f));
+	if (reason == NULL && contact_has_identity(&c))
+		key = contact_input_key(&c);
+	ReleaseTupleDesc(desc);
+	if (key == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(key));
 }

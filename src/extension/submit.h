@@ -42,6 +42,8 @@ extern const char *const contact_field_names[CF_COUNT];
 /* submit_validate.c */
 extern void contact_set(Contact *c, ContactField f, const char *raw);
 extern void contact_check_identity(const Contact *c);
+extern const char *contact_try_set(Contact *c, ContactField f, const char *raw);
+extern bool contact_has_identity(const Contact *c);
 extern void contact_from_jsonb(JsonbContainer *obj, Contact *c,
 							   JsonbValue *custom, JsonbValue *fields);
 extern ArrayType *fields_normalise(ArrayType *fields);

@@ -278,6 +278,57 @@ contact_set(Contact *c, ContactField f, const char *raw)
 	c->v[f] = v;
 }
 
+/*
+ * contact_set() that never raises: sets the field and returns NULL, or
+ * leaves it unset and returns why the value cannot be sent (a short reason
+ * for enrich.watch_status: "<field> too long", "<field> invalid").  For
+ * watched tables, whose writes must never fail because of enrich.
+ */
+const char *
+contact_try_set(Contact *c, ContactField f, const char *raw)
+{
+	const char *name = contact_field_names[f];
+	char	   *v;
+
+	c->v[f] = NULL;
+	if (raw == NULL || is_blank(raw, strlen(raw)))
+		return NULL;
+	v = trim_copy(raw);
+	if (pg_mbstrlen(v) > contact_field_max[f])
+		return psprintf("%s too long", name);
+	for (const char *p = v; *p; p++)
+		if ((unsigned char) *p < 0x20 || *p == 0x7f)
+			return psprintf("%s invalid", name);
+	if (f == CF_DOMAIN)
+	{
+		char	   *d = domain_normalise(v);
+
+		if (!domain_valid(d))
+			return psprintf("%s invalid", name);
+		v = pstrdup(d);
+	}
+	else if (f == CF_LINKEDIN_URL)
+	{
+		bool		bad_handle = false;
+		char	   *u = linkedin_normalise(v, &bad_handle);
+
+		if (bad_handle || u == NULL)
+			return psprintf("%s invalid", name);
+		v = u;
+	}
+	c->v[f] = v;
+	return NULL;
+}
+
+/* True when the contact has enough to be enriched (see below). */
+bool
+contact_has_identity(const Contact *c)
+{
+	return c->v[CF_LINKEDIN_URL] != NULL ||
+		(c->v[CF_FIRST_NAME] != NULL && c->v[CF_LAST_NAME] != NULL &&
+		 (c->v[CF_DOMAIN] != NULL || c->v[CF_COMPANY_NAME] != NULL));
+}
+
 /* Refuse a contact that cannot be enriched: name which part is missing. */
 void
 contact_check_identity(const Contact *c)

@@ -16,6 +16,16 @@ ALLOWED = {
         "its statements are built with format('%I') from column names checked against the "
         "target table's catalog, result columns from a fixed list, and types from "
         "format_type(); values are passed with USING",
+    ("enrich._apply_results(regclass,jsonb,name,boolean,boolean,boolean)", "text type variable is not sanitized"):
+        "the body of apply_results (see above), with two fixed fragments chosen by booleans",
+    ("enrich._watches_check()", "text type variable is not sanitized"):
+        "it plans the owner's only_if expression (LIMIT 0, nothing evaluated) as the owner, to "
+        "reject a bad one at watch() time: running the author's own expression with the author's "
+        "rights is the point; ';' and comments are refused first, the table is a regclass",
+    ("enrich.watch(regclass,text[],jsonb,text,boolean,boolean)", "text type variable is not sanitized"):
+        "CREATE TRIGGER names the table through regclass output (quoted), and backfill runs the "
+        "statement enrich._watch_sql() built from checked settings (column names with %I) as the "
+        "caller, who is the watch's owner; values are passed with USING",
 }
 
 CHECK = r"""

@@ -10,6 +10,7 @@
 --   80_views       status and reporting views
 --   85_apply       results back into the CRM rows that asked for them
 --   90_privileges  what each role may do (nothing for PUBLIC)
+--   95_watch       watched CRM tables: triggers and automatic write-back
 
 ------------------------------------------------------------------------
 -- Roles.  Cluster-wide, so created only when absent and left in place by

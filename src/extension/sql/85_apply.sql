@@ -72,10 +72,17 @@ CREATE POLICY apply_state_own ON enrich.apply_state
     USING (applied_by OPERATOR(pg_catalog.=) CURRENT_USER)
     WITH CHECK (applied_by OPERATOR(pg_catalog.=) CURRENT_USER);
 
-CREATE FUNCTION enrich.apply_results(target regclass,
-                                     columns jsonb,
-                                     key_column name DEFAULT 'id',
-                                     rescan boolean DEFAULT false)
+-- The work of apply_results(), with two modes for write-back into watched
+-- tables (88_watch.sql): fill_blank writes a value only where the CRM
+-- column is NULL or empty; latest_only takes each row's latest permitted
+-- request even when its result has not come yet, so a result for an
+-- identity the row no longer has is never written.
+CREATE FUNCTION enrich._apply_results(target regclass,
+                                      columns jsonb,
+                                      key_column name,
+                                      rescan boolean,
+                                      fill_blank boolean,
+                                      latest_only boolean)
 RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -104,6 +111,8 @@ DECLARE
     differs text := '';     -- (e.vN IS NOT NULL AND t.cN IS DISTINCT FROM e.vN::type) OR ...
     stmt    text;
     full_stmt text;
+    ident_col text := '';      -- latest_only: the row's identity key, ...
+    ident_check text := '';    -- ... which must be its request's
     old_work_mem text;
     st      enrich.apply_state;
     snap_xmin xid8;
@@ -168,11 +177,27 @@ BEGIN
         crm_cols := crm_cols || col;
         vals := vals || CASE WHEN i = 1 THEN '' ELSE ', ' END || format('e.%I AS v%s', src, i);
         tcols := tcols || format(', t.%I AS c%s', col, i);
-        sets := sets || CASE WHEN i = 1 THEN '' ELSE ', ' END
-                || format('%I = COALESCE(n.v%s::%s, t.%I)', col, i, col_type, col);
-        differs := differs || CASE WHEN i = 1 THEN '' ELSE ' OR ' END
-                || format('(e.v%s IS NOT NULL AND t.c%s IS DISTINCT FROM e.v%s::%s)', i, i, i, col_type);
+        IF fill_blank THEN
+            sets := sets || CASE WHEN i = 1 THEN '' ELSE ', ' END
+                    || format('%I = CASE WHEN t.%I IS NULL OR t.%I::text = %L THEN COALESCE(n.v%s::%s, t.%I) ELSE t.%I END',
+                              col, col, col, '', i, col_type, col, col);
+            differs := differs || CASE WHEN i = 1 THEN '' ELSE ' OR ' END
+                    || format('(e.v%s IS NOT NULL AND (t.c%s IS NULL OR t.c%s::text = %L))', i, i, i, '');
+        ELSE
+            sets := sets || CASE WHEN i = 1 THEN '' ELSE ', ' END
+                    || format('%I = COALESCE(n.v%s::%s, t.%I)', col, i, col_type, col);
+            differs := differs || CASE WHEN i = 1 THEN '' ELSE ' OR ' END
+                    || format('(e.v%s IS NOT NULL AND t.c%s IS DISTINCT FROM e.v%s::%s)', i, i, i, col_type);
+        END IF;
     END LOOP;
+
+    -- latest_only: the row must still have the identity its request was
+    -- made for (it may have changed without a new request: a new identity
+    -- that could not be sent, a condition no longer true).
+    IF latest_only THEN
+        ident_col := ', enrich._row_input_key(t) AS ik';
+        ident_check := ' AND t.ik = (SELECT q.input_key FROM enrich.requests q WHERE q.id = w.request_id)';
+    END IF;
 
     -- Write the latest permitted result of each CRM row named in $2.  Every
     -- step goes row by row through an index (scalar subqueries and LATERAL
@@ -184,7 +209,7 @@ BEGIN
                    (SELECT r.id FROM enrich.requests r
                     WHERE r.source_table = $1 AND r.source_id = u.sid
                       AND r.submitted_by = ANY ($3)
-                      AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)
+                      %8$s
                     ORDER BY r.id DESC LIMIT 1) AS request_id
             FROM unnest($2::text[]) u(sid)),
         todo AS MATERIALIZED (
@@ -192,9 +217,9 @@ BEGIN
             FROM w
             CROSS JOIN LATERAL (SELECT %3$s FROM enrich.enriched_contacts e
                                 WHERE e.request_id = w.request_id LIMIT 1) e
-            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s FROM %1$s t
+            CROSS JOIN LATERAL (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t
                                 WHERE t.%4$I = w.sid::%2$s OFFSET 0) t
-            WHERE w.request_id IS NOT NULL AND (%6$s)),
+            WHERE w.request_id IS NOT NULL AND (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.*, l.ok
             FROM todo n
@@ -208,7 +233,10 @@ BEGIN
         SELECT (SELECT count(*) FROM upd),
                (SELECT count(*) FROM w WHERE w.request_id IS NULL),
                ARRAY(SELECT DISTINCT n.k::text FROM lk n WHERE n.ok IS NULL)
-        $q$, target, key_type, vals, key_column, tcols, differs, sets);
+        $q$, target, key_type, vals, key_column, tcols, differs, sets,
+        CASE WHEN latest_only THEN ''
+             ELSE 'AND EXISTS (SELECT FROM enrich.results x WHERE x.request_id = r.id)' END,
+        ident_col, ident_check);
 
     -- The same for every row of the target at once (first call, rescan):
     -- set-based, hash joins only (every row is read anyway, whatever the
@@ -217,7 +245,7 @@ BEGIN
         WITH w AS MATERIALIZED (
             SELECT DISTINCT ON (r.source_id) r.source_id AS sid, r.id AS request_id
             FROM enrich.requests r
-            JOIN enrich.results x ON x.request_id = r.id
+            %8$s
             WHERE r.source_table = $1 AND r.source_id IS NOT NULL
               AND r.submitted_by = ANY ($2)
             ORDER BY r.source_id, r.id DESC),
@@ -226,8 +254,8 @@ BEGIN
             FROM w
             JOIN (SELECT e.request_id AS rid, %3$s FROM enrich.enriched_contacts e) e
               ON e.rid = w.request_id
-            JOIN (SELECT t.%4$I AS k%5$s FROM %1$s t) t ON t.k = w.sid::%2$s
-            WHERE (%6$s)),
+            JOIN (SELECT t.%4$I AS k%5$s%9$s FROM %1$s t) t ON t.k = w.sid::%2$s
+            WHERE (%6$s)%10$s),
         lk AS MATERIALIZED (
             SELECT n.* FROM todo n JOIN %1$s t ON t.%4$I = n.k
             FOR UPDATE OF t SKIP LOCKED),
@@ -243,7 +271,9 @@ BEGIN
                   AND NOT EXISTS (SELECT FROM w WHERE w.sid = r.source_id)),
                ARRAY(SELECT DISTINCT n.k::text FROM todo n
                      WHERE NOT EXISTS (SELECT FROM lk WHERE lk.k = n.k))
-        $q$, target, key_type, vals, key_column, tcols, differs, sets);
+        $q$, target, key_type, vals, key_column, tcols, differs, sets,
+        CASE WHEN latest_only THEN '' ELSE 'JOIN enrich.results x ON x.request_id = r.id' END,
+        ident_col, ident_check);
 
     -- This caller's place for this target and mapping; a concurrent run of
     -- the same does the work, so do not wait for it.
@@ -251,8 +281,8 @@ BEGIN
     VALUES (target, columns, key_column)
     ON CONFLICT ON CONSTRAINT apply_state_key DO NOTHING;
     SELECT * INTO st FROM enrich.apply_state s
-    WHERE s.target = apply_results.target AND s.columns = apply_results.columns
-      AND s.key_column = apply_results.key_column AND s.applied_by = CURRENT_USER
+    WHERE s.target = _apply_results.target AND s.columns = _apply_results.columns
+      AND s.key_column = _apply_results.key_column AND s.applied_by = CURRENT_USER
     FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RAISE NOTICE 'apply_results: another call for % with this mapping is running; it does the work', target;
@@ -350,8 +380,21 @@ BEGIN
 END
 $$;
 
+COMMENT ON FUNCTION enrich._apply_results(regclass, jsonb, name, boolean, boolean, boolean) IS
+'The work of apply_results(); fill_blank and latest_only for write-back into watched tables.';
+
+CREATE FUNCTION enrich.apply_results(target regclass,
+                                     columns jsonb,
+                                     key_column name DEFAULT 'id',
+                                     rescan boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE sql
+RETURN enrich._apply_results(target, columns, key_column, rescan, false, false);
+
 COMMENT ON FUNCTION enrich.apply_results(regclass, jsonb, name, boolean) IS
 'Copy new results into the CRM rows they were asked for, e.g. apply_results(''crm.contacts'', ''{"email": "work_email"}''); returns rows changed.';
 
-GRANT EXECUTE ON FUNCTION enrich.apply_results(regclass, jsonb, name, boolean) TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich.apply_results(regclass, jsonb, name, boolean),
+                          enrich._apply_results(regclass, jsonb, name, boolean, boolean, boolean)
+    TO enrich_reader;
 GRANT SELECT, INSERT, UPDATE, DELETE ON enrich.apply_state TO enrich_reader;
