@@ -56,9 +56,12 @@ PG_FUNCTION_INFO_V1(enrich_cancel_source);
 /* Longest sleep between two looks, in milliseconds. */
 #define WAIT_RECHECK_MS 1000
 
-/* Role that owns enrich.requests: the one the changes are made as. */
-static Oid
-requests_owner(void)
+/*
+ * Role that owns the extension's tables (enrich.requests standing for all
+ * of them): the one control.c and watch.c act as.
+ */
+Oid
+enrich_tables_owner(void)
 {
 	Oid			relid;
 	HeapTuple	tup;
@@ -85,7 +88,7 @@ static void
 become_owner(Oid *save_userid, int *save_sec)
 {
 	GetUserIdAndSecContext(save_userid, save_sec);
-	SetUserIdAndSecContext(requests_owner(),
+	SetUserIdAndSecContext(enrich_tables_owner(),
 						   *save_sec | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
 }
 

@@ -65,6 +65,9 @@ extern void enrich_guard_init(void);
 extern void enrich_submit_init(void);
 extern void enrich_wake_dispatcher_at_commit(void);
 
+/* control.c */
+extern Oid	enrich_tables_owner(void);
+
 /* shmem.c */
 extern void enrich_shmem_init(void);
 extern void enrich_dispatch_wake(void);

@@ -293,6 +293,26 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
 }
 
 /*
+ * The row in argument 0 as a tuple (*tuple points into the argument) over
+ * its row type's descriptor (*desc: release it with ReleaseTupleDesc), and
+ * the map of its columns.
+ */
+static RowMap *
+row_arg(FunctionCallInfo fcinfo, SubmitCache *cache, HeapTupleData *tuple, TupleDesc *desc)
+{
+	HeapTupleHeader row = PG_GETARG_HEAPTUPLEHEADER(0);
+	Oid			typid = HeapTupleHeaderGetTypeId(row);
+	int32		typmod = HeapTupleHeaderGetTypMod(row);
+
+	*desc = lookup_rowtype_tupdesc(typid, typmod);
+	tuple->t_len = HeapTupleHeaderGetDatumLength(row);
+	ItemPointerSetInvalid(&tuple->t_self);
+	tuple->t_tableOid = InvalidOid;
+	tuple->t_data = row;
+	return row_map_get(fcinfo, cache, typid, typmod, *desc);
+}
+
+/*
  * May the current user read the columns this row is taken from?  The
  * request keeps the row's table and id, and apply_results() later writes
  * the answer into that row, so submitting a row of a table is reading it:
@@ -355,10 +375,7 @@ row_error_context(void *arg)
 Datum
 enrich_submit_record(PG_FUNCTION_ARGS)
 {
-	HeapTupleHeader row;
 	HeapTupleData tuple;
-	Oid			typid;
-	int32		typmod;
 	TupleDesc	desc;
 	SubmitCache *cache;
 	RowMap	   *map;
@@ -371,17 +388,8 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 	ErrorContextCallback errcb;
 
 	check_contact_not_null(fcinfo);
-	row = PG_GETARG_HEAPTUPLEHEADER(0);
-	typid = HeapTupleHeaderGetTypeId(row);
-	typmod = HeapTupleHeaderGetTypMod(row);
-	desc = lookup_rowtype_tupdesc(typid, typmod);
-	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
-	ItemPointerSetInvalid(&tuple.t_self);
-	tuple.t_tableOid = InvalidOid;
-	tuple.t_data = row;
-
 	cache = submit_cache(fcinfo);
-	map = row_map_get(fcinfo, cache, typid, typmod, desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc);
 	if (map->col[CF_LINKEDIN_URL] == 0 &&
 		(map->col[CF_FIRST_NAME] == 0 || map->col[CF_LAST_NAME] == 0 ||
 		 (map->col[CF_DOMAIN] == 0 && map->col[CF_COMPANY_NAME] == 0)))
@@ -545,10 +553,7 @@ PG_FUNCTION_INFO_V1(enrich_watch_submit);
 Datum
 enrich_watch_submit(PG_FUNCTION_ARGS)
 {
-	HeapTupleHeader row;
 	HeapTupleData tuple;
-	Oid			typid;
-	int32		typmod;
 	TupleDesc	desc;
 	SubmitCache *cache;
 	RowMap	   *map;
@@ -557,17 +562,8 @@ enrich_watch_submit(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_TEXT_P(cstring_to_text("no identity"));
-	row = PG_GETARG_HEAPTUPLEHEADER(0);
-	typid = HeapTupleHeaderGetTypeId(row);
-	typmod = HeapTupleHeaderGetTypMod(row);
-	desc = lookup_rowtype_tupdesc(typid, typmod);
-	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
-	ItemPointerSetInvalid(&tuple.t_self);
-	tuple.t_tableOid = InvalidOid;
-	tuple.t_data = row;
-
 	cache = submit_cache(fcinfo);
-	map = row_map_get(fcinfo, cache, typid, typmod, desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc);
 	/*
 	 * A transition table's rows are anonymous records: the table is given.
 	 * Their columns need not be the table's, so only SELECT on the whole
@@ -677,7 +673,6 @@ PG_FUNCTION_INFO_V1(enrich_row_input_key);
 Datum
 enrich_row_input_key(PG_FUNCTION_ARGS)
 {
-	HeapTupleHeader row;
 	HeapTupleData tuple;
 	TupleDesc	desc;
 	SubmitCache *cache;
@@ -688,19 +683,13 @@ enrich_row_input_key(PG_FUNCTION_ARGS)
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
-	row = PG_GETARG_HEAPTUPLEHEADER(0);
-	desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row));
-	tuple.t_len = HeapTupleHeaderGetDatumLength(row);
-	ItemPointerSetInvalid(&tuple.t_self);
-	tuple.t_tableOid = InvalidOid;
-	tuple.t_data = row;
 	cache = fcinfo->flinfo->fn_extra;
 	if (cache == NULL)
 	{
 		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(SubmitCache));
 		fcinfo->flinfo->fn_extra = cache;
 	}
-	map = row_map_get(fcinfo, cache, HeapTupleHeaderGetTypeId(row), HeapTupleHeaderGetTypMod(row), desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc);
 	memset(&c, 0, sizeof(c));
 	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
 		reason = contact_try_set(&c, f, row_column(&tuple, desc, map, f));

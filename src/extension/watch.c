@@ -76,25 +76,6 @@ static int	watch_plan_next = 0;
 static SPIPlanPtr lookup_plan = NULL;
 static SPIPlanPtr skips_plan = NULL;
 
-/* Owner of enrich.watches (the extension's owner). */
-static Oid
-watches_owner(void)
-{
-	Oid			relid;
-	HeapTuple	tup;
-	Oid			owner;
-
-	relid = get_relname_relid("watches", get_namespace_oid("enrich", false));
-	if (!OidIsValid(relid))
-		elog(ERROR, "enrich.watches does not exist");
-	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	if (!HeapTupleIsValid(tup))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
-	ReleaseSysCache(tup);
-	return owner;
-}
-
 /* Prepare sql once and keep it (the transition tables must be registered). */
 static SPIPlanPtr
 keep_plan(const char *sql, int nargs, Oid *types)
@@ -197,7 +178,7 @@ enrich_watch_trigger(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 
 	/* The watch, read as the extension's owner. */
-	ext_owner = watches_owner();
+	ext_owner = enrich_tables_owner();
 	SetUserIdAndSecContext(ext_owner, sec);
 	if (lookup_plan == NULL)
 	{
