@@ -2843,9 +2843,9 @@ AS $$
 DECLARE
     v_p     record;
     v_r     record;
-    v_used  jsonb := '{}';
-    v_lim   jsonb := '{}';
-    v_ok    bigint[] := '{}';
+    v_used  jsonb := '{}'::jsonb;
+    v_lim   jsonb := '{}'::jsonb;
+    v_ok    bigint[] := '{}'::bigint[];
     v_key   text;
     v_scope text;
     v_per   text;
@@ -2901,7 +2901,7 @@ BEGIN
              WHERE q.id = v_r.id;
         END IF;
     END LOOP;
-    RETURN nullif(v_ok, '{}');
+    RETURN nullif(v_ok, '{}'::bigint[]);
 END
 $$;
 
