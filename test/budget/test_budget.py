@@ -126,6 +126,11 @@ def main():
             and "renews at" in msg, "the waiting request says which budget and when it renews", msg)
     R.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE state = 'queued' AND error_code = 'budget'"),
          "40", "40 requests wait for the budget")
+    wait_for(lambda: "held back" in (c.scalar("SELECT detail FROM enrich.dispatcher") or ""),
+             timeout=10, what="the dispatcher's detail")
+    detail = c.scalar("SELECT detail FROM enrich.dispatcher")
+    R.check("daily credit budget" in detail and "renews at" in detail,
+            "enrich.dispatcher's detail names the budget and when it renews", detail)
     wait_for(quiet, timeout=60, what="the first batch to end")
     spent = sandbox_spent(sb_url)
     R.check(spent <= 100, "the sandbox was charged within the budget", spent)

@@ -97,7 +97,8 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
-                                      OUT credits_out_at timestamptz)
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -135,6 +136,9 @@ BEGIN
     poll_due := coalesce(next_poll <= now(), false);
     SELECT max(b.finished_at) INTO credits_out_at
       FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
 END
 $$;
 

@@ -65,10 +65,14 @@ CREATE TABLE enrich.credit_totals (
 COMMENT ON TABLE enrich.credit_totals IS
 'Running totals of enrich.credit_ledger per budget and period: reserved by batches not yet ended, and spent.';
 
--- The last budgets the dispatcher saw (a change releases waiting requests).
+-- The last budgets the dispatcher saw (a change releases waiting
+-- requests), and what the last claim held back, until when (shown in
+-- enrich.dispatcher's detail).
 CREATE TABLE enrich.budget_seen (
     id          boolean PRIMARY KEY DEFAULT true CHECK (id),
-    fingerprint text NOT NULL
+    fingerprint text NOT NULL,
+    held_note   text,
+    held_until  timestamptz
 );
 
 -- Worst-case credits of a contact asking for p_fields.
@@ -168,6 +172,9 @@ DECLARE
     v_have  numeric;
     v_why   text;
     v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
 BEGIN
     IF p_ids IS NULL THEN
         RETURN NULL;
@@ -214,8 +221,18 @@ BEGIN
             UPDATE enrich.requests q
                SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
              WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
         END IF;
     END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
     RETURN nullif(v_ok, '{}'::bigint[]);
 END
 $$;
@@ -379,7 +396,8 @@ BEGIN
         RETURN;
     END IF;
     INSERT INTO enrich.budget_seen AS s (id, fingerprint) VALUES (true, v_fp)
-    ON CONFLICT (id) DO UPDATE SET fingerprint = excluded.fingerprint;
+    ON CONFLICT (id) DO UPDATE
+        SET fingerprint = excluded.fingerprint, held_note = NULL, held_until = NULL;
     UPDATE enrich.requests q
        SET next_attempt_at = now()
      WHERE q.state = 'queued' AND q.next_attempt_at > now() AND q.error_code = 'budget';

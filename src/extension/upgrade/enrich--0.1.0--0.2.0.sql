@@ -2750,10 +2750,14 @@ CREATE TABLE enrich.credit_totals (
 COMMENT ON TABLE enrich.credit_totals IS
 'Running totals of enrich.credit_ledger per budget and period: reserved by batches not yet ended, and spent.';
 
--- The last budgets the dispatcher saw (a change releases waiting requests).
+-- The last budgets the dispatcher saw (a change releases waiting
+-- requests), and what the last claim held back, until when (shown in
+-- enrich.dispatcher's detail).
 CREATE TABLE enrich.budget_seen (
     id          boolean PRIMARY KEY DEFAULT true CHECK (id),
-    fingerprint text NOT NULL
+    fingerprint text NOT NULL,
+    held_note   text,
+    held_until  timestamptz
 );
 
 -- Worst-case credits of a contact asking for p_fields.
@@ -2853,6 +2857,9 @@ DECLARE
     v_have  numeric;
     v_why   text;
     v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
 BEGIN
     IF p_ids IS NULL THEN
         RETURN NULL;
@@ -2899,8 +2906,18 @@ BEGIN
             UPDATE enrich.requests q
                SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
              WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
         END IF;
     END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
     RETURN nullif(v_ok, '{}'::bigint[]);
 END
 $$;
@@ -3064,7 +3081,8 @@ BEGIN
         RETURN;
     END IF;
     INSERT INTO enrich.budget_seen AS s (id, fingerprint) VALUES (true, v_fp)
-    ON CONFLICT (id) DO UPDATE SET fingerprint = excluded.fingerprint;
+    ON CONFLICT (id) DO UPDATE
+        SET fingerprint = excluded.fingerprint, held_note = NULL, held_until = NULL;
     UPDATE enrich.requests q
        SET next_attempt_at = now()
      WHERE q.state = 'queued' AND q.next_attempt_at > now() AND q.error_code = 'budget';
@@ -3121,11 +3139,13 @@ CREATE VIEW enrich.credit_budgets AS
 COMMENT ON VIEW enrich.credit_budgets IS
 'The credit budgets in force (role NULL: all roles), spent, reserved and available in the current period, and when it renews.';
 
-CREATE OR REPLACE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
+DROP FUNCTION enrich._dispatch_plan();
+CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
-                                      OUT credits_out_at timestamptz)
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -3163,6 +3183,9 @@ BEGIN
     poll_due := coalesce(next_poll <= now(), false);
     SELECT max(b.finished_at) INTO credits_out_at
       FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
 END
 $$;
 
