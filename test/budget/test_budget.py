@@ -110,7 +110,8 @@ def main():
         R.eq(bad, "0", "%s: the running totals equal the ledger" % what)
         ledger = c.scalar("SELECT coalesce(sum(spent), 0) FROM enrich.credit_usage")
         R.eq(int(float(ledger)), sandbox_spent(sb_url), "%s: the ledger's spending equals the sandbox's credits_spent" % what)
-        vendor = c.scalar("SELECT coalesce(sum(credits_used), 0) FROM enrich.batches")
+        vendor = c.scalar("SELECT coalesce(sum(coalesce(credits_used, 0) + coalesce((SELECT sum(j.value::numeric) "
+                          "FROM jsonb_each_text(other_job_credits) j), 0)), 0) FROM enrich.batches")
         R.eq(ledger, vendor, "%s: the ledger reconciles to the jobs' cost.credits" % what)
 
     # --- a daily budget of 100 credits, 50 phones ---------------------------

@@ -20,7 +20,8 @@
 -- leaves the reservation counted (the batch is resent, not claimed again);
 -- when the batch ends (a trigger on enrich.batches) the reservation
 -- becomes the job's cost.credits (batches.credits_used, 0 when the job
--- never ran), and what was not spent is released.  A batch split after a
+-- never ran, plus other_job_credits: jobs of a resent POST the API had
+-- received), and what was not spent is released.  A batch split after a
 -- 400 hands its reservation to its halves.
 ------------------------------------------------------------------------
 
@@ -358,16 +359,19 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM enrich._budget_settle(NEW.id, coalesce(NEW.credits_used, 0));
+    PERFORM enrich._budget_settle(NEW.id, coalesce(NEW.credits_used, 0)
+        + coalesce((SELECT sum(j.value::numeric)
+                      FROM jsonb_each_text(NEW.other_job_credits) j), 0));
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER batches_budget_settle
-    AFTER UPDATE OF state, finished_at, credits_used ON enrich.batches
+    AFTER UPDATE OF state, finished_at, credits_used, other_job_credits ON enrich.batches
     FOR EACH ROW
     WHEN (NEW.finished_at IS NOT NULL
-          AND (OLD.finished_at IS NULL OR NEW.credits_used IS DISTINCT FROM OLD.credits_used))
+          AND (OLD.finished_at IS NULL OR NEW.credits_used IS DISTINCT FROM OLD.credits_used
+               OR NEW.other_job_credits IS DISTINCT FROM OLD.other_job_credits))
     EXECUTE FUNCTION enrich._budget_batch_ended();
 
 -- Called by _dispatch_plan: when the budgets changed since the last look

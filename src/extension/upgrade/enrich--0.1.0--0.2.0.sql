@@ -2683,6 +2683,8 @@ GRANT EXECUTE ON FUNCTION enrich._queue() TO enrich_submitter, enrich_reader;
 -- Tables, functions, trigger and views of 65_budget.sql; the claim, the
 -- plan and the split of 20_dispatch.sql that use them.
 
+ALTER TABLE enrich.batches ADD COLUMN other_job_credits jsonb;
+
 ------------------------------------------------------------------------
 -- Credit budgets.
 --
@@ -2705,7 +2707,8 @@ GRANT EXECUTE ON FUNCTION enrich._queue() TO enrich_submitter, enrich_reader;
 -- leaves the reservation counted (the batch is resent, not claimed again);
 -- when the batch ends (a trigger on enrich.batches) the reservation
 -- becomes the job's cost.credits (batches.credits_used, 0 when the job
--- never ran), and what was not spent is released.  A batch split after a
+-- never ran, plus other_job_credits: jobs of a resent POST the API had
+-- received), and what was not spent is released.  A batch split after a
 -- 400 hands its reservation to its halves.
 ------------------------------------------------------------------------
 
@@ -3043,16 +3046,19 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM enrich._budget_settle(NEW.id, coalesce(NEW.credits_used, 0));
+    PERFORM enrich._budget_settle(NEW.id, coalesce(NEW.credits_used, 0)
+        + coalesce((SELECT sum(j.value::numeric)
+                      FROM jsonb_each_text(NEW.other_job_credits) j), 0));
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER batches_budget_settle
-    AFTER UPDATE OF state, finished_at, credits_used ON enrich.batches
+    AFTER UPDATE OF state, finished_at, credits_used, other_job_credits ON enrich.batches
     FOR EACH ROW
     WHEN (NEW.finished_at IS NOT NULL
-          AND (OLD.finished_at IS NULL OR NEW.credits_used IS DISTINCT FROM OLD.credits_used))
+          AND (OLD.finished_at IS NULL OR NEW.credits_used IS DISTINCT FROM OLD.credits_used
+               OR NEW.other_job_credits IS DISTINCT FROM OLD.other_job_credits))
     EXECUTE FUNCTION enrich._budget_batch_ended();
 
 -- Called by _dispatch_plan: when the budgets changed since the last look
@@ -3342,6 +3348,270 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env jsonb, p_final boolean,
+                                        p_bad jsonb,
+                                        OUT note text, OUT record_count integer,
+                                        OUT changed bigint[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_status    text := upper(p_env ->> 'status');
+    v_env_id    text := p_env ->> 'id';
+    v_data      jsonb := p_env -> 'data';
+    v_credits   numeric;
+    v_state     text;
+    v_batch_eid text;
+    v_matched   integer;
+    v_done      integer;
+    v_failed    integer := 0;
+    v_bad       integer := 0;
+    v_n         integer;
+    v_ended     boolean := false;
+    v_sending   boolean := false;
+BEGIN
+    -- Every delivery locks the batch row before any result or request row,
+    -- the order the dispatcher keeps too.  One that will change the batch
+    -- (a final delivery, or a per-contact one while the batch is still
+    -- 'sending') takes FOR UPDATE, so those queue on that one row instead of
+    -- deadlocking over request rows.  The others take FOR KEY SHARE, which
+    -- they would take anyway at the end of their INSERT into results (its
+    -- foreign key to batches), but too late: holding a results row while
+    -- waiting for a final delivery that waits for that row is a deadlock.
+    -- Failing unstorable records changes requests too: FOR UPDATE as well.
+    IF p_final OR jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        SELECT NOT p_final AND b.state = 'sending' INTO v_sending
+          FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
+        v_sending := coalesce(v_sending, false);
+    ELSE
+        PERFORM FROM enrich.batches b
+         WHERE b.id = p_batch_id AND b.state = 'sending' FOR UPDATE;
+        v_sending := FOUND;
+        IF NOT v_sending THEN
+            PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR KEY SHARE;
+        END IF;
+    END IF;
+
+    IF jsonb_typeof(v_data) = 'array' THEN
+        record_count := jsonb_array_length(v_data);
+    ELSE
+        record_count := 0;
+    END IF;
+
+    IF record_count > 0 THEN
+        WITH rec AS (
+            -- One record per request of this batch (the last one wins when
+            -- data[] repeats a contact); others are counted as skipped.
+            SELECT DISTINCT ON (q.id) q.id AS request_id, q.fields, e.r,
+                   e.r -> 'contact_info' AS ci
+              FROM jsonb_array_elements(v_data) WITH ORDINALITY AS e(r, n)
+              JOIN enrich.requests q
+                ON q.id = CASE WHEN (e.r -> 'custom' ->> 'enrich_request_id') ~ '^[0-9]{1,18}$'
+                               THEN (e.r -> 'custom' ->> 'enrich_request_id')::bigint END
+             WHERE q.batch_id = p_batch_id
+             ORDER BY q.id, e.n DESC
+        ), ext AS (
+            -- most_probable_* may be null, lack their key, or hold "".
+            SELECT request_id, fields, r, x.we, x.pe, x.ph,
+                   CASE WHEN x.we IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_work_email' ->> 'status', '') END AS wes,
+                   CASE WHEN x.pe IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_personal_email' ->> 'status', '') END AS pes,
+                   CASE WHEN x.ph IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_phone' ->> 'region', '') END AS phr,
+                   NULLIF(r -> 'profile', 'null'::jsonb) AS pr,
+                   ('work_email' = ANY (fields) AND x.we IS NOT NULL)::int
+                   + ('personal_email' = ANY (fields) AND x.pe IS NOT NULL)::int
+                   + ('phone' = ANY (fields) AND x.ph IS NOT NULL)::int AS nfound
+              FROM rec,
+                   LATERAL (SELECT NULLIF(ci -> 'most_probable_work_email' ->> 'email', '') AS we,
+                                   NULLIF(ci -> 'most_probable_personal_email' ->> 'email', '') AS pe,
+                                   NULLIF(ci -> 'most_probable_phone' ->> 'number', '') AS ph) x
+        ), res AS (
+            SELECT ext.*,
+                   CASE WHEN nfound > 0 AND nfound = cardinality(fields) THEN 'found'
+                        WHEN nfound > 0 THEN 'partial'
+                        WHEN cardinality(fields) = 0 AND pr IS NOT NULL THEN 'found'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CANCELED' THEN 'canceled'
+                        ELSE 'not_found' END AS outcome
+              FROM ext
+             -- An empty record of a throttled or failed job is no answer:
+             -- its request fails with the job's reason instead.
+             WHERE NOT (we IS NULL AND pe IS NULL AND ph IS NULL AND pr IS NULL
+                        AND v_status IN ('RATE_LIMIT', 'UNKNOWN'))
+        ), up AS (
+            INSERT INTO enrich.results AS t
+                   (request_id, batch_id, enrichment_id, outcome,
+                    work_email, work_email_status, personal_email, personal_email_status,
+                    phone, phone_region, contact_info, profile, input)
+            SELECT request_id, p_batch_id, v_env_id, outcome,
+                   we, wes, pe, pes, ph, phr,
+                   NULLIF(r -> 'contact_info', 'null'::jsonb), pr,
+                   NULLIF(r -> 'input', 'null'::jsonb)
+              FROM res
+            ON CONFLICT (request_id) DO UPDATE
+               SET batch_id = EXCLUDED.batch_id,
+                   enrichment_id = EXCLUDED.enrichment_id,
+                   outcome = EXCLUDED.outcome,
+                   work_email = EXCLUDED.work_email,
+                   work_email_status = EXCLUDED.work_email_status,
+                   personal_email = EXCLUDED.personal_email,
+                   personal_email_status = EXCLUDED.personal_email_status,
+                   phone = EXCLUDED.phone,
+                   phone_region = EXCLUDED.phone_region,
+                   contact_info = EXCLUDED.contact_info,
+                   profile = EXCLUDED.profile,
+                   input = EXCLUDED.input,
+                   updated_at = now()
+             WHERE (t.outcome, t.work_email, t.work_email_status, t.personal_email,
+                    t.personal_email_status, t.phone, t.phone_region,
+                    t.contact_info, t.profile, t.input)
+                   IS DISTINCT FROM
+                   (EXCLUDED.outcome, EXCLUDED.work_email, EXCLUDED.work_email_status,
+                    EXCLUDED.personal_email, EXCLUDED.personal_email_status,
+                    EXCLUDED.phone, EXCLUDED.phone_region,
+                    EXCLUDED.contact_info, EXCLUDED.profile, EXCLUDED.input)
+               AND (EXCLUDED.work_email IS NOT NULL)::int + (EXCLUDED.personal_email IS NOT NULL)::int
+                   + (EXCLUDED.phone IS NOT NULL)::int + (EXCLUDED.profile IS NOT NULL)::int
+                   >= (t.work_email IS NOT NULL)::int + (t.personal_email IS NOT NULL)::int
+                   + (t.phone IS NOT NULL)::int + (t.profile IS NOT NULL)::int
+               AND NOT (t.outcome = 'not_found'
+                        AND EXCLUDED.outcome IN ('credits_insufficient', 'canceled'))
+            RETURNING t.request_id
+        ), dn AS (
+            UPDATE enrich.requests q
+               SET state = 'done', updated_at = now(), error_code = NULL, error_message = NULL
+              FROM res
+             WHERE q.id = res.request_id AND q.state <> 'done'
+            RETURNING q.id
+        )
+        SELECT (SELECT count(*) FROM rec),
+               (SELECT array_agg(request_id ORDER BY request_id) FROM up),
+               (SELECT count(*) FROM dn)
+          INTO v_matched, changed, v_done;
+
+        IF v_matched < record_count THEN
+            note := format('%s of %s record(s) skipped: no enrich_request_id of this batch',
+                           record_count - v_matched, record_count);
+        END IF;
+        IF changed IS NOT NULL THEN
+            PERFORM pg_notify('enrich_result', c::text) FROM unnest(changed) AS c;
+        END IF;
+    ELSE
+        v_done := 0;
+    END IF;
+
+    -- Records that could not be stored: their requests fail alone (a
+    -- result that came another way stays).
+    IF jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        UPDATE enrich.requests q
+           SET state = 'failed', updated_at = now(), next_attempt_at = NULL,
+               error_code = 'invalid_record',
+               error_message = format('the API''s record for this contact cannot be stored: %s',
+                                      x.reason)
+          FROM (SELECT DISTINCT ON (b ->> 'request_id')
+                       (b ->> 'request_id')::bigint AS request_id, b ->> 'reason' AS reason
+                  FROM jsonb_array_elements(p_bad) b
+                 WHERE (b ->> 'request_id') ~ '^[0-9]{1,18}$') x
+         WHERE q.id = x.request_id AND q.batch_id = p_batch_id
+           AND q.state IN ('sending', 'in_flight')
+           AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+        GET DIAGNOSTICS v_bad = ROW_COUNT;
+        v_failed := v_failed + v_bad;
+        note := concat_ws('; ', note, enrich._envelope_bad_note(p_bad));
+    END IF;
+
+    IF p_final THEN
+        v_state := CASE v_status
+                       WHEN 'FINISHED' THEN 'finished'
+                       WHEN 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                       WHEN 'CANCELED' THEN 'canceled'
+                       WHEN 'RATE_LIMIT' THEN 'rate_limit'
+                       WHEN 'UNKNOWN' THEN 'unknown'
+                   END;
+        IF jsonb_typeof(p_env -> 'cost' -> 'credits') = 'number' THEN
+            v_credits := (p_env -> 'cost' ->> 'credits')::numeric;
+        END IF;
+        SELECT b.enrichment_id INTO v_batch_eid FROM enrich.batches b WHERE b.id = p_batch_id;
+        IF v_batch_eid IS NOT NULL AND v_batch_eid <> v_env_id THEN
+            -- Results of another job of ours (say, a resent POST): keep the
+            -- records, but that job's status is not this batch's.
+            note := concat_ws('; ', note,
+                              format('job %s is not this batch''s job %s: status ignored',
+                                     v_env_id, v_batch_eid));
+            -- Its cost was charged all the same: the ledger counts it.
+            IF v_credits IS NOT NULL THEN
+                UPDATE enrich.batches b
+                   SET other_job_credits = coalesce(b.other_job_credits, '{}'::jsonb)
+                                           || jsonb_build_object(v_env_id, v_credits)
+                 WHERE b.id = p_batch_id
+                   AND (b.other_job_credits -> v_env_id) IS DISTINCT FROM to_jsonb(v_credits);
+            END IF;
+        ELSIF v_state IS NOT NULL THEN
+            UPDATE enrich.batches b
+               SET state = v_state, api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used),
+                   enrichment_id = coalesce(b.enrichment_id, v_env_id),
+                   finished_at = coalesce(b.finished_at, now())
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent');
+            IF FOUND THEN
+                -- The dispatcher acts on a batch's end at once (a
+                -- CREDITS_INSUFFICIENT one pauses sending).
+                v_ended := true;
+                UPDATE enrich.requests q
+                   SET state = 'failed', updated_at = now(),
+                       error_code = CASE v_state WHEN 'finished' THEN 'no_result' ELSE v_state END,
+                       error_message = format('the job ended %s without a record for this contact',
+                                              p_env ->> 'status')
+                 WHERE q.batch_id = p_batch_id AND q.state IN ('sending', 'in_flight')
+                   AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_failed := v_failed + v_n;
+            END IF;
+        ELSE
+            -- Not terminal (a polled running job): only the running figures.
+            UPDATE enrich.batches b
+               SET api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used)
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent')
+               AND (b.api_status, b.credits_used)
+                   IS DISTINCT FROM (p_env ->> 'status', coalesce(v_credits, b.credits_used));
+        END IF;
+    END IF;
+
+    -- A per-contact delivery proves the API has this batch's job even when
+    -- the dispatcher never saw the answer to its POST (a crash, a timeout):
+    -- the batch is sent, so it is not sent again, and is polled if its
+    -- final delivery never comes.
+    IF v_sending THEN
+        UPDATE enrich.batches b
+           SET state = 'sent', enrichment_id = coalesce(b.enrichment_id, v_env_id),
+               sent_at = coalesce(b.sent_at, now()), next_attempt_at = NULL,
+               next_poll_at = coalesce(b.next_poll_at,
+                                       now() + coalesce(current_setting('enrich.poll_after', true),
+                                                        '10min')::interval),
+               error_code = NULL, error_message = NULL
+         WHERE b.id = p_batch_id AND b.state = 'sending';
+        IF FOUND THEN
+            UPDATE enrich.requests q
+               SET state = 'in_flight', next_attempt_at = NULL,
+                   error_code = NULL, error_message = NULL
+             WHERE q.batch_id = p_batch_id AND q.state = 'sending';
+        END IF;
+    END IF;
+
+    -- Requests that left sending/in_flight free the dispatcher's capacity;
+    -- an ended batch may change what it does.
+    IF v_done > 0 OR v_failed > 0 OR v_ended THEN
+        PERFORM enrich._wake_dispatcher();
+    END IF;
+END
+$$;
+
 REVOKE ALL ON enrich.budgets, enrich.credit_ledger, enrich.credit_totals, enrich.budget_seen,
               enrich.credit_usage, enrich.credit_budgets FROM PUBLIC;
 REVOKE ALL ON SEQUENCE enrich.credit_ledger_id_seq FROM PUBLIC;
@@ -3350,6 +3620,7 @@ REVOKE ALL ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(), enr
     enrich._budget_fit(bigint[]), enrich._budget_reserve(bigint, date, date), enrich._budget_split(bigint, bigint, bigint),
     enrich._budget_settle(bigint, numeric), enrich._budget_batch_ended(), enrich._dispatch_budget_check(),
     enrich._budgets_changed() FROM PUBLIC;
+REVOKE ALL ON FUNCTION enrich._dispatch_plan() FROM PUBLIC;
 -- Credit budgets (65_budget.sql): the claim reserves, a split hands on.
 GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
                           enrich._budget_limit(text, text),
