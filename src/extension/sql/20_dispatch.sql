@@ -327,7 +327,7 @@ BEGIN
                      ORDER BY q.input_key, q.id) d
              ORDER BY d.id
              LIMIT p_max) x;
-    -- Only what fits the credit budgets (65_budget.sql); the rest waits.
+    -- Only what fits the credit budgets (75_budget.sql); the rest waits.
     v_ids := enrich._budget_fit(v_ids);
     IF v_ids IS NULL THEN
         RETURN;

@@ -50,7 +50,7 @@ END
 $dispatcher$;
 
 GRANT USAGE ON SCHEMA enrich TO enrich_dispatcher;
--- Credit budgets (65_budget.sql): the claim reserves, a split hands on.
+-- Credit budgets (75_budget.sql): the claim reserves, a split hands on.
 GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
                           enrich._budget_limit(text, text),
                           enrich._budget_add(text, text, date, numeric, numeric),

@@ -2680,7 +2680,7 @@ REVOKE ALL ON FUNCTION enrich._count_requests(), enrich._queue() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION enrich._queue() TO enrich_submitter, enrich_reader;
 
 -- == credit budgets ==
--- Tables, functions, trigger and views of 65_budget.sql; the claim, the
+-- Tables, functions, trigger and views of 75_budget.sql; the claim, the
 -- plan and the split of 20_dispatch.sql that use them.
 
 ALTER TABLE enrich.batches ADD COLUMN other_job_credits jsonb;
@@ -2752,6 +2752,12 @@ CREATE TABLE enrich.credit_totals (
 
 COMMENT ON TABLE enrich.credit_totals IS
 'Running totals of enrich.credit_ledger per budget and period: reserved by batches not yet ended, and spent.';
+
+-- pg_dump keeps the budgets and the ledger (and its running totals).
+SELECT pg_catalog.pg_extension_config_dump('enrich.budgets', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_totals', '');
 
 -- The last budgets the dispatcher saw (a change releases waiting
 -- requests), and what the last claim held back, until when (shown in
@@ -3095,6 +3101,31 @@ BEGIN
 END
 $$;
 
+-- Searches and lookups are paid at once (enrich.search_calls): their
+-- credits count as spent in the budgets of the day and month they were
+-- made, overall and for the calling role.  Runs as the owner (the search
+-- functions' callers have no rights on the totals).
+CREATE FUNCTION enrich._budget_search_spent()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_day date := (NEW.called_at AT TIME ZONE v_tz)::date;
+BEGIN
+    PERFORM enrich._budget_add_row(NEW.called_by, v_day, date_trunc('month', v_day)::date,
+                                   0, NEW.credits);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER search_calls_budget
+    AFTER INSERT ON enrich.search_calls
+    FOR EACH ROW WHEN (NEW.credits > 0)
+    EXECUTE FUNCTION enrich._budget_search_spent();
+
 -- A change of enrich.budgets wakes the dispatcher at commit.
 CREATE FUNCTION enrich._budgets_changed()
 RETURNS trigger
@@ -3118,10 +3149,19 @@ CREATE VIEW enrich.credit_usage AS
            coalesce(sum(l.reserved) FILTER (WHERE l.settled_at IS NULL), 0) AS reserved,
            count(DISTINCT l.batch_id) AS batches
       FROM enrich.credit_ledger l
-     GROUP BY l.day, l.month, l.submitted_by, l.source_table;
+     GROUP BY l.day, l.month, l.submitted_by, l.source_table
+    UNION ALL
+    SELECT s.day, date_trunc('month', s.day)::date, s.called_by, 'search: ' || s.endpoint,
+           sum(s.credits), 0, 0
+      FROM (SELECT (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''),
+                                                       'UTC'))::date AS day,
+                   c.called_by, c.endpoint, c.credits
+              FROM enrich.search_calls c
+             WHERE c.credits > 0) s
+     GROUP BY s.day, s.called_by, s.endpoint;
 
 COMMENT ON VIEW enrich.credit_usage IS
-'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table.';
+'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table; searches and lookups as source ''search: <endpoint>''.';
 
 -- Every budget in force for the current periods: what is spent, reserved
 -- and left, and when it renews.
@@ -3269,7 +3309,7 @@ BEGIN
                      ORDER BY q.input_key, q.id) d
              ORDER BY d.id
              LIMIT p_max) x;
-    -- Only what fits the credit budgets (65_budget.sql); the rest waits.
+    -- Only what fits the credit budgets (75_budget.sql); the rest waits.
     v_ids := enrich._budget_fit(v_ids);
     IF v_ids IS NULL THEN
         RETURN;
@@ -3619,9 +3659,9 @@ REVOKE ALL ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(), enr
     enrich._budget_add(text, text, date, numeric, numeric), enrich._budget_add_row(name, date, date, numeric, numeric),
     enrich._budget_fit(bigint[]), enrich._budget_reserve(bigint, date, date), enrich._budget_split(bigint, bigint, bigint),
     enrich._budget_settle(bigint, numeric), enrich._budget_batch_ended(), enrich._dispatch_budget_check(),
-    enrich._budgets_changed() FROM PUBLIC;
+    enrich._budgets_changed(), enrich._budget_search_spent() FROM PUBLIC;
 REVOKE ALL ON FUNCTION enrich._dispatch_plan() FROM PUBLIC;
--- Credit budgets (65_budget.sql): the claim reserves, a split hands on.
+-- Credit budgets (75_budget.sql): the claim reserves, a split hands on.
 GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
                           enrich._budget_limit(text, text),
                           enrich._budget_add(text, text, date, numeric, numeric),

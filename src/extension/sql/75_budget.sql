@@ -66,6 +66,12 @@ CREATE TABLE enrich.credit_totals (
 COMMENT ON TABLE enrich.credit_totals IS
 'Running totals of enrich.credit_ledger per budget and period: reserved by batches not yet ended, and spent.';
 
+-- pg_dump keeps the budgets and the ledger (and its running totals).
+SELECT pg_catalog.pg_extension_config_dump('enrich.budgets', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_totals', '');
+
 -- The last budgets the dispatcher saw (a change releases waiting
 -- requests), and what the last claim held back, until when (shown in
 -- enrich.dispatcher's detail).
@@ -408,6 +414,31 @@ BEGIN
 END
 $$;
 
+-- Searches and lookups are paid at once (enrich.search_calls): their
+-- credits count as spent in the budgets of the day and month they were
+-- made, overall and for the calling role.  Runs as the owner (the search
+-- functions' callers have no rights on the totals).
+CREATE FUNCTION enrich._budget_search_spent()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_day date := (NEW.called_at AT TIME ZONE v_tz)::date;
+BEGIN
+    PERFORM enrich._budget_add_row(NEW.called_by, v_day, date_trunc('month', v_day)::date,
+                                   0, NEW.credits);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER search_calls_budget
+    AFTER INSERT ON enrich.search_calls
+    FOR EACH ROW WHEN (NEW.credits > 0)
+    EXECUTE FUNCTION enrich._budget_search_spent();
+
 -- A change of enrich.budgets wakes the dispatcher at commit.
 CREATE FUNCTION enrich._budgets_changed()
 RETURNS trigger
@@ -431,10 +462,19 @@ CREATE VIEW enrich.credit_usage AS
            coalesce(sum(l.reserved) FILTER (WHERE l.settled_at IS NULL), 0) AS reserved,
            count(DISTINCT l.batch_id) AS batches
       FROM enrich.credit_ledger l
-     GROUP BY l.day, l.month, l.submitted_by, l.source_table;
+     GROUP BY l.day, l.month, l.submitted_by, l.source_table
+    UNION ALL
+    SELECT s.day, date_trunc('month', s.day)::date, s.called_by, 'search: ' || s.endpoint,
+           sum(s.credits), 0, 0
+      FROM (SELECT (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''),
+                                                       'UTC'))::date AS day,
+                   c.called_by, c.endpoint, c.credits
+              FROM enrich.search_calls c
+             WHERE c.credits > 0) s
+     GROUP BY s.day, s.called_by, s.endpoint;
 
 COMMENT ON VIEW enrich.credit_usage IS
-'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table.';
+'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table; searches and lookups as source ''search: <endpoint>''.';
 
 -- Every budget in force for the current periods: what is spent, reserved
 -- and left, and when it renews.
