@@ -107,6 +107,7 @@ typedef struct QueuePlan
 	bool		poll_due;
 	TimestampTz next_poll;
 	TimestampTz credits_out_at;
+	char	   *budget_wait;	/* requests held back by a credit budget */
 } QueuePlan;
 
 static MemoryContext worker_ctx = NULL;
@@ -536,7 +537,7 @@ tx_plan(void *arg)
 		plan->recovered = true;
 	}
 	spi_run("SELECT in_flight, ready, ready_since, next_ready, batch_due, next_batch, "
-			"poll_due, next_poll, credits_out_at FROM enrich._dispatch_plan()",
+			"poll_due, next_poll, credits_out_at, budget_wait FROM enrich._dispatch_plan()",
 			0, NULL, NULL, NULL);
 	plan->in_flight = DatumGetInt64(spi_value(0, 1, &isnull));
 	plan->ready = DatumGetInt32(spi_value(0, 2, &isnull));
@@ -547,6 +548,7 @@ tx_plan(void *arg)
 	plan->poll_due = DatumGetBool(spi_value(0, 7, &isnull));
 	plan->next_poll = spi_ts(0, 8);
 	plan->credits_out_at = spi_ts(0, 9);
+	plan->budget_wait = spi_text(0, 10);
 }
 
 /* Arguments and result of tx_claim. */
@@ -853,7 +855,12 @@ dispatch_step(void)
 		return 0;
 	if (dispatch_http_running() == 0 && plan.in_flight == 0 && plan.ready == 0 &&
 		!credits_paused)
-		set_state("idle", "nothing to send");
+	{
+		if (plan.budget_wait)
+			set_state("idle", "nothing to send: %s", plan.budget_wait);
+		else
+			set_state("idle", "nothing to send");
+	}
 	else if (dispatch_http_running() == 0 && strcmp(status.state, "sending") == 0)
 		set_state("waiting", INT64_FORMAT " contact(s) in flight, waiting for their results",
 				  plan.in_flight);

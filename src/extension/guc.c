@@ -60,6 +60,9 @@ int			enrich_rate_limit_backoff = 60000;
 int			enrich_max_attempts = 10;
 int			enrich_reuse_window = 30 * 86400;
 int			enrich_credits_check_interval = 300;
+int			enrich_credit_budget_daily = 0;
+int			enrich_credit_budget_monthly = 0;
+char	   *enrich_budget_timezone = NULL;
 int			enrich_search_cache_ttl = 86400;
 
 /*
@@ -255,6 +258,30 @@ enrich_guc_init(void)
 static void
 enrich_guc_init_dispatcher(void)
 {
+	DefineCustomIntVariable("enrich.credit_budget_daily",
+							"Credits the dispatcher may reserve and spend per day, all roles together (0: no limit).",
+							"Days begin at midnight in enrich.budget_timezone.",
+							&enrich_credit_budget_daily,
+							0, 0, INT_MAX,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.credit_budget_monthly",
+							"Credits the dispatcher may reserve and spend per calendar month, all roles together (0: no limit).",
+							"Months begin on the 1st at midnight in enrich.budget_timezone.",
+							&enrich_credit_budget_monthly,
+							0, 0, INT_MAX,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("enrich.budget_timezone",
+							   "Time zone in which the days and months of the credit budgets begin.",
+							   NULL,
+							   &enrich_budget_timezone,
+							   "UTC",
+							   PGC_SIGHUP, 0,
+							   NULL, NULL, NULL);
+
 	DefineCustomIntVariable("enrich.batch_delay",
 							"How long the dispatcher gathers contacts before sending a batch of fewer than 100.",
 							"With 100 or more contacts ready a full batch is sent at once.",

@@ -16,7 +16,7 @@ Checks:
     serving a repeated contact, _dispatch_batch_rows, _dispatch_retry, the
     resend claim, _dispatch_accepted, _dispatch_rejected,
     _dispatch_requeue, _dispatch_poll_claim, _dispatch_recover,
-    dispatcher_status), as auto_explain logs them with
+    dispatcher_status, and the credit budgets' hold, release and settlement), as auto_explain logs them with
     log_nested_statements: no sequential scan of requests, results or
     batches, and no node that reads and throws away more than 1,000 rows;
   - the typical reporting questions (enriched_contacts by work email,
@@ -164,6 +164,24 @@ def main():
             SELECT batch_id AS b FROM enrich._dispatch_next_batch(100, true, interval '0') \\gset
             SELECT enrich._dispatch_rejected(:b, 400, 'bad', 'x');
             SELECT enrich._dispatch_requeue(:b + 1, 'rejected', 400, 'bad', 'x', interval '0', 5);""")
+        # Credit budgets: a claim that holds requests back for a role's
+        # budget, the release when the budget changes, the settlement of a
+        # batch's reservation when it ends.
+        c.psql("INSERT INTO enrich.requests (state, first_name, last_name, domain, fields, input_key) "
+               "SELECT 'queued', 'B' || g, 'Budget', 'budget.example.com', '{phone}', 'budget-' || g "
+               "FROM generate_series(1, 10) g;"
+               "INSERT INTO enrich.budgets VALUES (current_user, 'day', 0)")
+        check_statements(c, "_dispatch_plan (budgets changed)", "SELECT * FROM enrich._dispatch_plan();")
+        out = check_statements(c, "_dispatch_next_batch (budget holds requests back)",
+                               "SELECT batch_id FROM enrich._dispatch_next_batch(100, true, interval '0');" * 3)
+        R.check(c.scalar("SELECT count(*) FROM enrich.requests WHERE error_code = 'budget'") != "0",
+                "the budget held requests back", out)
+        c.psql("UPDATE enrich.budgets SET credits = 1000")
+        check_statements(c, "_dispatch_plan (budget raised: held requests released)",
+                         "SELECT * FROM enrich._dispatch_plan();")
+        check_statements(c, "batch end settles its reservation (_budget_settle)",
+                         "UPDATE enrich.batches SET state = 'finished', finished_at = now(), credits_used = 7 "
+                         "WHERE id = (SELECT max(batch_id) FROM enrich.credit_ledger);")
         check_statements(c, "dispatcher_status", "SELECT * FROM enrich.dispatcher_status();")
 
         lookups = [

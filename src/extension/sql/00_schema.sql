@@ -80,7 +80,11 @@ CREATE TABLE enrich.batches (
     error_message   text,
     -- Poll answers in a row that could not be stored at all (see
     -- enrich._dispatch_polled): at 3 the batch is given up on.
-    bad_answers     integer NOT NULL DEFAULT 0
+    bad_answers     integer NOT NULL DEFAULT 0,
+    -- cost.credits of other jobs of this batch (a POST resent after a
+    -- crash or timeout that the API had received): job id -> credits.
+    -- The credit ledger settles the batch at credits_used plus these.
+    other_job_credits jsonb
 );
 CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
     WHERE state IN ('sending', 'sent');

@@ -97,8 +97,9 @@ CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
-                                      OUT credits_out_at timestamptz)
-LANGUAGE plpgsql STABLE
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text)
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
 SET enable_bitmapscan = off
@@ -106,6 +107,8 @@ SET jit = off
 SET max_parallel_workers_per_gather = 0
 AS $$
 BEGIN
+    -- Budgets changed (a reload, enrich.budgets): what waited is ready.
+    PERFORM enrich._dispatch_budget_check();
     SELECT count(*) INTO in_flight
       FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
     SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
@@ -133,6 +136,9 @@ BEGIN
     poll_due := coalesce(next_poll <= now(), false);
     SELECT max(b.finished_at) INTO credits_out_at
       FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
 END
 $$;
 
@@ -259,6 +265,8 @@ AS $$
 DECLARE
     v_ids       bigint[];
     v_served    bigint[];
+    v_day       date;
+    v_month     date;
 BEGIN
     reused := 0;
     -- Due: never posted (attempts = 0, no time), or its resend time came.
@@ -319,6 +327,8 @@ BEGIN
                      ORDER BY q.input_key, q.id) d
              ORDER BY d.id
              LIMIT p_max) x;
+    -- Only what fits the credit budgets (75_budget.sql); the rest waits.
+    v_ids := enrich._budget_fit(v_ids);
     IF v_ids IS NULL THEN
         RETURN;
     END IF;
@@ -332,6 +342,10 @@ BEGIN
            attempts = q.attempts + 1, next_attempt_at = NULL,
            error_code = NULL, error_message = NULL
      WHERE q.id = ANY (v_ids);
+    -- The reservation, durable with the claim: a crash before or after the
+    -- POST leaves it counted until the batch ends.
+    SELECT p.day, p.month INTO v_day, v_month FROM enrich._budget_period() p;
+    PERFORM enrich._budget_reserve(batch_id, v_day, v_month);
 END
 $$;
 
@@ -467,6 +481,7 @@ BEGIN
     UPDATE enrich.requests q
        SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
      WHERE q.id = ANY (v_ids);
+    PERFORM enrich._budget_split(p_batch, v_a, v_b);
     UPDATE enrich.batches b
        SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
            http_status = p_http, error_code = p_code,

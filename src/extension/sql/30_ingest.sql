@@ -517,6 +517,14 @@ BEGIN
             note := concat_ws('; ', note,
                               format('job %s is not this batch''s job %s: status ignored',
                                      v_env_id, v_batch_eid));
+            -- Its cost was charged all the same: the ledger counts it.
+            IF v_credits IS NOT NULL THEN
+                UPDATE enrich.batches b
+                   SET other_job_credits = coalesce(b.other_job_credits, '{}'::jsonb)
+                                           || jsonb_build_object(v_env_id, v_credits)
+                 WHERE b.id = p_batch_id
+                   AND (b.other_job_credits -> v_env_id) IS DISTINCT FROM to_jsonb(v_credits);
+            END IF;
         ELSIF v_state IS NOT NULL THEN
             UPDATE enrich.batches b
                SET state = v_state, api_status = p_env ->> 'status',

@@ -50,6 +50,21 @@ END
 $dispatcher$;
 
 GRANT USAGE ON SCHEMA enrich TO enrich_dispatcher;
+-- Credit budgets (75_budget.sql): the claim reserves, a split hands on.
+GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
+                          enrich._budget_limit(text, text),
+                          enrich._budget_add(text, text, date, numeric, numeric),
+                          enrich._budget_add_row(name, date, date, numeric, numeric),
+                          enrich._budget_fit(bigint[]), enrich._budget_reserve(bigint, date, date),
+                          enrich._budget_split(bigint, bigint, bigint),
+                          enrich._budget_settle(bigint, numeric)
+    TO enrich_dispatcher;
+GRANT SELECT ON enrich.budgets TO enrich_dispatcher;
+GRANT SELECT, INSERT, UPDATE, DELETE ON enrich.credit_ledger, enrich.credit_totals,
+                                        enrich.budget_seen TO enrich_dispatcher;
+GRANT USAGE ON SEQUENCE enrich.credit_ledger_id_seq TO enrich_dispatcher;
+GRANT SELECT ON enrich.budgets, enrich.credit_usage, enrich.credit_budgets TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich._budget_period(), enrich._budget_limit(text, text) TO enrich_reader;
 GRANT SELECT, INSERT, UPDATE ON enrich.batches, enrich.requests, enrich.results TO enrich_dispatcher;
 GRANT USAGE ON SEQUENCE enrich.batches_id_seq, enrich.requests_id_seq TO enrich_dispatcher;
 GRANT SELECT (id, state, enrichment_id, name, contact_count, created_at, sent_at,

@@ -3453,6 +3453,1004 @@ GRANT SELECT, UPDATE (written_back, last_write_back_at, write_back_failures, las
 GRANT SELECT, INSERT, DELETE ON enrich.watch_skips TO enrich_dispatcher;
 GRANT EXECUTE ON FUNCTION enrich._watch_compact() TO enrich_dispatcher;
 
+-- == credit budgets ==
+-- Tables, functions, trigger and views of 75_budget.sql; the claim, the
+-- plan and the split of 20_dispatch.sql that use them.
+
+ALTER TABLE enrich.batches ADD COLUMN other_job_credits jsonb;
+
+------------------------------------------------------------------------
+-- Credit budgets.
+--
+-- Overall budgets per day and per calendar month are the settings
+-- enrich.credit_budget_daily and enrich.credit_budget_monthly (0: none,
+-- reload to change); per submitting role they are rows of enrich.budgets.
+-- Days and months begin at midnight in enrich.budget_timezone (UTC).
+--
+-- When the dispatcher claims a new batch (_dispatch_next_batch) it takes
+-- only the contacts whose worst-case cost (1 credit for a work email, 3
+-- for a personal email, 10 for a phone) fits every budget that applies:
+-- the overall day and month, the submitting role's day and month.  The
+-- others stay queued with error_code 'budget', a message naming the budget
+-- and when it renews, and next_attempt_at at the renewal; a change of the
+-- budgets (a reload, a row of enrich.budgets) makes them ready at once.
+-- The batch's reservation is written in the claim's transaction: rows of
+-- enrich.credit_ledger (per batch, role and source table) and running
+-- totals per budget and period in enrich.credit_totals, so the check reads
+-- four rows by primary key whatever the history.  A crash after the claim
+-- leaves the reservation counted (the batch is resent, not claimed again);
+-- when the batch ends (a trigger on enrich.batches) the reservation
+-- becomes the job's cost.credits (batches.credits_used, 0 when the job
+-- never ran, plus other_job_credits: jobs of a resent POST the API had
+-- received), and what was not spent is released.  A batch split after a
+-- 400 hands its reservation to its halves.
+------------------------------------------------------------------------
+
+CREATE TABLE enrich.budgets (
+    role    name NOT NULL,
+    period  text NOT NULL CHECK (period IN ('day', 'month')),
+    credits numeric NOT NULL CHECK (credits >= 0),
+    PRIMARY KEY (role, period)
+);
+
+COMMENT ON TABLE enrich.budgets IS
+'Credit budgets per submitting role: at most credits per day or calendar month (enrich.budget_timezone) for the requests that role submitted.';
+
+CREATE TABLE enrich.credit_ledger (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    batch_id     bigint NOT NULL,
+    submitted_by name NOT NULL,
+    source_table text,
+    day          date NOT NULL,
+    month        date NOT NULL,
+    reserved     numeric NOT NULL,
+    spent        numeric,
+    settled_at   timestamptz,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX credit_ledger_batch_idx ON enrich.credit_ledger (batch_id);
+CREATE INDEX credit_ledger_day_idx ON enrich.credit_ledger (day);
+
+COMMENT ON TABLE enrich.credit_ledger IS
+'Credits reserved for each batch (worst case, per submitting role and source table) and, once the batch ended, spent (the job''s cost.credits shared in proportion to the reservations).';
+
+CREATE TABLE enrich.credit_totals (
+    scope        text NOT NULL,          -- '' for all roles, else a role name
+    period       text NOT NULL CHECK (period IN ('day', 'month')),
+    period_start date NOT NULL,
+    reserved     numeric NOT NULL DEFAULT 0,
+    spent        numeric NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, period, period_start)
+);
+
+COMMENT ON TABLE enrich.credit_totals IS
+'Running totals of enrich.credit_ledger per budget and period: reserved by batches not yet ended, and spent.';
+
+-- pg_dump keeps the budgets and the ledger (and its running totals).
+SELECT pg_catalog.pg_extension_config_dump('enrich.budgets', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_ledger_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('enrich.credit_totals', '');
+
+-- The last budgets the dispatcher saw (a change releases waiting
+-- requests), and what the last claim held back, until when (shown in
+-- enrich.dispatcher's detail).
+CREATE TABLE enrich.budget_seen (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    fingerprint text NOT NULL,
+    held_note   text,
+    held_until  timestamptz
+);
+
+-- Worst-case credits of a contact asking for p_fields.
+CREATE FUNCTION enrich._credit_cost(p_fields text[])
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (CASE WHEN 'work_email' = ANY (p_fields) THEN 1 ELSE 0 END
+            + CASE WHEN 'personal_email' = ANY (p_fields) THEN 3 ELSE 0 END
+            + CASE WHEN 'phone' = ANY (p_fields) THEN 10 ELSE 0 END)::numeric
+$$;
+
+-- The current budget periods and when they renew.
+CREATE FUNCTION enrich._budget_period(OUT day date, OUT month date,
+                                      OUT day_renews timestamptz, OUT month_renews timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+BEGIN
+    day := (now() AT TIME ZONE v_tz)::date;
+    month := date_trunc('month', day)::date;
+    day_renews := (day + 1)::timestamp AT TIME ZONE v_tz;
+    month_renews := (month + interval '1 month')::timestamp AT TIME ZONE v_tz;
+END
+$$;
+
+-- The budget of p_scope ('' for all roles) for p_period; NULL when none.
+CREATE FUNCTION enrich._budget_limit(p_scope text, p_period text)
+RETURNS numeric
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_scope = '' THEN
+        RETURN nullif(coalesce(nullif(current_setting(
+                   CASE p_period WHEN 'day' THEN 'enrich.credit_budget_daily'
+                                 ELSE 'enrich.credit_budget_monthly' END, true), ''), '0')::numeric, 0);
+    END IF;
+    RETURN (SELECT b.credits FROM enrich.budgets b
+             WHERE b.role = p_scope::name AND b.period = p_period);
+END
+$$;
+
+-- Add to the running totals of one budget period.
+CREATE FUNCTION enrich._budget_add(p_scope text, p_period text, p_start date,
+                                   p_reserved numeric, p_spent numeric)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO enrich.credit_totals AS t (scope, period, period_start, reserved, spent)
+    VALUES (p_scope, p_period, p_start, p_reserved, p_spent)
+    ON CONFLICT (scope, period, period_start)
+    DO UPDATE SET reserved = t.reserved + excluded.reserved, spent = t.spent + excluded.spent
+$$;
+
+-- Add one ledger row's change to the four totals it counts in.
+CREATE FUNCTION enrich._budget_add_row(p_role name, p_day date, p_month date,
+                                       p_reserved numeric, p_spent numeric)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM enrich._budget_add('', 'day', p_day, p_reserved, p_spent);
+    PERFORM enrich._budget_add('', 'month', p_month, p_reserved, p_spent);
+    PERFORM enrich._budget_add(p_role::text, 'day', p_day, p_reserved, p_spent);
+    PERFORM enrich._budget_add(p_role::text, 'month', p_month, p_reserved, p_spent);
+END
+$$;
+
+-- Of the queued requests p_ids, those whose worst-case cost fits every
+-- budget that applies, in id order; the others wait for the renewal of
+-- the budget they do not fit (error_code 'budget').
+CREATE FUNCTION enrich._budget_fit(p_ids bigint[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_p     record;
+    v_r     record;
+    v_used  jsonb := '{}'::jsonb;
+    v_lim   jsonb := '{}'::jsonb;
+    v_ok    bigint[] := '{}'::bigint[];
+    v_key   text;
+    v_scope text;
+    v_per   text;
+    v_limit numeric;
+    v_have  numeric;
+    v_why   text;
+    v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
+BEGIN
+    IF p_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_p FROM enrich._budget_period();
+    FOR v_r IN SELECT q.id, q.submitted_by, enrich._credit_cost(q.fields) AS cost
+                 FROM enrich.requests q
+                WHERE q.id = ANY (p_ids)
+                ORDER BY q.id LOOP
+        v_why := NULL;
+        FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                     v_r.submitted_by || '/month'] LOOP
+            v_scope := split_part(v_key, '/', 1);
+            v_per := split_part(v_key, '/', 2);
+            IF NOT v_lim ? v_key THEN
+                v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
+                v_used := v_used || jsonb_build_object(v_key, coalesce(
+                    (SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                      WHERE t.scope = v_scope AND t.period = v_per
+                        AND t.period_start = CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END),
+                    0));
+            END IF;
+            v_limit := (v_lim ->> v_key)::numeric;
+            v_have := (v_used ->> v_key)::numeric;
+            IF v_limit IS NOT NULL AND v_have + v_r.cost > v_limit THEN
+                v_renew := CASE v_per WHEN 'day' THEN v_p.day_renews ELSE v_p.month_renews END;
+                v_why := format('waits for the %s credit budget%s: %s of %s credits spent or reserved, this contact may cost %s; it renews at %s',
+                                CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                                CASE WHEN v_scope = '' THEN ' (enrich.credit_budget_'
+                                                            || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                     ELSE format(' of role %s (enrich.budgets)', v_scope) END,
+                                v_have, v_limit, v_r.cost, v_renew);
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_why IS NULL THEN
+            v_ok := v_ok || v_r.id;
+            FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                         v_r.submitted_by || '/month'] LOOP
+                v_used := jsonb_set(v_used, ARRAY[v_key],
+                                    to_jsonb((v_used ->> v_key)::numeric + v_r.cost));
+            END LOOP;
+        ELSE
+            UPDATE enrich.requests q
+               SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
+             WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
+        END IF;
+    END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
+    RETURN nullif(v_ok, '{}'::bigint[]);
+END
+$$;
+
+-- Reserve the worst-case cost of the requests batch p_batch is sending,
+-- counted in the periods p_day and p_month.
+CREATE FUNCTION enrich._budget_reserve(p_batch bigint, p_day date, p_month date)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_r record;
+BEGIN
+    FOR v_r IN
+        INSERT INTO enrich.credit_ledger (batch_id, submitted_by, source_table, day, month, reserved)
+        SELECT p_batch, q.submitted_by, q.source_table::text, p_day, p_month,
+               sum(enrich._credit_cost(q.fields))
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+         GROUP BY q.submitted_by, q.source_table::text
+        RETURNING submitted_by, day, month, reserved
+    LOOP
+        PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month, v_r.reserved, 0);
+    END LOOP;
+END
+$$;
+
+-- Batch p_from was split into p_a and p_b: its reservation (not settled)
+-- is handed to them, in the same periods.
+CREATE FUNCTION enrich._budget_split(p_from bigint, p_a bigint, p_b bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_r     record;
+    v_day   date;
+    v_month date;
+BEGIN
+    FOR v_r IN DELETE FROM enrich.credit_ledger l
+                WHERE l.batch_id = p_from AND l.settled_at IS NULL
+               RETURNING l.submitted_by, l.day, l.month, l.reserved LOOP
+        PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month, -v_r.reserved, 0);
+        v_day := v_r.day;
+        v_month := v_r.month;
+    END LOOP;
+    IF v_day IS NOT NULL THEN
+        PERFORM enrich._budget_reserve(p_a, v_day, v_month);
+        PERFORM enrich._budget_reserve(p_b, v_day, v_month);
+    END IF;
+END
+$$;
+
+-- Batch p_batch ended having cost p_credits: its reservation becomes that
+-- cost, shared among its ledger rows in proportion to what they reserved
+-- (whole credits, the remainder to the largest), the rest is released.
+-- Called again when the cost changes later, it books the difference.
+CREATE FUNCTION enrich._budget_settle(p_batch bigint, p_credits numeric)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_total numeric;
+    v_left  numeric := p_credits;
+    v_n     integer;
+    v_i     integer := 0;
+    v_share numeric;
+    v_r     record;
+BEGIN
+    SELECT sum(l.reserved), count(*) INTO v_total, v_n
+      FROM enrich.credit_ledger l WHERE l.batch_id = p_batch;
+    IF v_n = 0 THEN
+        RETURN;
+    END IF;
+    FOR v_r IN SELECT l.* FROM enrich.credit_ledger l
+                WHERE l.batch_id = p_batch
+                ORDER BY l.reserved, l.id
+                  FOR UPDATE LOOP
+        v_i := v_i + 1;
+        IF v_i = v_n THEN
+            v_share := v_left;
+        ELSIF v_total > 0 THEN
+            v_share := floor(p_credits * v_r.reserved / v_total);
+        ELSE
+            v_share := 0;
+        END IF;
+        v_left := v_left - v_share;
+        IF v_r.settled_at IS NULL THEN
+            PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month,
+                                           -v_r.reserved, v_share);
+        ELSE
+            PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month,
+                                           0, v_share - v_r.spent);
+        END IF;
+        UPDATE enrich.credit_ledger l
+           SET spent = v_share, settled_at = coalesce(l.settled_at, now())
+         WHERE l.id = v_r.id;
+    END LOOP;
+END
+$$;
+
+-- A batch ended (or its cost changed after): settle its reservation.  Runs
+-- as the owner: batches end in the dispatcher, and in the receiver's
+-- ingest, whose roles have no rights on the ledger.
+CREATE FUNCTION enrich._budget_batch_ended()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM enrich._budget_settle(NEW.id, coalesce(NEW.credits_used, 0)
+        + coalesce((SELECT sum(j.value::numeric)
+                      FROM jsonb_each_text(NEW.other_job_credits) j), 0));
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER batches_budget_settle
+    AFTER UPDATE OF state, finished_at, credits_used, other_job_credits ON enrich.batches
+    FOR EACH ROW
+    WHEN (NEW.finished_at IS NOT NULL
+          AND (OLD.finished_at IS NULL OR NEW.credits_used IS DISTINCT FROM OLD.credits_used
+               OR NEW.other_job_credits IS DISTINCT FROM OLD.other_job_credits))
+    EXECUTE FUNCTION enrich._budget_batch_ended();
+
+-- Called by _dispatch_plan: when the budgets changed since the last look
+-- (a reload, enrich.budgets), requests waiting for a budget are ready
+-- again, to be checked against the new figures at the next claim.  They
+-- are found through requests_retry_idx (queued, with a time).
+CREATE FUNCTION enrich._dispatch_budget_check()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_fp text;
+BEGIN
+    v_fp := concat_ws('|', current_setting('enrich.credit_budget_daily', true),
+                      current_setting('enrich.credit_budget_monthly', true),
+                      current_setting('enrich.budget_timezone', true),
+                      (SELECT string_agg(format('%s/%s/%s', b.role, b.period, b.credits), ','
+                                         ORDER BY b.role, b.period)
+                         FROM enrich.budgets b));
+    IF EXISTS (SELECT FROM enrich.budget_seen s WHERE s.id AND s.fingerprint = v_fp) THEN
+        RETURN;
+    END IF;
+    INSERT INTO enrich.budget_seen AS s (id, fingerprint) VALUES (true, v_fp)
+    ON CONFLICT (id) DO UPDATE
+        SET fingerprint = excluded.fingerprint, held_note = NULL, held_until = NULL;
+    UPDATE enrich.requests q
+       SET next_attempt_at = now()
+     WHERE q.state = 'queued' AND q.next_attempt_at > now() AND q.error_code = 'budget';
+END
+$$;
+
+-- Searches and lookups are paid at once (enrich.search_calls): their
+-- credits count as spent in the budgets of the day and month they were
+-- made, overall and for the calling role.  Runs as the owner (the search
+-- functions' callers have no rights on the totals).
+CREATE FUNCTION enrich._budget_search_spent()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_day date := (NEW.called_at AT TIME ZONE v_tz)::date;
+BEGIN
+    PERFORM enrich._budget_add_row(NEW.called_by, v_day, date_trunc('month', v_day)::date,
+                                   0, NEW.credits);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER search_calls_budget
+    AFTER INSERT ON enrich.search_calls
+    FOR EACH ROW WHEN (NEW.credits > 0)
+    EXECUTE FUNCTION enrich._budget_search_spent();
+
+-- A change of enrich.budgets wakes the dispatcher at commit.
+CREATE FUNCTION enrich._budgets_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM enrich._wake_dispatcher();
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER budgets_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON enrich.budgets
+    FOR EACH STATEMENT EXECUTE FUNCTION enrich._budgets_changed();
+
+-- Credits spent and reserved per day, month, role and source table.
+CREATE VIEW enrich.credit_usage AS
+    SELECT l.day, l.month, l.submitted_by AS role, l.source_table,
+           coalesce(sum(l.spent) FILTER (WHERE l.settled_at IS NOT NULL), 0) AS spent,
+           coalesce(sum(l.reserved) FILTER (WHERE l.settled_at IS NULL), 0) AS reserved,
+           count(DISTINCT l.batch_id) AS batches
+      FROM enrich.credit_ledger l
+     GROUP BY l.day, l.month, l.submitted_by, l.source_table
+    UNION ALL
+    SELECT s.day, date_trunc('month', s.day)::date, s.called_by, 'search: ' || s.endpoint,
+           sum(s.credits), 0, 0
+      FROM (SELECT (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''),
+                                                       'UTC'))::date AS day,
+                   c.called_by, c.endpoint, c.credits
+              FROM enrich.search_calls c
+             WHERE c.credits > 0) s
+     GROUP BY s.day, s.called_by, s.endpoint;
+
+COMMENT ON VIEW enrich.credit_usage IS
+'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table; searches and lookups as source ''search: <endpoint>''.';
+
+-- Every budget in force for the current periods: what is spent, reserved
+-- and left, and when it renews.
+CREATE VIEW enrich.credit_budgets AS
+    SELECT b.scope AS role, b.period, b.credits,
+           coalesce(t.spent, 0) AS spent, coalesce(t.reserved, 0) AS reserved,
+           greatest(b.credits - coalesce(t.spent, 0) - coalesce(t.reserved, 0), 0) AS available,
+           CASE b.period WHEN 'day' THEN p.day_renews ELSE p.month_renews END AS renews_at
+      FROM enrich._budget_period() p
+     CROSS JOIN LATERAL (
+            SELECT NULL::name AS scope, 'day'::text AS period, enrich._budget_limit('', 'day') AS credits
+            UNION ALL
+            SELECT NULL, 'month', enrich._budget_limit('', 'month')
+            UNION ALL
+            SELECT bb.role, bb.period, bb.credits FROM enrich.budgets bb) b
+      LEFT JOIN enrich.credit_totals t
+        ON t.scope = coalesce(b.scope::text, '') AND t.period = b.period
+       AND t.period_start = CASE b.period WHEN 'day' THEN p.day ELSE p.month END
+     WHERE b.credits IS NOT NULL;
+
+COMMENT ON VIEW enrich.credit_budgets IS
+'The credit budgets in force (role NULL: all roles), spent, reserved and available in the current period, and when it renews.';
+
+DROP FUNCTION enrich._dispatch_plan();
+CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
+                                      OUT ready_since timestamptz, OUT next_ready timestamptz,
+                                      OUT batch_due boolean, OUT next_batch timestamptz,
+                                      OUT poll_due boolean, OUT next_poll timestamptz,
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+BEGIN
+    -- Budgets changed (a reload, enrich.budgets): what waited is ready.
+    PERFORM enrich._dispatch_budget_check();
+    SELECT count(*) INTO in_flight
+      FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
+    SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
+      FROM enrich._dispatch_ready(100) r;
+    SELECT min(r.next_attempt_at) INTO next_ready
+      FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
+    -- The batch checks read batches_sending_idx and batches_open_idx in
+    -- their order and stop at the first entry (an EXISTS lets the planner
+    -- hope a scan of every batch stops early; with stale statistics it
+    -- did, and read them all).
+    batch_due := coalesce((SELECT true
+                             FROM enrich.batches b
+                            WHERE b.state = 'sending'
+                              AND coalesce(b.next_attempt_at, b.created_at) <= now()
+                              AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+                            ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+                            LIMIT 1), false);
+    SELECT coalesce(b.next_attempt_at, b.created_at) INTO next_batch
+      FROM enrich.batches b
+     WHERE b.state = 'sending' AND coalesce(b.next_attempt_at, b.created_at) > now()
+       AND b.next_attempt_at IS NOT NULL
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1;
+    SELECT min(b.next_poll_at) INTO next_poll FROM enrich.batches b WHERE b.state = 'sent';
+    poll_due := coalesce(next_poll <= now(), false);
+    SELECT max(b.finished_at) INTO credits_out_at
+      FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new boolean, p_reuse interval,
+                                            OUT batch_id bigint, OUT reused integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_ids       bigint[];
+    v_served    bigint[];
+    v_day       date;
+    v_month     date;
+BEGIN
+    reused := 0;
+    -- Due: never posted (attempts = 0, no time), or its resend time came.
+    -- In batches_sending_idx's order, so the scan stops at the first one.
+    SELECT b.id INTO batch_id
+      FROM enrich.batches b
+     WHERE b.state = 'sending'
+       AND coalesce(b.next_attempt_at, b.created_at) <= now()
+       AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        IF NOT EXISTS (SELECT FROM enrich.requests q
+                        WHERE q.batch_id = _dispatch_next_batch.batch_id
+                          AND q.state = 'sending') THEN
+            -- Every contact was answered or removed meanwhile.
+            UPDATE enrich.batches b
+               SET state = 'abandoned', finished_at = now(), next_attempt_at = NULL,
+                   error_code = coalesce(b.error_code, 'empty'),
+                   error_message = 'no contact of this batch was left to send'
+             WHERE b.id = _dispatch_next_batch.batch_id;
+            batch_id := NULL;
+            RETURN;
+        END IF;
+        UPDATE enrich.batches b
+           SET attempts = b.attempts + 1, next_attempt_at = NULL
+         WHERE b.id = _dispatch_next_batch.batch_id;
+        UPDATE enrich.requests q
+           SET attempts = q.attempts + 1, next_attempt_at = NULL
+         WHERE q.batch_id = _dispatch_next_batch.batch_id AND q.state = 'sending';
+        RETURN;
+    END IF;
+
+    IF NOT p_new THEN
+        RETURN;
+    END IF;
+
+    SELECT array_agg(c.id ORDER BY c.id) INTO v_ids
+      FROM (SELECT q.id
+              FROM enrich.requests q
+             WHERE q.id = ANY (ARRAY(SELECT r.id FROM enrich._dispatch_ready(p_max * 2) r))
+               AND q.state = 'queued'
+             ORDER BY q.id
+               FOR UPDATE SKIP LOCKED) c;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    v_served := enrich._dispatch_reuse(v_ids, p_reuse);
+    reused := cardinality(v_served);
+
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
+      FROM (SELECT d.id
+              FROM (SELECT DISTINCT ON (q.input_key) q.id
+                      FROM enrich.requests q
+                     WHERE q.id = ANY (v_ids) AND q.state = 'queued'
+                     ORDER BY q.input_key, q.id) d
+             ORDER BY d.id
+             LIMIT p_max) x;
+    -- Only what fits the credit budgets (75_budget.sql); the rest waits.
+    v_ids := enrich._budget_fit(v_ids);
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    batch_id := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count, attempts)
+    OVERRIDING SYSTEM VALUE
+    VALUES (batch_id, 'enrich batch ' || batch_id, cardinality(v_ids), 1);
+    UPDATE enrich.requests q
+       SET state = 'sending', batch_id = _dispatch_next_batch.batch_id,
+           attempts = q.attempts + 1, next_attempt_at = NULL,
+           error_code = NULL, error_message = NULL
+     WHERE q.id = ANY (v_ids);
+    -- The reservation, durable with the claim: a crash before or after the
+    -- POST leaves it counted until the batch ends.
+    SELECT p.day, p.month INTO v_day, v_month FROM enrich._budget_period() p;
+    PERFORM enrich._budget_reserve(batch_id, v_day, v_month);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code text,
+                                          p_message text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_ids   bigint[];
+    v_n     integer;
+    v_half  integer;
+    v_a     bigint;
+    v_b     bigint;
+BEGIN
+    PERFORM FROM enrich.batches b WHERE b.id = p_batch AND b.state = 'sending' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'gone';
+    END IF;
+    SELECT array_agg(q.id ORDER BY q.id) INTO v_ids
+      FROM enrich.requests q WHERE q.batch_id = p_batch AND q.state = 'sending';
+    v_n := coalesce(cardinality(v_ids), 0);
+
+    IF v_n <= 1 THEN
+        UPDATE enrich.batches b
+           SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+               http_status = p_http, error_code = p_code, error_message = p_message
+         WHERE b.id = p_batch;
+        UPDATE enrich.requests q
+           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
+               error_message = format('the API refused this contact: %s', p_message)
+         WHERE q.batch_id = p_batch AND q.state = 'sending';
+        RETURN 'failed';
+    END IF;
+
+    v_half := v_n / 2;
+    v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
+    VALUES (v_a, 'enrich batch ' || v_a, v_half),
+           (v_b, 'enrich batch ' || v_b, v_n - v_half);
+    UPDATE enrich.requests q
+       SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
+     WHERE q.id = ANY (v_ids);
+    PERFORM enrich._budget_split(p_batch, v_a, v_b);
+    UPDATE enrich.batches b
+       SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+           http_status = p_http, error_code = p_code,
+           error_message = format('%s; split into batches %s and %s to find the contact the API refused',
+                                  p_message, v_a, v_b)
+     WHERE b.id = p_batch;
+    RETURN 'split';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env jsonb, p_final boolean,
+                                        p_bad jsonb,
+                                        OUT note text, OUT record_count integer,
+                                        OUT changed bigint[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    v_status    text := upper(p_env ->> 'status');
+    v_env_id    text := p_env ->> 'id';
+    v_data      jsonb := p_env -> 'data';
+    v_credits   numeric;
+    v_state     text;
+    v_batch_eid text;
+    v_matched   integer;
+    v_done      integer;
+    v_failed    integer := 0;
+    v_bad       integer := 0;
+    v_n         integer;
+    v_ended     boolean := false;
+    v_sending   boolean := false;
+BEGIN
+    -- Every delivery locks the batch row before any result or request row,
+    -- the order the dispatcher keeps too.  One that will change the batch
+    -- (a final delivery, or a per-contact one while the batch is still
+    -- 'sending') takes FOR UPDATE, so those queue on that one row instead of
+    -- deadlocking over request rows.  The others take FOR KEY SHARE, which
+    -- they would take anyway at the end of their INSERT into results (its
+    -- foreign key to batches), but too late: holding a results row while
+    -- waiting for a final delivery that waits for that row is a deadlock.
+    -- Failing unstorable records changes requests too: FOR UPDATE as well.
+    IF p_final OR jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        SELECT NOT p_final AND b.state = 'sending' INTO v_sending
+          FROM enrich.batches b WHERE b.id = p_batch_id FOR UPDATE;
+        v_sending := coalesce(v_sending, false);
+    ELSE
+        PERFORM FROM enrich.batches b
+         WHERE b.id = p_batch_id AND b.state = 'sending' FOR UPDATE;
+        v_sending := FOUND;
+        IF NOT v_sending THEN
+            PERFORM FROM enrich.batches b WHERE b.id = p_batch_id FOR KEY SHARE;
+        END IF;
+    END IF;
+
+    IF jsonb_typeof(v_data) = 'array' THEN
+        record_count := jsonb_array_length(v_data);
+    ELSE
+        record_count := 0;
+    END IF;
+
+    IF record_count > 0 THEN
+        WITH rec AS (
+            -- One record per request of this batch (the last one wins when
+            -- data[] repeats a contact); others are counted as skipped.
+            SELECT DISTINCT ON (q.id) q.id AS request_id, q.fields, e.r,
+                   e.r -> 'contact_info' AS ci
+              FROM jsonb_array_elements(v_data) WITH ORDINALITY AS e(r, n)
+              JOIN enrich.requests q
+                ON q.id = CASE WHEN (e.r -> 'custom' ->> 'enrich_request_id') ~ '^[0-9]{1,18}$'
+                               THEN (e.r -> 'custom' ->> 'enrich_request_id')::bigint END
+             WHERE q.batch_id = p_batch_id
+             ORDER BY q.id, e.n DESC
+        ), ext AS (
+            -- most_probable_* may be null, lack their key, or hold "".
+            SELECT request_id, fields, r, x.we, x.pe, x.ph,
+                   CASE WHEN x.we IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_work_email' ->> 'status', '') END AS wes,
+                   CASE WHEN x.pe IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_personal_email' ->> 'status', '') END AS pes,
+                   CASE WHEN x.ph IS NOT NULL
+                        THEN NULLIF(ci -> 'most_probable_phone' ->> 'region', '') END AS phr,
+                   NULLIF(r -> 'profile', 'null'::jsonb) AS pr,
+                   ('work_email' = ANY (fields) AND x.we IS NOT NULL)::int
+                   + ('personal_email' = ANY (fields) AND x.pe IS NOT NULL)::int
+                   + ('phone' = ANY (fields) AND x.ph IS NOT NULL)::int AS nfound
+              FROM rec,
+                   LATERAL (SELECT NULLIF(ci -> 'most_probable_work_email' ->> 'email', '') AS we,
+                                   NULLIF(ci -> 'most_probable_personal_email' ->> 'email', '') AS pe,
+                                   NULLIF(ci -> 'most_probable_phone' ->> 'number', '') AS ph) x
+        ), res AS (
+            SELECT ext.*,
+                   CASE WHEN nfound > 0 AND nfound = cardinality(fields) THEN 'found'
+                        WHEN nfound > 0 THEN 'partial'
+                        WHEN cardinality(fields) = 0 AND pr IS NOT NULL THEN 'found'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                        WHEN we IS NULL AND pe IS NULL AND ph IS NULL
+                             AND v_status = 'CANCELED' THEN 'canceled'
+                        ELSE 'not_found' END AS outcome
+              FROM ext
+             -- An empty record of a throttled or failed job is no answer:
+             -- its request fails with the job's reason instead.
+             WHERE NOT (we IS NULL AND pe IS NULL AND ph IS NULL AND pr IS NULL
+                        AND v_status IN ('RATE_LIMIT', 'UNKNOWN'))
+        ), up AS (
+            INSERT INTO enrich.results AS t
+                   (request_id, batch_id, enrichment_id, outcome,
+                    work_email, work_email_status, personal_email, personal_email_status,
+                    phone, phone_region, contact_info, profile, input)
+            SELECT request_id, p_batch_id, v_env_id, outcome,
+                   we, wes, pe, pes, ph, phr,
+                   NULLIF(r -> 'contact_info', 'null'::jsonb), pr,
+                   NULLIF(r -> 'input', 'null'::jsonb)
+              FROM res
+            ON CONFLICT (request_id) DO UPDATE
+               SET batch_id = EXCLUDED.batch_id,
+                   enrichment_id = EXCLUDED.enrichment_id,
+                   outcome = EXCLUDED.outcome,
+                   work_email = EXCLUDED.work_email,
+                   work_email_status = EXCLUDED.work_email_status,
+                   personal_email = EXCLUDED.personal_email,
+                   personal_email_status = EXCLUDED.personal_email_status,
+                   phone = EXCLUDED.phone,
+                   phone_region = EXCLUDED.phone_region,
+                   contact_info = EXCLUDED.contact_info,
+                   profile = EXCLUDED.profile,
+                   input = EXCLUDED.input,
+                   updated_at = now()
+             WHERE (t.outcome, t.work_email, t.work_email_status, t.personal_email,
+                    t.personal_email_status, t.phone, t.phone_region,
+                    t.contact_info, t.profile, t.input)
+                   IS DISTINCT FROM
+                   (EXCLUDED.outcome, EXCLUDED.work_email, EXCLUDED.work_email_status,
+                    EXCLUDED.personal_email, EXCLUDED.personal_email_status,
+                    EXCLUDED.phone, EXCLUDED.phone_region,
+                    EXCLUDED.contact_info, EXCLUDED.profile, EXCLUDED.input)
+               AND (EXCLUDED.work_email IS NOT NULL)::int + (EXCLUDED.personal_email IS NOT NULL)::int
+                   + (EXCLUDED.phone IS NOT NULL)::int + (EXCLUDED.profile IS NOT NULL)::int
+                   >= (t.work_email IS NOT NULL)::int + (t.personal_email IS NOT NULL)::int
+                   + (t.phone IS NOT NULL)::int + (t.profile IS NOT NULL)::int
+               AND NOT (t.outcome = 'not_found'
+                        AND EXCLUDED.outcome IN ('credits_insufficient', 'canceled'))
+            RETURNING t.request_id
+        ), dn AS (
+            UPDATE enrich.requests q
+               SET state = 'done', updated_at = now(), error_code = NULL, error_message = NULL
+              FROM res
+             WHERE q.id = res.request_id AND q.state <> 'done'
+            RETURNING q.id
+        )
+        SELECT (SELECT count(*) FROM rec),
+               (SELECT array_agg(request_id ORDER BY request_id) FROM up),
+               (SELECT count(*) FROM dn)
+          INTO v_matched, changed, v_done;
+
+        IF v_matched < record_count THEN
+            note := format('%s of %s record(s) skipped: no enrich_request_id of this batch',
+                           record_count - v_matched, record_count);
+        END IF;
+        IF changed IS NOT NULL THEN
+            PERFORM pg_notify('enrich_result', c::text) FROM unnest(changed) AS c;
+        END IF;
+    ELSE
+        v_done := 0;
+    END IF;
+
+    -- Records that could not be stored: their requests fail alone (a
+    -- result that came another way stays).
+    IF jsonb_array_length(coalesce(p_bad, '[]')) > 0 THEN
+        UPDATE enrich.requests q
+           SET state = 'failed', updated_at = now(), next_attempt_at = NULL,
+               error_code = 'invalid_record',
+               error_message = format('the API''s record for this contact cannot be stored: %s',
+                                      x.reason)
+          FROM (SELECT DISTINCT ON (b ->> 'request_id')
+                       (b ->> 'request_id')::bigint AS request_id, b ->> 'reason' AS reason
+                  FROM jsonb_array_elements(p_bad) b
+                 WHERE (b ->> 'request_id') ~ '^[0-9]{1,18}$') x
+         WHERE q.id = x.request_id AND q.batch_id = p_batch_id
+           AND q.state IN ('sending', 'in_flight')
+           AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+        GET DIAGNOSTICS v_bad = ROW_COUNT;
+        v_failed := v_failed + v_bad;
+        note := concat_ws('; ', note, enrich._envelope_bad_note(p_bad));
+    END IF;
+
+    IF p_final THEN
+        v_state := CASE v_status
+                       WHEN 'FINISHED' THEN 'finished'
+                       WHEN 'CREDITS_INSUFFICIENT' THEN 'credits_insufficient'
+                       WHEN 'CANCELED' THEN 'canceled'
+                       WHEN 'RATE_LIMIT' THEN 'rate_limit'
+                       WHEN 'UNKNOWN' THEN 'unknown'
+                   END;
+        IF jsonb_typeof(p_env -> 'cost' -> 'credits') = 'number' THEN
+            v_credits := (p_env -> 'cost' ->> 'credits')::numeric;
+        END IF;
+        SELECT b.enrichment_id INTO v_batch_eid FROM enrich.batches b WHERE b.id = p_batch_id;
+        IF v_batch_eid IS NOT NULL AND v_batch_eid <> v_env_id THEN
+            -- Results of another job of ours (say, a resent POST): keep the
+            -- records, but that job's status is not this batch's.
+            note := concat_ws('; ', note,
+                              format('job %s is not this batch''s job %s: status ignored',
+                                     v_env_id, v_batch_eid));
+            -- Its cost was charged all the same: the ledger counts it.
+            IF v_credits IS NOT NULL THEN
+                UPDATE enrich.batches b
+                   SET other_job_credits = coalesce(b.other_job_credits, '{}'::jsonb)
+                                           || jsonb_build_object(v_env_id, v_credits)
+                 WHERE b.id = p_batch_id
+                   AND (b.other_job_credits -> v_env_id) IS DISTINCT FROM to_jsonb(v_credits);
+            END IF;
+        ELSIF v_state IS NOT NULL THEN
+            UPDATE enrich.batches b
+               SET state = v_state, api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used),
+                   enrichment_id = coalesce(b.enrichment_id, v_env_id),
+                   finished_at = coalesce(b.finished_at, now())
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent');
+            IF FOUND THEN
+                -- The dispatcher acts on a batch's end at once (a
+                -- CREDITS_INSUFFICIENT one pauses sending).
+                v_ended := true;
+                UPDATE enrich.requests q
+                   SET state = 'failed', updated_at = now(),
+                       error_code = CASE v_state WHEN 'finished' THEN 'no_result' ELSE v_state END,
+                       error_message = format('the job ended %s without a record for this contact',
+                                              p_env ->> 'status')
+                 WHERE q.batch_id = p_batch_id AND q.state IN ('sending', 'in_flight')
+                   AND NOT EXISTS (SELECT FROM enrich.results t WHERE t.request_id = q.id);
+                GET DIAGNOSTICS v_n = ROW_COUNT;
+                v_failed := v_failed + v_n;
+            END IF;
+        ELSE
+            -- Not terminal (a polled running job): only the running figures.
+            UPDATE enrich.batches b
+               SET api_status = p_env ->> 'status',
+                   credits_used = coalesce(v_credits, b.credits_used)
+             WHERE b.id = p_batch_id AND b.state IN ('sending', 'sent')
+               AND (b.api_status, b.credits_used)
+                   IS DISTINCT FROM (p_env ->> 'status', coalesce(v_credits, b.credits_used));
+        END IF;
+    END IF;
+
+    -- A per-contact delivery proves the API has this batch's job even when
+    -- the dispatcher never saw the answer to its POST (a crash, a timeout):
+    -- the batch is sent, so it is not sent again, and is polled if its
+    -- final delivery never comes.
+    IF v_sending THEN
+        UPDATE enrich.batches b
+           SET state = 'sent', enrichment_id = coalesce(b.enrichment_id, v_env_id),
+               sent_at = coalesce(b.sent_at, now()), next_attempt_at = NULL,
+               next_poll_at = coalesce(b.next_poll_at,
+                                       now() + coalesce(current_setting('enrich.poll_after', true),
+                                                        '10min')::interval),
+               error_code = NULL, error_message = NULL
+         WHERE b.id = p_batch_id AND b.state = 'sending';
+        IF FOUND THEN
+            UPDATE enrich.requests q
+               SET state = 'in_flight', next_attempt_at = NULL,
+                   error_code = NULL, error_message = NULL
+             WHERE q.batch_id = p_batch_id AND q.state = 'sending';
+        END IF;
+    END IF;
+
+    -- Requests that left sending/in_flight free the dispatcher's capacity;
+    -- an ended batch may change what it does.
+    IF v_done > 0 OR v_failed > 0 OR v_ended THEN
+        PERFORM enrich._wake_dispatcher();
+    END IF;
+END
+$$;
+
+REVOKE ALL ON enrich.budgets, enrich.credit_ledger, enrich.credit_totals, enrich.budget_seen,
+              enrich.credit_usage, enrich.credit_budgets FROM PUBLIC;
+REVOKE ALL ON SEQUENCE enrich.credit_ledger_id_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(), enrich._budget_limit(text, text),
+    enrich._budget_add(text, text, date, numeric, numeric), enrich._budget_add_row(name, date, date, numeric, numeric),
+    enrich._budget_fit(bigint[]), enrich._budget_reserve(bigint, date, date), enrich._budget_split(bigint, bigint, bigint),
+    enrich._budget_settle(bigint, numeric), enrich._budget_batch_ended(), enrich._dispatch_budget_check(),
+    enrich._budgets_changed(), enrich._budget_search_spent() FROM PUBLIC;
+REVOKE ALL ON FUNCTION enrich._dispatch_plan() FROM PUBLIC;
+-- Credit budgets (75_budget.sql): the claim reserves, a split hands on.
+GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
+                          enrich._budget_limit(text, text),
+                          enrich._budget_add(text, text, date, numeric, numeric),
+                          enrich._budget_add_row(name, date, date, numeric, numeric),
+                          enrich._budget_fit(bigint[]), enrich._budget_reserve(bigint, date, date),
+                          enrich._budget_split(bigint, bigint, bigint),
+                          enrich._budget_settle(bigint, numeric)
+    TO enrich_dispatcher;
+GRANT SELECT ON enrich.budgets TO enrich_dispatcher;
+GRANT SELECT, INSERT, UPDATE, DELETE ON enrich.credit_ledger, enrich.credit_totals,
+                                        enrich.budget_seen TO enrich_dispatcher;
+GRANT USAGE ON SEQUENCE enrich.credit_ledger_id_seq TO enrich_dispatcher;
+GRANT SELECT ON enrich.budgets, enrich.credit_usage, enrich.credit_budgets TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich._budget_period(), enrich._budget_limit(text, text) TO enrich_reader;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
