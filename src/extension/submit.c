@@ -334,6 +334,29 @@ row_may_select(RowMap *map)
 	return true;
 }
 
+/*
+ * Error (releasing desc) unless the current user may SELECT the table the
+ * row map's rows come from; checked once per user and row type.
+ */
+static void
+row_check_select(RowMap *map, TupleDesc desc, const char *detail, const char *hint)
+{
+	if (!OidIsValid(map->relid) || map->checked_user == GetUserId())
+		return;
+	if (!row_may_select(map))
+	{
+		ReleaseTupleDesc(desc);
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to submit rows of table %s",
+						quote_qualified_identifier(get_namespace_name(get_rel_namespace(map->relid)),
+												   get_rel_name(map->relid))),
+				 errdetail_internal("%s", detail),
+				 hint ? errhint("%s", hint) : 0));
+	}
+	map->checked_user = GetUserId();
+}
+
 /* Column f of the row as text, or NULL when absent or null. */
 static char *
 row_column(HeapTuple tuple, TupleDesc desc, RowMap *map, int f)
@@ -402,21 +425,9 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 				 errhint("Rename or alias the columns, for example SELECT enrich.submit(t) FROM (SELECT given AS first_name, ...) t.")));
 	}
 
-	if (OidIsValid(map->relid) && map->checked_user != GetUserId())
-	{
-		if (!row_may_select(map))
-		{
-			ReleaseTupleDesc(desc);
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("permission denied to submit rows of table %s",
-							quote_qualified_identifier(get_namespace_name(get_rel_namespace(map->relid)),
-													   get_rel_name(map->relid))),
-					 errdetail("A row submitted with enrich.submit(record) names its table and id, and its result may be written back there; that needs SELECT on the table."),
-					 errhint("Ask for SELECT on the table, or submit the contact as JSON with enrich.submit(jsonb), which names no row.")));
-		}
-		map->checked_user = GetUserId();
-	}
+	row_check_select(map, desc,
+					 "A row submitted with enrich.submit(record) names its table and id, and its result may be written back there; that needs SELECT on the table.",
+					 "Ask for SELECT on the table, or submit the contact as JSON with enrich.submit(jsonb), which names no row.");
 
 	memset(&c, 0, sizeof(c));
 	source_id = row_column(&tuple, desc, map, CF_COUNT);
@@ -584,20 +595,7 @@ enrich_watch_submit(PG_FUNCTION_ARGS)
 		map->relid = PG_GETARG_OID(2);
 		map->checked_user = GetUserId();
 	}
-	if (OidIsValid(map->relid) && map->checked_user != GetUserId())
-	{
-		if (!row_may_select(map))
-		{
-			ReleaseTupleDesc(desc);
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("permission denied to submit rows of table %s",
-							quote_qualified_identifier(get_namespace_name(get_rel_namespace(map->relid)),
-													   get_rel_name(map->relid))),
-					 errdetail("The role that owns the watch needs SELECT on the table.")));
-		}
-		map->checked_user = GetUserId();
-	}
+	row_check_select(map, desc, "The role that owns the watch needs SELECT on the table.", NULL);
 
 	memset(&c, 0, sizeof(c));
 	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
