@@ -214,13 +214,6 @@ publish_status(void)
 	pgstat_report_activity(status.calls_running > 0 ? STATE_RUNNING : STATE_IDLE, activity);
 }
 
-/* Commits that woke the dispatcher since the server started. */
-static uint64
-read_wakeups(void)
-{
-	return enrich_wakeup_total();
-}
-
 /* Milliseconds from now until t, at least 0. */
 static long
 ms_until(TimestampTz t, TimestampTz now)
@@ -735,7 +728,7 @@ dispatch_step(void)
 	bool		started = false;
 
 	status.calls_last_minute = enrich_rate_recent(now);
-	wakeups_at_plan = read_wakeups();
+	wakeups_at_plan = enrich_wakeup_total();
 	capacity_deficit = 0;
 
 	memset(&plan, 0, sizeof(plan));
@@ -1533,7 +1526,7 @@ enrich_dispatch_main(Datum main_arg)
 		 */
 		now = GetCurrentTimestamp();
 		if (woken && capacity_deficit > 0 &&
-			read_wakeups() - wakeups_at_plan < (uint64) capacity_deficit)
+			enrich_wakeup_total() - wakeups_at_plan < (uint64) capacity_deficit)
 			woken = false;		/* not enough results yet to make room */
 		if (handle_finished_calls() || now >= plan_at ||
 			(woken && now >= last_plan + MIN_REPLAN_MS * 1000))
@@ -1559,7 +1552,7 @@ enrich_dispatch_main(Datum main_arg)
 		if (unrecorded != NULL)
 			wait = Min(wait, 1000L);	/* try recording again soon */
 		/* watched tables: write new results back (watch.c) */
-		wait = Min(wait, enrich_watch_step(read_wakeups()));
+		wait = Min(wait, enrich_watch_step(enrich_wakeup_total()));
 		if (dispatch_http_wait(wait))
 			woken = true;
 	}
