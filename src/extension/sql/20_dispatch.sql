@@ -1,23 +1,33 @@
 ------------------------------------------------------------------------
 -- Dispatcher bookkeeping.
 --
--- The dispatcher worker (dispatch_worker.c) keeps every decision about the
+-- The dispatcher worker (dispatch_*.c) keeps every decision about the
 -- network in C and every change of state here, one short transaction per
 -- step, never open while an HTTP call runs:
 --
 --   _dispatch_plan        what is ready, in flight and due (read only)
---   _dispatch_next_batch  claim a batch to POST: a due split half or resend,
---                         else up to 100 ready requests (serving fresh
---                         earlier results at no cost first)
+--   _dispatch_claim       claim a batch to POST (_dispatch_next_batch: a due
+--                         split half or resend, else up to
+--                         _dispatch_batch_max() ready requests, serving
+--                         fresh earlier results at no cost first) and
+--                         return its whole request (_dispatch_request):
+--                         the API path and the JSON body
 --   _dispatch_accepted    the API answered an enrichment_id
 --   _dispatch_retry       the POST failed or may have failed: back off
 --   _dispatch_rejected    a 400 about a contact: split the batch, or fail
 --                         the one contact left
 --   _dispatch_requeue     the API refused the whole batch or lost the job:
 --                         its unanswered requests queue again
---   _dispatch_poll_claim  batches whose poll is due
+--   _dispatch_poll_claim  batches whose poll is due, with the GET path
 --   _dispatch_polled      what a poll answered
 --   _dispatch_recover     at start: POSTs a crash interrupted
+--
+-- The wire format lives here: SQL builds every request body and path, C
+-- sends the bytes and reports what came back.  The worker reads result
+-- columns by name and passes arguments by name (p_batch => $1, ...), so a
+-- column or argument added here cannot shift another; a second kind of
+-- batch needs only a path and a body in _dispatch_request and a path in
+-- _dispatch_poll_claim.
 --
 -- These functions are for the worker (a superuser) only: nothing here is
 -- granted to anyone.
@@ -90,15 +100,24 @@ BEGIN
 END
 $$;
 
+-- The most contacts one POST carries (the API's limit for a bulk job):
+-- the one place this number lives.  _dispatch_plan reports it to the
+-- worker, _dispatch_claim holds every batch to it.
+CREATE FUNCTION enrich._dispatch_batch_max()
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 100 $$;
+
 -- The worker's view of the queue, read before each decision: contacts in
--- flight, how many (up to 100) are ready and since when, and when the next
--- retry, resend or poll falls due.
+-- flight, how many (up to batch_max, the most one batch carries) are ready
+-- and since when, and when the next retry, resend or poll falls due.
 CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
                                       OUT credits_out_at timestamptz,
-                                      OUT budget_wait text)
+                                      OUT budget_wait text, OUT batch_max integer)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -109,10 +128,11 @@ AS $$
 BEGIN
     -- Budgets changed (a reload, enrich.budgets): what waited is ready.
     PERFORM enrich._dispatch_budget_check();
+    batch_max := enrich._dispatch_batch_max();
     SELECT count(*) INTO in_flight
       FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
     SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
-      FROM enrich._dispatch_ready(100) r;
+      FROM enrich._dispatch_ready(batch_max) r;
     SELECT min(r.next_attempt_at) INTO next_ready
       FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
     -- The batch checks read batches_sending_idx and batches_open_idx in
@@ -142,11 +162,34 @@ BEGIN
 END
 $$;
 
--- Contacts of a batch as the worker sends them.
-CREATE FUNCTION enrich._dispatch_batch_rows(p_batch bigint)
-RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
-               first_name text, last_name text, domain text, company_name text,
-               linkedin_url text, fields text[], custom jsonb)
+-- A text as one segment of a URL path: every byte but A-Z a-z 0-9 - . _ ~
+-- percent-encoded (RFC 3986), so an id the API chose cannot add a path,
+-- a query or a fragment to the URL it is put in.
+CREATE FUNCTION enrich._dispatch_url_segment(p text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN x.b BETWEEN 48 AND 57 OR x.b BETWEEN 65 AND 90
+                                         OR x.b BETWEEN 97 AND 122 OR x.b IN (45, 46, 95, 126)
+                                    THEN chr(x.b)
+                                    ELSE '%' || upper(lpad(to_hex(x.b), 2, '0')) END,
+                               '' ORDER BY x.i), '')
+      FROM (SELECT i, get_byte(convert_to(p, 'UTF8'), i) AS b
+              FROM generate_series(0, octet_length(convert_to(p, 'UTF8')) - 1) i) x
+$$;
+
+-- The whole request of claimed batch p_batch, as the worker sends it: the
+-- API path and the JSON body of POST /contact/enrich/bulk (the batch's
+-- name, its contacts with the API's field names and the caller's custom
+-- values plus enrich_request_id, and, with a webhook base URL, where the
+-- job reports each contact and its end:
+-- <base>/webhooks/<token>/contact and .../job; without one it is polled),
+-- and how many contacts and which POST attempt it is.  Empty identity
+-- values are left out, as the API wants.
+CREATE FUNCTION enrich._dispatch_request(p_batch bigint, p_webhook_base text,
+                                         OUT path text, OUT body text,
+                                         OUT contacts integer, OUT attempt integer)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -162,12 +205,65 @@ AS $$
                q.fields, q.custom
           FROM enrich.requests q
          WHERE q.batch_id = p_batch AND q.state = 'sending'
+    ), data AS (
+        SELECT count(*)::integer AS n,
+               coalesce(jsonb_agg(
+                   jsonb_strip_nulls(jsonb_build_object(
+                       'first_name', nullif(q.first_name, ''),
+                       'last_name', nullif(q.last_name, ''),
+                       'domain', nullif(q.domain, ''),
+                       'company_name', nullif(q.company_name, ''),
+                       'linkedin_url', nullif(q.linkedin_url, '')))
+                   || jsonb_build_object(
+                       'enrich_fields',
+                       (SELECT coalesce(jsonb_agg(f.api ORDER BY f.o), '[]'::jsonb)
+                          FROM (VALUES (1, 'work_email', 'contact.work_emails'),
+                                       (2, 'personal_email', 'contact.personal_emails'),
+                                       (3, 'phone', 'contact.phones')) f(o, name, api)
+                         WHERE f.name = ANY (q.fields)),
+                       'custom',
+                       CASE WHEN jsonb_typeof(q.custom) = 'object' THEN q.custom
+                            ELSE '{}'::jsonb END
+                       || jsonb_build_object('enrich_request_id', q.id::text))
+                   ORDER BY q.id), '[]'::jsonb) AS contacts
+          FROM q
+    ), hook AS (
+        SELECT rtrim(p_webhook_base, '/') || '/webhooks/' || b.token AS base
+          FROM enrich.batches b
+         WHERE b.id = p_batch AND coalesce(p_webhook_base, '') <> ''
     )
-    SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
-           q.company_name, q.linkedin_url, q.fields, q.custom
-      FROM enrich.batches b, q
+    SELECT '/contact/enrich/bulk',
+           (jsonb_build_object('name', b.name, 'data', data.contacts)
+            || coalesce((SELECT jsonb_build_object(
+                                    'webhook_url', hook.base || '/job',
+                                    'webhook_events',
+                                    jsonb_build_object('contact_finished', hook.base || '/contact'))
+                           FROM hook), '{}'::jsonb))::text,
+           data.n, b.attempts
+      FROM enrich.batches b, data
      WHERE b.id = p_batch
-     ORDER BY q.id
+$$;
+
+-- The worker's claim: the next batch to POST (_dispatch_next_batch, held
+-- to _dispatch_batch_max() contacts) and its whole request
+-- (_dispatch_request).  batch_id is NULL when there is nothing to send;
+-- reused counts the requests served from earlier results meanwhile.
+CREATE FUNCTION enrich._dispatch_claim(p_max integer, p_new boolean, p_reuse interval,
+                                       p_webhook_base text,
+                                       OUT batch_id bigint, OUT reused integer,
+                                       OUT path text, OUT body text,
+                                       OUT contacts integer, OUT attempt integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT n.batch_id, n.reused INTO batch_id, reused
+      FROM enrich._dispatch_next_batch(least(p_max, enrich._dispatch_batch_max()), p_new, p_reuse) n;
+    IF _dispatch_claim.batch_id IS NOT NULL THEN
+        SELECT r.path, r.body, r.contacts, r.attempt INTO path, body, contacts, attempt
+          FROM enrich._dispatch_request(_dispatch_claim.batch_id, p_webhook_base) r;
+    END IF;
+END
 $$;
 
 -- Serve the given queued requests from fresh earlier results of identical
@@ -532,11 +628,11 @@ BEGIN
 END
 $$;
 
--- Up to p_max batches whose poll is due, oldest due first.  Their next
--- poll is pushed back by p_hold now, so a worker that dies mid-poll polls
--- them again only after that.
+-- Up to p_max batches whose poll is due, oldest due first, each with the
+-- path of its GET.  Their next poll is pushed back by p_hold now, so a
+-- worker that dies mid-poll polls them again only after that.
 CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
-RETURNS TABLE (batch_id bigint, enrichment_id text)
+RETURNS TABLE (batch_id bigint, enrichment_id text, path text)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -556,7 +652,8 @@ AS $$
        SET next_poll_at = now() + p_hold
       FROM due
      WHERE b.id = due.id
-    RETURNING b.id, b.enrichment_id
+    RETURNING b.id, b.enrichment_id,
+              '/contact/enrich/bulk/' || enrich._dispatch_url_segment(b.enrichment_id)
 $$;
 
 -- What a poll of p_batch answered: a result envelope (a 200 or 402 body)
