@@ -7,10 +7,12 @@
  *
  *	dispatch_worker.c	the loop and the step: what to start now, and when
  *						to look again
+ *	dispatch_status.c	what the worker is and says: status, key, log lines
  *	dispatch_pace.c		pacing: the shared call budget, pauses, backoff,
  *						the rejected key, the credits pause (DispatchPace)
- *	dispatch_outcome.c	every finished call classified once (CallClass)
- *						and the one reaction table applied
+ *	dispatch_outcome.c	every finished call classified once (CallClass),
+ *						the one reaction table applied, and outcomes that
+ *						could not be recorded kept for another try
  *	dispatch_sql.c		the C-SQL contract: every statement the worker
  *						runs, arguments by name, result columns by name,
  *						and the SQL text of every state and outcome
@@ -187,6 +189,11 @@ typedef struct DispatchPace
 	 */
 	int64		capacity_deficit;
 	uint64		wakeups_at_plan;
+
+	/* Calls in flight, by kind. */
+	int			submits_running;
+	int			polls_running;
+	int			credits_running;
 } DispatchPace;
 
 extern DispatchPace dispatch_pace;
@@ -208,17 +215,27 @@ extern bool pace_wakeup_useful(void);
  *-------------------------------------------------------------------------
  */
 
-extern bool dispatch_record(struct DispatchCall *call);
+extern bool dispatch_record_finished(void);
+extern bool dispatch_unrecorded(void);
 
 /*-------------------------------------------------------------------------
- * dispatch_worker.c: the worker's status and its per-iteration memory
+ * dispatch_status.c: what the worker is and says
  *-------------------------------------------------------------------------
  */
 
 extern DispatchStatus dispatch_status;
-extern MemoryContext dispatch_iter_ctx;
+extern char *dispatch_api_key;
 
+extern WorkerState dispatch_state(void);
 extern void dispatch_set_state(WorkerState state, const char *fmt,...) pg_attribute_printf(2, 3);
 extern void dispatch_note_error(const char *fmt,...) pg_attribute_printf(1, 2);
+extern void dispatch_publish_status(void);
+extern void dispatch_load_api_key(MemoryContext ctx);
+extern void dispatch_note_extension(bool installed);
+extern const char *dispatch_worker_role(void);
+extern void dispatch_log_started(void);
+
+/* dispatch_worker.c: the memory of one iteration of the loop */
+extern MemoryContext dispatch_iter_ctx;
 
 #endif							/* ENRICH_DISPATCH_H */

@@ -25,6 +25,9 @@
 #include "dispatch.h"
 #include "dispatch_http.h"
 
+/* Record attempts before an outcome is given up (see record_or_keep). */
+#define MAX_RECORD_TRIES 5
+
 /* What a finished call was, whatever its kind. */
 typedef enum CallClass
 {
@@ -347,8 +350,8 @@ record_credits(Outcome *o, TimestampTz now)
  * twice), and record what it means for its batch.  Returns false when
  * that must be tried again later.
  */
-bool
-dispatch_record(DispatchCall *call)
+static bool
+record_call(DispatchCall *call)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	Outcome		o = {0};
@@ -395,4 +398,97 @@ dispatch_record(DispatchCall *call)
 			break;
 	}
 	return true;
+}
+
+/*-------------------------------------------------------------------------
+ * Finished calls: recorded at once, or kept and tried again
+ *-------------------------------------------------------------------------
+ */
+
+/* Outcomes not yet recorded. */
+static DispatchCall *unrecorded = NULL;
+
+/* Are outcomes waiting to be recorded again? */
+bool
+dispatch_unrecorded(void)
+{
+	return unrecorded != NULL;
+}
+
+/* Forget a call's slot once it has ended. */
+static void
+release_slot(DispatchCall *call)
+{
+	switch (call->kind)
+	{
+		case CALL_SUBMIT:
+			dispatch_pace.submits_running--;
+			break;
+		case CALL_POLL:
+			dispatch_pace.polls_running--;
+			break;
+		case CALL_CREDITS:
+			dispatch_pace.credits_running--;
+			break;
+		case CALL_SYNC:
+			break;
+	}
+}
+
+/*
+ * Record one finished call, or keep it for a later try.  A call whose
+ * outcome cannot be recorded keeps its slot, so nothing new is started on
+ * top of a state we could not write.  After MAX_RECORD_TRIES it is given
+ * up with a warning: a poll is simply repeated later, and a POST's batch
+ * stays marked as under way, which its webhooks or the recovery at the
+ * next start resolve.
+ */
+static void
+record_or_keep(DispatchCall *call)
+{
+	if (record_call(call))
+	{
+		release_slot(call);
+		dispatch_http_free(call);
+		return;
+	}
+	if (++call->record_tries >= MAX_RECORD_TRIES)
+	{
+		ereport(WARNING,
+				(errmsg("enrich dispatcher: giving up recording the outcome of a call for batch " INT64_FORMAT " after %d tries",
+						call->batch_id, call->record_tries),
+				 errdetail("See the earlier warnings for the reason.")));
+		release_slot(call);
+		dispatch_http_free(call);
+		return;
+	}
+	call->next = unrecorded;
+	unrecorded = call;
+}
+
+/*
+ * Record every finished call, and retry outcomes not recorded before.
+ * Returns whether any call had finished.
+ */
+bool
+dispatch_record_finished(void)
+{
+	DispatchCall *call;
+	DispatchCall *retry = unrecorded;
+	bool		any = false;
+
+	unrecorded = NULL;
+	while (retry != NULL)
+	{
+		call = retry;
+		retry = call->next;
+		call->next = NULL;
+		record_or_keep(call);
+	}
+	while ((call = dispatch_http_next_finished()) != NULL)
+	{
+		record_or_keep(call);
+		any = true;
+	}
+	return any;
 }

@@ -290,6 +290,22 @@ arg_secs(SpiArgs *args, double ms)
 	spi_arg(args, FLOAT8OID, Float8GetDatum(ms / 1000.0), false);
 }
 
+/*
+ * Start a report on batch_id whose statement takes $1 p_batch, $2 p_http,
+ * $3 p_code and $4 p_message (named: the order of $n is the caller's).
+ */
+static void
+report_init(Report *r, const char *sql, int64 batch_id, long http_status, const char *code,
+			const char *message)
+{
+	memset(r, 0, sizeof(*r));
+	r->sql = sql;
+	spi_arg(&r->args, INT8OID, Int64GetDatum(batch_id), false);
+	arg_http(&r->args, http_status);
+	spi_arg_text(&r->args, code);
+	spi_arg_text(&r->args, message);
+}
+
 /* The API accepted the batch as job enrichment_id. */
 bool
 sql_accepted(int64 batch_id, const char *enrichment_id, long http_status)
@@ -311,15 +327,12 @@ bool
 sql_retry(int64 batch_id, long http_status, const char *code, const char *message,
 		  double delay_ms, bool counts, BatchOutcome *outcome)
 {
-	Report		r = {0};
+	Report		r;
 
-	r.sql = "SELECT enrich._dispatch_retry(p_batch => $1, p_http => $2, p_code => $3, "
-		"p_message => $4, p_delay => pg_catalog.make_interval(secs => $5), p_counts => $6, "
-		"p_max_attempts => $7) AS result";
-	spi_arg(&r.args, INT8OID, Int64GetDatum(batch_id), false);
-	arg_http(&r.args, http_status);
-	spi_arg_text(&r.args, code);
-	spi_arg_text(&r.args, message);
+	report_init(&r, "SELECT enrich._dispatch_retry(p_batch => $1, p_http => $2, p_code => $3, "
+				"p_message => $4, p_delay => pg_catalog.make_interval(secs => $5), "
+				"p_counts => $6, p_max_attempts => $7) AS result",
+				batch_id, http_status, code, message);
 	arg_secs(&r.args, delay_ms);
 	spi_arg(&r.args, BOOLOID, BoolGetDatum(counts), false);
 	spi_arg(&r.args, INT4OID, Int32GetDatum(enrich_max_attempts), false);
@@ -334,14 +347,11 @@ bool
 sql_rejected(int64 batch_id, long http_status, const char *code, const char *message,
 			 BatchOutcome *outcome)
 {
-	Report		r = {0};
+	Report		r;
 
-	r.sql = "SELECT enrich._dispatch_rejected(p_batch => $1, p_http => $2, p_code => $3, "
-		"p_message => $4) AS result";
-	spi_arg(&r.args, INT8OID, Int64GetDatum(batch_id), false);
-	arg_http(&r.args, http_status);
-	spi_arg_text(&r.args, code);
-	spi_arg_text(&r.args, message);
+	report_init(&r, "SELECT enrich._dispatch_rejected(p_batch => $1, p_http => $2, "
+				"p_code => $3, p_message => $4) AS result",
+				batch_id, http_status, code, message);
 	if (!dispatch_tx("recording a refused batch", tx_report, &r))
 		return false;
 	*outcome = outcome_of(r.result);
@@ -353,16 +363,13 @@ bool
 sql_requeue(int64 batch_id, BatchEnd end, long http_status, const char *code,
 			const char *message, double delay_ms, int *requeued)
 {
-	Report		r = {0};
+	Report		r;
 
-	r.sql = "SELECT enrich._dispatch_requeue(p_batch => $1, p_state => $2, p_http => $3, "
-		"p_code => $4, p_message => $5, p_delay => pg_catalog.make_interval(secs => $6), "
-		"p_max_attempts => $7) AS result";
-	spi_arg(&r.args, INT8OID, Int64GetDatum(batch_id), false);
+	report_init(&r, "SELECT enrich._dispatch_requeue(p_batch => $1, p_http => $2, "
+				"p_code => $3, p_message => $4, p_state => $5, "
+				"p_delay => pg_catalog.make_interval(secs => $6), p_max_attempts => $7) AS result",
+				batch_id, http_status, code, message);
 	spi_arg_text(&r.args, batch_ends[end]);
-	arg_http(&r.args, http_status);
-	spi_arg_text(&r.args, code);
-	spi_arg_text(&r.args, message);
 	arg_secs(&r.args, delay_ms);
 	spi_arg(&r.args, INT4OID, Int32GetDatum(enrich_max_attempts), false);
 	if (!dispatch_tx(end == BATCH_REJECTED ? "recording a refused batch" : "recording a lost job",
@@ -380,17 +387,14 @@ bool
 sql_polled(int64 batch_id, long http_status, const char *body, const char *api_status,
 		   const char *code, const char *message, double next_ms, char **note)
 {
-	Report		r = {0};
+	Report		r;
 
-	r.sql = "SELECT enrich._dispatch_polled(p_batch => $1, p_http => $2, p_body => $3, "
-		"p_api_status => $4, p_code => $5, p_message => $6, "
-		"p_next => pg_catalog.make_interval(secs => $7)) AS result";
-	spi_arg(&r.args, INT8OID, Int64GetDatum(batch_id), false);
-	arg_http(&r.args, http_status);
+	report_init(&r, "SELECT enrich._dispatch_polled(p_batch => $1, p_http => $2, "
+				"p_code => $3, p_message => $4, p_body => $5, p_api_status => $6, "
+				"p_next => pg_catalog.make_interval(secs => $7)) AS result",
+				batch_id, http_status, code, message);
 	spi_arg_text(&r.args, body);
 	spi_arg_text(&r.args, api_status);
-	spi_arg_text(&r.args, code);
-	spi_arg_text(&r.args, message);
 	arg_secs(&r.args, next_ms);
 	if (!dispatch_tx("recording a poll", tx_report, &r))
 		return false;

@@ -65,8 +65,8 @@ PGDLLEXPORT void enrich_dispatch_main(Datum main_arg);
 /* A SIGTERM lets calls in flight finish for this long, then aborts them. */
 #define SHUTDOWN_DRAIN_MS 1000L
 
-/* Record attempts before an outcome is given up (see record_or_keep). */
-#define MAX_RECORD_TRIES 5
+/* Record attempts at shutdown (see dispatch_record_finished). */
+#define SHUTDOWN_RECORD_TRIES 5
 
 /* The account's balance (no batch: the path lives here, with the call). */
 #define CREDITS_PATH "/account/credits"
@@ -76,23 +76,8 @@ MemoryContext dispatch_iter_ctx = NULL;
 
 static volatile sig_atomic_t cancel_requested = false;
 
-/* The API key (worker_ctx), and where it came from. */
-static char *api_key = NULL;
-static const char *key_source = "none";
-
-/* Extension state in our database. */
-static bool extension_warned = false;
+/* Startup recovery ran for the extension installed now. */
 static bool recovered = false;
-
-/* Calls in flight by kind, and outcomes not yet recorded. */
-static int	submits_running = 0;
-static int	polls_running = 0;
-static int	credits_running = 0;
-static DispatchCall *unrecorded = NULL;
-
-/* Status for enrich.dispatcher, published each iteration. */
-DispatchStatus dispatch_status;
-static WorkerState state = WS_STARTING;
 
 /*-------------------------------------------------------------------------
  * Small helpers
@@ -108,46 +93,6 @@ dispatch_sigint(SIGNAL_ARGS)
 	cancel_requested = true;
 	SetLatch(MyLatch);
 	errno = save_errno;
-}
-
-/* Say what the worker is doing, in the status view and pg_stat_activity. */
-void
-dispatch_set_state(WorkerState s, const char *fmt,...)
-{
-	va_list		ap;
-
-	state = s;
-	strlcpy(dispatch_status.state, worker_state_name(s), sizeof(dispatch_status.state));
-	va_start(ap, fmt);
-	vsnprintf(dispatch_status.detail, sizeof(dispatch_status.detail), fmt, ap);
-	va_end(ap);
-}
-
-/* Remember the latest error for the status view. */
-void
-dispatch_note_error(const char *fmt,...)
-{
-	va_list		ap;
-
-	va_start(ap, fmt);
-	vsnprintf(dispatch_status.last_error, sizeof(dispatch_status.last_error), fmt, ap);
-	va_end(ap);
-	dispatch_status.last_error_at = GetCurrentTimestamp();
-}
-
-/* Copy the status to shared memory and pg_stat_activity. */
-static void
-publish_status(void)
-{
-	char		activity[DISPATCH_STATUS_LEN + 64];
-
-	dispatch_status.updated_at = GetCurrentTimestamp();
-	dispatch_status.calls_running = dispatch_http_running();
-	dispatch_status.paused_until = dispatch_pace.paused_until;
-	strlcpy(dispatch_status.key_source, key_source, sizeof(dispatch_status.key_source));
-	dispatch_status_update(&dispatch_status);
-	snprintf(activity, sizeof(activity), "%s: %s", dispatch_status.state, dispatch_status.detail);
-	pgstat_report_activity(dispatch_status.calls_running > 0 ? STATE_RUNNING : STATE_IDLE, activity);
 }
 
 /* Milliseconds from now until t, at least 0. */
@@ -181,53 +126,6 @@ api_url(const char *path)
 	return psprintf("%.*s%s", (int) n, enrich_api_url, path);
 }
 
-/* (Re)read the API key from its setting or file. */
-static void
-load_api_key(void)
-{
-	const char *source = "none";
-	char	   *key;
-	MemoryContext old = MemoryContextSwitchTo(worker_ctx);
-
-	key = enrich_read_api_key(&source);
-	MemoryContextSwitchTo(old);
-	if (api_key != NULL)
-	{
-		explicit_bzero(api_key, strlen(api_key));
-		pfree(api_key);
-	}
-	api_key = key;
-	key_source = key != NULL ? source : "none";
-	if (key == NULL)
-		ereport(LOG,
-				(errmsg("enrich dispatcher: no API key is configured; nothing is sent"),
-				 errhint("Set enrich.api_key_file (or enrich.api_key) and reload the configuration.")));
-}
-
-/* Log when the extension appears in or leaves our database, once each. */
-static void
-note_extension(bool installed)
-{
-	if (!installed && !extension_warned)
-	{
-		ereport(LOG,
-				(errmsg("enrich dispatcher: extension \"enrich\" is not installed in database \"%s\"; waiting",
-						enrich_database_name),
-				 errhint("Run CREATE EXTENSION enrich in database \"%s\", or point enrich.database_name at the database that has it.",
-						 enrich_database_name)));
-		extension_warned = true;
-	}
-	else if (installed && extension_warned)
-	{
-		ereport(LOG,
-				(errmsg("enrich dispatcher: extension \"enrich\" is installed in database \"%s\"; starting",
-						enrich_database_name)));
-		extension_warned = false;
-	}
-	if (!installed)
-		recovered = false;		/* a new installation starts afresh */
-}
-
 /*-------------------------------------------------------------------------
  * Starting calls
  *-------------------------------------------------------------------------
@@ -254,13 +152,13 @@ start_submit(int max_new, TimestampTz now)
 	if (b.contacts == 0 || b.body == NULL || b.path == NULL)
 		return true;
 
-	call = dispatch_http_start(CALL_SUBMIT, api_url(b.path), api_key, b.body, strlen(b.body),
+	call = dispatch_http_start(CALL_SUBMIT, api_url(b.path), dispatch_api_key, b.body, strlen(b.body),
 							   enrich_request_timeout);
 	call->batch_id = b.batch_id;
 	call->attempt = b.attempt;
 	call->contacts = b.contacts;
 	pace_called(now);
-	submits_running++;
+	dispatch_pace.submits_running++;
 	dispatch_set_state(WS_SENDING, "POST of batch " INT64_FORMAT " (%d contacts, attempt %d)",
 					   b.batch_id, b.contacts, b.attempt);
 	ereport(DEBUG1,
@@ -280,11 +178,11 @@ start_poll(TimestampTz now)
 		return false;
 	if (p.path == NULL)
 		return true;			/* cannot happen: sent batches have an id */
-	call = dispatch_http_start(CALL_POLL, api_url(p.path), api_key, NULL, 0,
+	call = dispatch_http_start(CALL_POLL, api_url(p.path), dispatch_api_key, NULL, 0,
 							   enrich_request_timeout);
 	call->batch_id = p.batch_id;
 	pace_called(now);
-	polls_running++;
+	dispatch_pace.polls_running++;
 	dispatch_status.polls++;
 	dispatch_set_state(WS_POLLING, "GET of batch " INT64_FORMAT " (job %s)", p.batch_id,
 					   p.enrichment_id ? p.enrichment_id : "?");
@@ -295,10 +193,10 @@ start_poll(TimestampTz now)
 static void
 start_credits_check(TimestampTz now)
 {
-	dispatch_http_start(CALL_CREDITS, api_url(CREDITS_PATH), api_key, NULL, 0,
+	dispatch_http_start(CALL_CREDITS, api_url(CREDITS_PATH), dispatch_api_key, NULL, 0,
 						enrich_request_timeout);
 	pace_called(now);
-	credits_running++;
+	dispatch_pace.credits_running++;
 	dispatch_pace.next_credits_check =
 		now + (TimestampTz) enrich_credits_check_interval * USECS_PER_SEC;
 }
@@ -396,16 +294,17 @@ dispatch_step(void)
 
 	if (!sql_plan(&plan, !recovered))
 		return 5000L;
-	note_extension(plan.installed);
+	dispatch_note_extension(plan.installed);
 	if (!plan.installed)
 	{
+		recovered = false;		/* a new installation starts afresh */
 		dispatch_set_state(WS_NOT_INSTALLED, "extension enrich is not installed in database \"%s\"",
 						   enrich_database_name);
 		return BACKSTOP_MS;		/* CREATE EXTENSION wakes us */
 	}
 	if (plan.recovered)
 		recovered = true;
-	if (api_key == NULL)
+	if (dispatch_api_key == NULL)
 	{
 		dispatch_set_state(WS_NO_API_KEY, "no API key configured: set enrich.api_key_file or enrich.api_key and reload");
 		return BACKSTOP_MS;
@@ -414,7 +313,7 @@ dispatch_step(void)
 	credits_paused = pace_credits_paused(plan.credits_out_at);
 
 	/* A credits check, while paused for lack of credits. */
-	if (credits_paused && credits_running == 0)
+	if (credits_paused && dispatch_pace.credits_running == 0)
 	{
 		if (now >= dispatch_pace.next_credits_check)
 			started |= try_start(start_credits_arg, 0, now, &wake, &slot);
@@ -423,7 +322,7 @@ dispatch_step(void)
 	}
 
 	/* Polls: they end jobs and free capacity, so they go first. */
-	if (plan.poll_due && polls_running < MAX_POLLS)
+	if (plan.poll_due && dispatch_pace.polls_running < MAX_POLLS)
 		started |= try_start(start_poll_arg, 0, now, &wake, &slot);
 	else if (plan.next_poll != 0 && !plan.poll_due)
 		wake = Min(wake, plan.next_poll);
@@ -432,7 +331,7 @@ dispatch_step(void)
 	if (credits_paused)
 		dispatch_set_state(WS_PAUSED, "no credits left: a job ended CREDITS_INSUFFICIENT or the API answered 402; "
 						   "the balance is checked every %d s", enrich_credits_check_interval);
-	else if (submits_running < MAX_SUBMITS && !started)
+	else if (dispatch_pace.submits_running < MAX_SUBMITS && !started)
 	{
 		int			max_new = new_batch_size(&plan, now, &wake);
 
@@ -466,93 +365,10 @@ dispatch_step(void)
 		else
 			dispatch_set_state(WS_IDLE, "nothing to send");
 	}
-	else if (dispatch_http_running() == 0 && state == WS_SENDING)
+	else if (dispatch_http_running() == 0 && dispatch_state() == WS_SENDING)
 		dispatch_set_state(WS_WAITING, INT64_FORMAT " contact(s) in flight, waiting for their results",
 						   plan.in_flight);
 	return ms_until(wake, now);
-}
-
-/*-------------------------------------------------------------------------
- * Finished calls
- *-------------------------------------------------------------------------
- */
-
-/* Forget a call's slot once it has ended. */
-static void
-release_slot(DispatchCall *call)
-{
-	switch (call->kind)
-	{
-		case CALL_SUBMIT:
-			submits_running--;
-			break;
-		case CALL_POLL:
-			polls_running--;
-			break;
-		case CALL_CREDITS:
-			credits_running--;
-			break;
-		case CALL_SYNC:
-			break;
-	}
-}
-
-/*
- * Record one finished call, or keep it for a later try.  A call whose
- * outcome cannot be recorded keeps its slot, so nothing new is started on
- * top of a state we could not write.  After MAX_RECORD_TRIES it is given
- * up with a warning: a poll is simply repeated later, and a POST's batch
- * stays marked as under way, which its webhooks or the recovery at the
- * next start resolve.
- */
-static void
-record_or_keep(DispatchCall *call)
-{
-	if (dispatch_record(call))
-	{
-		release_slot(call);
-		dispatch_http_free(call);
-		return;
-	}
-	if (++call->record_tries >= MAX_RECORD_TRIES)
-	{
-		ereport(WARNING,
-				(errmsg("enrich dispatcher: giving up recording the outcome of a call for batch " INT64_FORMAT " after %d tries",
-						call->batch_id, call->record_tries),
-				 errdetail("See the earlier warnings for the reason.")));
-		release_slot(call);
-		dispatch_http_free(call);
-		return;
-	}
-	call->next = unrecorded;
-	unrecorded = call;
-}
-
-/*
- * Record every finished call, and retry outcomes not recorded before.
- * Returns whether any call had finished.
- */
-static bool
-handle_finished_calls(void)
-{
-	DispatchCall *call;
-	DispatchCall *retry = unrecorded;
-	bool		any = false;
-
-	unrecorded = NULL;
-	while (retry != NULL)
-	{
-		call = retry;
-		retry = call->next;
-		call->next = NULL;
-		record_or_keep(call);
-	}
-	while ((call = dispatch_http_next_finished()) != NULL)
-	{
-		record_or_keep(call);
-		any = true;
-	}
-	return any;
 }
 
 /*-------------------------------------------------------------------------
@@ -579,7 +395,7 @@ dispatch_shutdown(void)
 	int			tries;
 
 	dispatch_set_state(WS_STOPPING, "finishing %d call(s) in flight", dispatch_http_running());
-	publish_status();
+	dispatch_publish_status();
 	while (dispatch_http_running() > 0)
 	{
 		TimestampTz now = GetCurrentTimestamp();
@@ -587,44 +403,17 @@ dispatch_shutdown(void)
 		if (now >= deadline)
 			break;
 		dispatch_http_wait(ms_until(deadline, now));
-		handle_finished_calls();
+		dispatch_record_finished();
 	}
 	if (dispatch_http_running() > 0)
 		ereport(LOG,
 				(errmsg("enrich dispatcher: stopping with %d call(s) in flight; they are recorded as interrupted",
 						dispatch_http_running())));
 	dispatch_http_abort_all();
-	handle_finished_calls();
-	for (tries = 1; tries < MAX_RECORD_TRIES && unrecorded != NULL; tries++)
-		handle_finished_calls();
+	dispatch_record_finished();
+	for (tries = 1; tries < SHUTDOWN_RECORD_TRIES && dispatch_unrecorded(); tries++)
+		dispatch_record_finished();
 	dispatch_http_shutdown();
-}
-
-/* enrich.worker_role, or NULL for the bootstrap superuser. */
-static const char *
-worker_role_name(void)
-{
-	if (enrich_worker_role == NULL || enrich_worker_role[0] == '\0')
-		return NULL;
-	return enrich_worker_role;
-}
-
-/* Say where the worker runs and as whom (catalog lookups: a transaction). */
-static void
-log_started(void)
-{
-	char	   *role;
-	bool		is_super;
-
-	StartTransactionCommand();
-	role = MemoryContextStrdup(worker_ctx, GetUserNameFromId(GetUserId(), false));
-	is_super = superuser();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(worker_ctx);
-	ereport(LOG,
-			(errmsg("enrich dispatcher started in database \"%s\" as role \"%s\"%s",
-					enrich_database_name, role, is_super ? " (a superuser)" : "")));
-	pfree(role);
 }
 
 /*
@@ -647,7 +436,7 @@ retention_tick(TimestampTz now)
 	{
 		if (!sql_retention(&more))
 			more = false;
-		publish_status();		/* pg_stat_activity shows the state again */
+		dispatch_publish_status();		/* pg_stat_activity shows the state again */
 		next_retention = now + (more ? USECS_PER_SEC
 								: (TimestampTz) enrich_retention_interval * USECS_PER_SEC);
 	}
@@ -668,7 +457,7 @@ enrich_dispatch_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(enrich_database_name,
-										 worker_role_name(), 0);
+										 dispatch_worker_role(), 0);
 
 	/*
 	 * We may run as a superuser in a database whose owner is not one.
@@ -692,8 +481,8 @@ enrich_dispatch_main(Datum main_arg)
 	before_shmem_exit(dispatch_on_exit, (Datum) 0);
 
 	dispatch_http_init();
-	load_api_key();
-	log_started();
+	dispatch_load_api_key(worker_ctx);
+	dispatch_log_started();
 
 	while (!ShutdownRequestPending)
 	{
@@ -708,7 +497,7 @@ enrich_dispatch_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			load_api_key();
+			dispatch_load_api_key(worker_ctx);
 			pace_key_reloaded();
 			woken = true;
 		}
@@ -735,12 +524,12 @@ enrich_dispatch_main(Datum main_arg)
 		now = GetCurrentTimestamp();
 		if (woken && !pace_wakeup_useful())
 			woken = false;		/* not enough results yet to make room */
-		if (handle_finished_calls() || now >= plan_at ||
+		if (dispatch_record_finished() || now >= plan_at ||
 			(woken && now >= last_plan + MIN_REPLAN_MS * 1000))
 		{
 			long		timeout = dispatch_step();
 
-			publish_status();
+			dispatch_publish_status();
 			last_plan = now;
 			woken = false;
 			plan_at = now + (TimestampTz) timeout * 1000;
@@ -756,7 +545,7 @@ enrich_dispatch_main(Datum main_arg)
 		}
 		if (woken)
 			wait = Min(wait, ms_until(last_plan + MIN_REPLAN_MS * 1000, now));
-		if (unrecorded != NULL)
+		if (dispatch_unrecorded())
 			wait = Min(wait, 1000L);	/* try recording again soon */
 		/* watched tables: write new results back (watch.c) */
 		wait = Min(wait, enrich_watch_step(enrich_wakeup_total()));
