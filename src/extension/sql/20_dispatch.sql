@@ -9,6 +9,8 @@
 --   _dispatch_next_batch  claim a batch to POST: a due split half or resend,
 --                         else up to 100 ready requests (serving fresh
 --                         earlier results at no cost first)
+--   _dispatch_batch_request  the API path of a claimed batch and, for a
+--                         reverse lookup batch, its body (built here)
 --   _dispatch_accepted    the API answered an enrichment_id
 --   _dispatch_retry       the POST failed or may have failed: back off
 --   _dispatch_rejected    a 400 about a contact: split the batch, or fail
