@@ -1,12 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * submit.c
- *		The submission API: enrich.submit() in its three forms, and the
- *		commit-time wakeup of the dispatcher.
+ *		The submission API: enrich.submit() and enrich.submit_reverse() in
+ *		their three forms each, and the commit-time wakeup of the dispatcher.
  *
  *	enrich.submit(contact jsonb, fields text[], custom jsonb) -> bigint
  *	enrich.submit(contact record, fields text[], custom jsonb) -> bigint
  *	enrich.submit_bulk(contacts jsonb, fields text[]) -> bigint[]
+ *	enrich.submit_reverse(email text, custom jsonb) -> bigint
+ *	enrich.submit_reverse(contact record, custom jsonb) -> bigint
+ *	enrich.submit_reverse_bulk(emails jsonb) -> bigint[]
  *
  * Each validates its input (submit_validate.c), inserts one request row per
  * contact (submit_insert.c) and raises a flag in this backend.  The

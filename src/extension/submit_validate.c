@@ -13,7 +13,8 @@
  *	- custom: an object of at most 9 string values of at most 100 characters
  *	  (the API allows 10; enrich adds enrich_request_id itself);
  *	- sane lengths, no control characters, well-formed domains and LinkedIn
- *	  profile URLs.
+ *	  profile URLs;
+ *	- for reverse lookups, a well-formed email address (email_check).
  *
  * Values are normalised so that identical contacts compare equal: white
  * space trimmed, domains lower-cased and stripped of scheme, path and
