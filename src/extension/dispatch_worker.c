@@ -822,11 +822,17 @@ dispatch_step(void)
 		{
 			int			n = Min(plan.ready, 100);
 
-			if (capacity < n)
+			/*
+			 * Wait for room for a full batch rather than send a sliver, but
+			 * never for more room than enrich.max_in_flight can ever give.
+			 */
+			int			need = Min(n, enrich_max_in_flight);
+
+			if (capacity < need)
 			{
 				set_state("waiting", "%d contact(s) ready, " INT64_FORMAT " in flight: waiting for results to free room (enrich.max_in_flight = %d)",
 						  plan.ready, plan.in_flight, enrich_max_in_flight);
-				capacity_deficit = n - capacity;
+				capacity_deficit = need - capacity;
 			}
 			else if (n >= 100 ||
 					 now >= plan.ready_since + (TimestampTz) enrich_batch_delay * 1000)
