@@ -27,20 +27,6 @@
 
 #define MAX_TEXT		1000
 
-typedef struct qerr
-{
-	const char *code;
-	char		message[400];
-} qerr;
-
-static bool
-qfail(qerr *e, const char *code, const char *fmt, const char *a, const char *b)
-{
-	e->code = code;
-	snprintf(e->message, sizeof(e->message), fmt, a ? a : "", b ? b : "");
-	return false;
-}
-
 typedef struct lfield
 {
 	const char *name;
@@ -68,7 +54,7 @@ static const lfield company_fields[] = {
  */
 static bool
 check_lookup(json_object *root, const lfield *fields, int nfields,
-			 const char **str, int64_t *num, bool *has, qerr *e)
+			 const char **str, int64_t *num, bool *has, sb_qerr *e)
 {
 	int			i;
 
@@ -183,7 +169,7 @@ lookup_handle(json_object *root, bool people, sb_response *resp)
 	const char *str[6];
 	int64_t		num[6] = {0};
 	bool		has[6];
-	qerr		e = {0};
+	sb_qerr		e = {0};
 	int			found = -1;
 	bool		quirks;
 	double		cost;

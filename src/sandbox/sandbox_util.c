@@ -405,6 +405,15 @@ json_dump(json_object *obj, size_t *len)
 	return copy;
 }
 
+/* A JSON number: an integer when the value is whole, else a double. */
+json_object *
+json_number(double v)
+{
+	if (v == (double) (int64_t) v)
+		return json_object_new_int64((int64_t) v);
+	return json_object_new_double(v);
+}
+
 /*
  * Each thread keeps one tokener (creating one costs more than parsing a
  * small body); the key's destructor frees it when the thread ends.

@@ -33,6 +33,16 @@
 
 /* ---- the heap (under S.lock) ---- */
 
+/* Attempts per delivery: --retries more after the first (or, with
+ * --retries total, that many in all, at least one). */
+static int
+max_attempts(void)
+{
+	if (CFG.retries_total)
+		return CFG.retries > 0 ? CFG.retries : 1;
+	return 1 + CFG.retries;
+}
+
 static bool
 before(const sb_delivery *a, const sb_delivery *b)
 {
