@@ -620,7 +620,7 @@ extern json_object *universe_company_json(int c, bool quirks);
 extern void normalize_domain(const char *in, char *out, size_t outsz);
 
 /*
- * sandbox_search.c, sandbox_search_match.c (sandbox_search.h) and
+ * sandbox_search.c, sandbox_search_match.c (sandbox_search_match.h) and
  * sandbox_lookup.c (search_words* in sandbox_util.c)
  */
 extern void search_handle(json_object *root, bool people, sb_response *resp);

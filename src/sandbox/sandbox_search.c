@@ -41,7 +41,7 @@
 
 #include <openssl/evp.h>
 
-#include "sandbox_search.h"
+#include "sandbox_search_match.h"
 
 #define MAX_OFFSET		10000
 #define MAX_LIMIT		100

@@ -24,7 +24,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "sandbox_search.h"
+#include "sandbox_search_match.h"
 
 /* The data's "as of" date: tenures and job changes are counted to it. */
 #define ASOF_YEAR		2026

@@ -1,14 +1,14 @@
 /*-------------------------------------------------------------------------
  *
- * sandbox_search.h
+ * sandbox_search_match.h
  *		A search filter compiled from a request body: what sandbox_search.c
  *		builds from the body and sandbox_search_match.c holds against the
  *		population of sandbox_universe.c.
  *
  *-------------------------------------------------------------------------
  */
-#ifndef SANDBOX_SEARCH_H
-#define SANDBOX_SEARCH_H
+#ifndef SANDBOX_SEARCH_MATCH_H
+#define SANDBOX_SEARCH_MATCH_H
 
 #include "sandbox.h"
 
@@ -75,4 +75,4 @@ search_company_attr(attr a)
 extern void search_prepare_value(const fspec *s, fval *v);
 extern bool search_filter_pass(const cfilter *f, int idx, bool company);
 
-#endif							/* SANDBOX_SEARCH_H */
+#endif							/* SANDBOX_SEARCH_MATCH_H */
