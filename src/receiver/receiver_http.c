@@ -44,6 +44,7 @@
 
 #include <microhttpd.h>
 
+#include "common.h"
 #include "receiver.h"
 
 #define BODY_INITIAL_MAX	(64 * 1024)
@@ -568,12 +569,8 @@ static void
 mhd_logger(void *cls, const char *fmt, va_list ap)
 {
 	char		line[512];
-	size_t		n;
 
-	vsnprintf(line, sizeof(line), fmt, ap);
-	n = strlen(line);
-	while (n > 0 && line[n - 1] == '\n')
-		line[--n] = '\0';
+	common_mhd_message(line, sizeof(line), fmt, ap);
 	receiver_log("libmicrohttpd: %s", line);
 }
 

@@ -8,10 +8,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "receiver.h"
 
 /*
@@ -23,16 +23,9 @@ void
 receiver_log(const char *fmt,...)
 {
 	char		line[1024];
-	struct timeval tv;
-	struct tm	tm;
-	size_t		n;
+	size_t		n = common_log_stamp(line, sizeof(line), RECEIVER_NAME);
 	va_list		ap;
 
-	gettimeofday(&tv, NULL);
-	gmtime_r(&tv.tv_sec, &tm);
-	n = strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-	n += snprintf(line + n, sizeof(line) - n, ".%03ldZ " RECEIVER_NAME ": ",
-				  (long) tv.tv_usec / 1000);
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
 	va_end(ap);

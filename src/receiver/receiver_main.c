@@ -28,6 +28,7 @@
 
 #include <microhttpd.h>
 
+#include "common.h"
 #include "receiver.h"
 
 int
@@ -45,12 +46,7 @@ main(int argc, char **argv)
 		return status;
 
 	/* Worker threads inherit this mask: only the main thread takes signals. */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-	signal(SIGPIPE, SIG_IGN);
+	common_block_signals(&sigs);
 
 	if (!receiver_pool_start())
 		daemon = NULL;

@@ -625,8 +625,7 @@ extern void normalize_domain(const char *in, char *out, size_t outsz);
  */
 extern void search_handle(json_object *root, bool people, sb_response *resp);
 extern bool search_charge(const int *idx, int n, bool people, bool lookup,
-						  double *cost);
-extern void search_insufficient(sb_response *resp);
+						  double *cost, bool *quirks, sb_response *resp);
 extern void lookup_handle(json_object *root, bool people, sb_response *resp);
 
 /* sandbox_webhooks.c */

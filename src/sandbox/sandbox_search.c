@@ -409,23 +409,32 @@ compile_query(json_object *root, bool people, query *q, sb_qerr *e)
 /* ---- answering ---- */
 
 /*
- * Charge for the records about to be returned (under S.lock): 0.25 each,
- * or with --search-charge once only for those never returned before.
- * False (nothing charged) when the balance cannot pay.
+ * Charge for the records about to be returned (search or lookup): 0.25
+ * each, or with --search-charge once only for those never returned before;
+ * *quirks gets the quirks switch read in the same locked section.  False,
+ * with nothing charged and resp answered 402 error.credits.insufficient,
+ * when the balance cannot pay.
  */
 bool
-search_charge(const int *idx, int n, bool people, bool lookup, double *cost)
+search_charge(const int *idx, int n, bool people, bool lookup, double *cost,
+			  bool *quirks, sb_response *resp)
 {
 	uint8_t    *bits = people ? S.charged_people : S.charged_companies;
 	int			k,
 				paid = 0;
 
+	pthread_mutex_lock(&S.lock);
+	*quirks = S.faults.quirks;
 	for (k = 0; k < n; k++)
 		if (!CFG.search_charge_once || !(bits[idx[k] >> 3] & (1 << (idx[k] & 7))))
 			paid++;
 	*cost = PRICE * paid;
 	if (*cost > 0 && S.credits < *cost)
+	{
+		pthread_mutex_unlock(&S.lock);
+		resp_error(resp, 402, "error.credits.insufficient", "Not enough credits for this request");
 		return false;
+	}
 	for (k = 0; k < n && CFG.search_charge_once; k++)
 		bits[idx[k] >> 3] |= (uint8_t) (1 << (idx[k] & 7));
 	S.credits -= *cost;
@@ -436,13 +445,8 @@ search_charge(const int *idx, int n, bool people, bool lookup, double *cost)
 		S.stats.lookups++;
 	else
 		S.stats.searches++;
+	pthread_mutex_unlock(&S.lock);
 	return true;
-}
-
-void
-search_insufficient(sb_response *resp)
-{
-	resp_error(resp, 402, "error.credits.insufficient", "Not enough credits for this request");
 }
 
 /* First position in id order after the cursor's id. */
@@ -528,15 +532,8 @@ run_search(const query *q, sb_response *resp)
 	}
 	free(cpass);
 
-	pthread_mutex_lock(&S.lock);
-	quirks = S.faults.quirks;
-	if (!search_charge(sel, nsel, q->people, false, &cost))
-	{
-		pthread_mutex_unlock(&S.lock);
-		search_insufficient(resp);
+	if (!search_charge(sel, nsel, q->people, false, &cost, &quirks, resp))
 		return;
-	}
-	pthread_mutex_unlock(&S.lock);
 
 	root = json_object_new_object();
 	list = json_object_new_array();
