@@ -400,7 +400,7 @@ extern double prng_unit(uint64_t *state);
 extern uint64_t hash64(const void *data, size_t len, uint64_t seed);
 extern void uuid_random(char out[37]);
 extern void uuid_from_hash(uint64_t a, uint64_t b, char out[37]);
-extern void hmac_sha1_hex(const char *key, size_t key_len,
+extern void sb_hmac_sha1_hex(const char *key, size_t key_len,
 						  const char *body, size_t body_len, char out[41]);
 extern void sha256_hex(const char *body, size_t len, char out[65]);
 extern void redact_url(const char *url, char *out, size_t outsz);
@@ -502,9 +502,11 @@ typedef struct sb_outcome
 	unsigned	found;			/* F_* billed items found */
 	int			price;			/* credits if charged */
 } sb_outcome;
-extern void data_outcome(const sb_contact *c, sb_outcome *o);
-extern json_object *data_record(const sb_contact *c, contact_state state,
-								bool quirks);
+struct sb_ident;
+extern void data_outcome(const sb_contact *c, const struct sb_ident *known,
+						 sb_outcome *o);
+extern json_object *data_record(const sb_contact *c, const struct sb_ident *known,
+								contact_state state, bool quirks);
 extern bool data_is_free_contact(const sb_contact *c);
 extern void data_workspace_id(char out[37]);
 
@@ -567,6 +569,7 @@ extern json_object *data_company(const char *domain, const char *name, bool quir
 extern json_object *data_person(const sb_ident *id, bool quirks,
 								sb_profile_facts *f, bool render);
 extern void data_person_id(uint64_t h, char out[37]);
+extern bool data_work_email_is(const sb_ident *known, const char *email);
 
 /* sandbox_universe.c: the searchable population (read-only once built) */
 typedef struct sb_uperson

@@ -128,7 +128,14 @@ job_envelope(sb_job *job, job_status status, int cost, const contact_state *stat
 				continue;
 			st = states ? states[i] : job->contacts[i].state;
 			if (st == C_DONE || st == C_BLANK)
-				json_object_array_add(data, data_record(&job->contacts[i], st, job->quirks));
+			{
+				const sb_contact *c = &job->contacts[i];
+				sb_ident	known;
+
+				json_object_array_add(data,
+									  data_record(c, universe_identify(c, &known) ? &known : NULL,
+												  st, job->quirks));
+			}
 		}
 		json_object_object_add(env, "data", data);
 	}

@@ -322,7 +322,7 @@ hmac_test(void)
 			buf = xrealloc(buf, cap);
 		}
 	}
-	hmac_sha1_hex(CFG.api_keys[0], CFG.api_key_lens[0], buf, len, hex);
+	sb_hmac_sha1_hex(CFG.api_keys[0], CFG.api_key_lens[0], buf, len, hex);
 	printf("%s\n", hex);
 	free(buf);
 	return 0;

@@ -486,8 +486,9 @@ build_job(json_object *root, job_kind kind, bool silent, int key_index,
 		{
 			/* a pure function of the input: priced here, outside the lock */
 			sb_outcome	o;
+			sb_ident	known;
 
-			data_outcome(c, &o);
+			data_outcome(c, universe_identify(c, &known) ? &known : NULL, &o);
 			c->price = data_is_free_contact(c) ? 0 : o.price;
 			contact_key(c);
 		}

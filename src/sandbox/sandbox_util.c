@@ -266,7 +266,7 @@ hex_encode(const unsigned char *in, size_t n, char *out)
  * with the API key (reference section 8.4), computed by OpenSSL.
  */
 void
-hmac_sha1_hex(const char *key, size_t key_len, const char *body,
+sb_hmac_sha1_hex(const char *key, size_t key_len, const char *body,
 			  size_t body_len, char out[41])
 {
 	unsigned char digest[EVP_MAX_MD_SIZE];

@@ -275,7 +275,7 @@ build_body(sb_delivery *d)
 	{
 		int			k = CFG.signature_mode == SIG_FIRST ? 0 : job->key_index;
 
-		hmac_sha1_hex(CFG.api_keys[k], CFG.api_key_lens[k], d->body, d->body_len, d->signature);
+		sb_hmac_sha1_hex(CFG.api_keys[k], CFG.api_key_lens[k], d->body, d->body_len, d->signature);
 	}
 	sha256_hex(d->body, d->body_len, d->body_sha256);
 }
