@@ -253,6 +253,7 @@ new_batch_size(const QueuePlan *plan, TimestampTz now, TimestampTz *wake)
 	int64		capacity = (int64) enrich_max_in_flight - plan->in_flight;
 	int			full = Max(plan->batch_max, 1);
 	int			n;
+	int			need;
 	TimestampTz gathered = plan->ready_since + (TimestampTz) enrich_batch_delay * 1000;
 
 	if (plan->batch_due)
@@ -260,11 +261,17 @@ new_batch_size(const QueuePlan *plan, TimestampTz now, TimestampTz *wake)
 	if (plan->ready <= 0)
 		return -1;
 	n = Min(plan->ready, full);
-	if (capacity < n)
+
+	/*
+	 * Wait for room for a full batch rather than send a sliver, but never
+	 * for more room than enrich.max_in_flight can ever give.
+	 */
+	need = Min(n, enrich_max_in_flight);
+	if (capacity < need)
 	{
 		dispatch_set_state(WS_WAITING, "%d contact(s) ready, " INT64_FORMAT " in flight: waiting for results to free room (enrich.max_in_flight = %d)",
 						   plan->ready, plan->in_flight, enrich_max_in_flight);
-		dispatch_pace.capacity_deficit = n - capacity;
+		dispatch_pace.capacity_deficit = need - capacity;
 		return -1;
 	}
 	if (n >= full || now >= gathered)

@@ -11,7 +11,9 @@
 --                         _dispatch_batch_max() ready requests, serving
 --                         fresh earlier results at no cost first) and
 --                         return its whole request (_dispatch_request):
---                         the API path and the JSON body
+--                         the API path (_dispatch_path, by the batch's
+--                         kind: enrichment or reverse lookup) and the JSON
+--                         body
 --   _dispatch_accepted    the API answered an enrichment_id
 --   _dispatch_retry       the POST failed or may have failed: back off
 --   _dispatch_rejected    a 400 about a contact: split the batch, or fail
@@ -179,14 +181,26 @@ AS $$
               FROM generate_series(0, octet_length(convert_to(p, 'UTF8')) - 1) i) x
 $$;
 
+-- The API path of a kind of batch (batches.kind, requests.kind): its
+-- POST goes there and the GET of its job to <path>/<enrichment_id>.  A new
+-- kind of batch adds its path here and its body in _dispatch_request.
+CREATE FUNCTION enrich._dispatch_path(p_kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE p_kind WHEN 'reverse' THEN '/contact/reverse/email/bulk'
+                       ELSE '/contact/enrich/bulk' END
+$$;
+
 -- The whole request of claimed batch p_batch, as the worker sends it: the
--- API path and the JSON body of POST /contact/enrich/bulk (the batch's
--- name, its contacts with the API's field names and the caller's custom
--- values plus enrich_request_id, and, with a webhook base URL, where the
--- job reports each contact and its end:
+-- API path (_dispatch_path) and the JSON body (the batch's name; its
+-- contacts, each with the caller's custom values plus enrich_request_id:
+-- for an enrichment the identity, empty values left out as the API wants,
+-- and the API's field names, for a reverse lookup the email address; and,
+-- with a webhook base URL, where the job reports each contact and its end:
 -- <base>/webhooks/<token>/contact and .../job; without one it is polled),
--- and how many contacts and which POST attempt it is.  Empty identity
--- values are left out, as the API wants.
+-- and how many contacts and which POST attempt it is.
 CREATE FUNCTION enrich._dispatch_request(p_batch bigint, p_webhook_base text,
                                          OUT path text, OUT body text,
                                          OUT contacts integer, OUT attempt integer)
@@ -201,26 +215,30 @@ AS $$
     -- the same query the planner may walk the primary key in id order
     -- through every request instead.
     WITH q AS MATERIALIZED (
-        SELECT q.id, q.first_name, q.last_name, q.domain, q.company_name, q.linkedin_url,
-               q.fields, q.custom
+        SELECT q.id, q.kind, q.first_name, q.last_name, q.domain, q.company_name,
+               q.linkedin_url, q.fields, q.email, q.custom
           FROM enrich.requests q
          WHERE q.batch_id = p_batch AND q.state = 'sending'
     ), data AS (
         SELECT count(*)::integer AS n,
                coalesce(jsonb_agg(
-                   jsonb_strip_nulls(jsonb_build_object(
-                       'first_name', nullif(q.first_name, ''),
-                       'last_name', nullif(q.last_name, ''),
-                       'domain', nullif(q.domain, ''),
-                       'company_name', nullif(q.company_name, ''),
-                       'linkedin_url', nullif(q.linkedin_url, '')))
+                   CASE q.kind
+                   WHEN 'reverse' THEN jsonb_build_object('email', q.email)
+                   ELSE jsonb_strip_nulls(jsonb_build_object(
+                            'first_name', nullif(q.first_name, ''),
+                            'last_name', nullif(q.last_name, ''),
+                            'domain', nullif(q.domain, ''),
+                            'company_name', nullif(q.company_name, ''),
+                            'linkedin_url', nullif(q.linkedin_url, '')))
+                        || jsonb_build_object(
+                            'enrich_fields',
+                            (SELECT coalesce(jsonb_agg(f.api ORDER BY f.o), '[]'::jsonb)
+                               FROM (VALUES (1, 'work_email', 'contact.work_emails'),
+                                            (2, 'personal_email', 'contact.personal_emails'),
+                                            (3, 'phone', 'contact.phones')) f(o, name, api)
+                              WHERE f.name = ANY (q.fields)))
+                   END
                    || jsonb_build_object(
-                       'enrich_fields',
-                       (SELECT coalesce(jsonb_agg(f.api ORDER BY f.o), '[]'::jsonb)
-                          FROM (VALUES (1, 'work_email', 'contact.work_emails'),
-                                       (2, 'personal_email', 'contact.personal_emails'),
-                                       (3, 'phone', 'contact.phones')) f(o, name, api)
-                         WHERE f.name = ANY (q.fields)),
                        'custom',
                        CASE WHEN jsonb_typeof(q.custom) = 'object' THEN q.custom
                             ELSE '{}'::jsonb END
@@ -232,7 +250,7 @@ AS $$
           FROM enrich.batches b
          WHERE b.id = p_batch AND coalesce(p_webhook_base, '') <> ''
     )
-    SELECT '/contact/enrich/bulk',
+    SELECT enrich._dispatch_path(b.kind),
            (jsonb_build_object('name', b.name, 'data', data.contacts)
             || coalesce((SELECT jsonb_build_object(
                                     'webhook_url', hook.base || '/job',
@@ -293,12 +311,12 @@ BEGIN
     -- no statistics can make the planner read all history looking for a
     -- match.
     WITH src AS (
-        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want,
+        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want, q.kind AS want_kind,
                coalesce(t.reused_from, p.id) AS origin, t.*
           FROM enrich.requests q
           JOIN enrich.requests p
             ON p.input_key = q.input_key AND p.id <> q.id
-           AND p.state = 'done' AND p.fields @> q.fields
+           AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
           JOIN enrich.results t ON t.request_id = p.id
          WHERE q.id = ANY (p_ids) AND q.state = 'queued'
            AND t.received_at + p_window > now()
@@ -316,7 +334,9 @@ BEGIN
                                     personal_email_status, phone, phone_region,
                                     contact_info, profile, input, reused_from)
         SELECT rid, NULL, enrichment_id,
-               CASE WHEN nfound = cardinality(want) THEN 'found'
+               -- a reverse lookup asks for the profile: its answer as it was
+               CASE WHEN want_kind = 'reverse' THEN outcome
+                    WHEN nfound = cardinality(want) THEN 'found'
                     WHEN nfound > 0 THEN 'partial'
                     ELSE 'not_found' END,
                work_email, work_email_status, personal_email, personal_email_status,
@@ -363,6 +383,8 @@ DECLARE
     v_served    bigint[];
     v_day       date;
     v_month     date;
+    v_kinds     text[];
+    v_kind      text;
 BEGIN
     reused := 0;
     -- Due: never posted (attempts = 0, no time), or its resend time came.
@@ -415,13 +437,20 @@ BEGIN
     v_served := enrich._dispatch_reuse(v_ids, p_reuse);
     reused := cardinality(v_served);
 
+    -- One kind per batch (enrichments and reverse lookups are different
+    -- API calls): the kind of the oldest ready request.
+    SELECT array_agg(d.id ORDER BY d.id), array_agg(d.kind ORDER BY d.id)
+      INTO v_ids, v_kinds
+      FROM (SELECT DISTINCT ON (q.input_key) q.id, q.kind
+              FROM enrich.requests q
+             WHERE q.id = ANY (v_ids) AND q.state = 'queued'
+             ORDER BY q.input_key, q.id) d;
+    v_kind := v_kinds[1];
     SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
-      FROM (SELECT d.id
-              FROM (SELECT DISTINCT ON (q.input_key) q.id
-                      FROM enrich.requests q
-                     WHERE q.id = ANY (v_ids) AND q.state = 'queued'
-                     ORDER BY q.input_key, q.id) d
-             ORDER BY d.id
+      FROM (SELECT u.id
+              FROM unnest(v_ids, v_kinds) AS u(id, kind)
+             WHERE u.kind = v_kind
+             ORDER BY u.id
              LIMIT p_max) x;
     -- Only what fits the credit budgets (75_budget.sql); the rest waits.
     v_ids := enrich._budget_fit(v_ids);
@@ -430,9 +459,11 @@ BEGIN
     END IF;
 
     batch_id := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count, attempts)
+    INSERT INTO enrich.batches (id, name, contact_count, attempts, kind)
     OVERRIDING SYSTEM VALUE
-    VALUES (batch_id, 'enrich batch ' || batch_id, cardinality(v_ids), 1);
+    VALUES (batch_id, CASE v_kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                      || batch_id,
+            cardinality(v_ids), 1, v_kind);
     UPDATE enrich.requests q
        SET state = 'sending', batch_id = _dispatch_next_batch.batch_id,
            attempts = q.attempts + 1, next_attempt_at = NULL,
@@ -571,9 +602,12 @@ BEGIN
     v_half := v_n / 2;
     v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
     v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
-    VALUES (v_a, 'enrich batch ' || v_a, v_half),
-           (v_b, 'enrich batch ' || v_b, v_n - v_half);
+    INSERT INTO enrich.batches (id, name, contact_count, kind) OVERRIDING SYSTEM VALUE
+    SELECT x.id, CASE b.kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                 || x.id, x.n, b.kind
+      FROM enrich.batches b,
+           (VALUES (v_a, v_half), (v_b, v_n - v_half)) AS x(id, n)
+     WHERE b.id = p_batch;
     UPDATE enrich.requests q
        SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
      WHERE q.id = ANY (v_ids);
@@ -653,7 +687,7 @@ AS $$
       FROM due
      WHERE b.id = due.id
     RETURNING b.id, b.enrichment_id,
-              '/contact/enrich/bulk/' || enrich._dispatch_url_segment(b.enrichment_id)
+              enrich._dispatch_path(b.kind) || '/' || enrich._dispatch_url_segment(b.enrichment_id)
 $$;
 
 -- What a poll of p_batch answered: a result envelope (a 200 or 402 body)
