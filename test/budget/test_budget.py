@@ -200,10 +200,10 @@ def main():
     consistent("after kill -9")
 
     # --- searches count as spent in the overall and the caller's budgets -----
-    before = c.scalar("SELECT spent FROM enrich.credit_totals WHERE scope = 'carol' AND period = 'day'")
+    before = c.scalar("SELECT spent FROM enrich.credit_budgets WHERE role = 'carol' AND period = 'day'")
     c.psql("INSERT INTO enrich.search_calls (called_by, endpoint, request_hash, results, credits, cached) "
            "VALUES ('carol', 'people/search', '\\x00', 7, 7, false)")
-    after = c.scalar("SELECT spent FROM enrich.credit_totals WHERE scope = 'carol' AND period = 'day'")
+    after = c.scalar("SELECT spent FROM enrich.credit_budgets WHERE role = 'carol' AND period = 'day'")
     R.eq(float(after) - float(before), 7.0, "a paid search counts as spent in its caller's daily budget")
     R.eq(c.scalar("SELECT spent FROM enrich.credit_usage WHERE source_table = 'search: people/search'"),
          "7", "enrich.credit_usage shows the search's credits")
