@@ -87,8 +87,10 @@ def main():
         return sum(1 for i in ids if seen.get(str(i)))
 
     def quiet():
-        """No batch open, no reservation left."""
-        return c.scalar("SELECT count(*) FROM enrich.batches WHERE state IN ('sending', 'sent')") == "0" \
+        """No batch open, no reservation left, no job running at the sandbox."""
+        st = json.loads(http("GET", sb_url + "/_sandbox/stats")[1])
+        return st["jobs_running"] == 0 and st["webhooks_pending"] == 0 and \
+            c.scalar("SELECT count(*) FROM enrich.batches WHERE state IN ('sending', 'sent')") == "0" \
             and c.scalar("SELECT coalesce(sum(reserved), 0) FROM enrich.credit_ledger "
                          "WHERE settled_at IS NULL") == "0"
 

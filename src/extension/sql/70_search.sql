@@ -327,6 +327,10 @@ BEGIN
                                      credits, cached, counted)
     VALUES (coalesce(v_at, clock_timestamp()), v_who, p_endpoint, v_hash, v_results, v_total,
             v_credits, v_cached, v_credits = 0);
+    IF v_credits > 0 THEN
+        -- At commit the dispatcher adds the credits to the budgets' totals.
+        PERFORM enrich._wake_dispatcher();
+    END IF;
     IF NOT v_cached THEN
         -- Kept in the server log too, whatever becomes of the transaction.
         RAISE LOG 'enrich: % call for role % cost % credits (% results, request %)',
