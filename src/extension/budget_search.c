@@ -63,6 +63,9 @@
 
 static bool callbacks_registered = false;
 
+/* Whether this transaction took or adopted a slot (else ends cost nothing). */
+static bool have_slots = false;
+
 /* The budget lock's tag in this database. */
 static void
 budget_lock_tag(LOCKTAG *tag)
@@ -75,16 +78,20 @@ budget_lock_tag(LOCKTAG *tag)
 static void
 search_xact_callback(XactEvent event, void *arg)
 {
+	if (!have_slots)
+		return;
 	switch (event)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			(void) enrich_search_end(true, true, InvalidSubTransactionId, InvalidSubTransactionId);
+			have_slots = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			if (enrich_search_end(true, false, InvalidSubTransactionId, InvalidSubTransactionId) > 0)
 				enrich_dispatch_wake();
+			have_slots = false;
 			break;
 		case XACT_EVENT_PRE_PREPARE:
 			{
@@ -109,6 +116,8 @@ static void
 search_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 						SubTransactionId parentSubid, void *arg)
 {
+	if (!have_slots)
+		return;
 	if (event == SUBXACT_EVENT_COMMIT_SUB)
 		(void) enrich_search_end(false, true, mySubid, parentSubid);
 	else if (event == SUBXACT_EVENT_ABORT_SUB)
@@ -265,7 +274,10 @@ enrich_search_reserve(PG_FUNCTION_ARGS)
 		}
 		SPI_finish();
 		if (budget == NULL)
+		{
+			have_slots = true;
 			taken = enrich_search_take(&slot);
+		}
 	}
 	PG_FINALLY();
 	{
@@ -346,6 +358,8 @@ enrich_search_orphans(PG_FUNCTION_ARGS)
 	search_prepare();
 	slots = palloc(sizeof(EnrichSearchSlot) * ENRICH_SEARCH_SLOTS);
 	n = enrich_search_adopt(MyDatabaseId, GetCurrentSubTransactionId(), slots);
+	if (n > 0)
+		have_slots = true;
 	for (int i = 0; i < n; i++)
 	{
 		Datum		values[7];
