@@ -71,6 +71,7 @@ def main():
         CREATE ROLE tom LOGIN IN ROLE enrich_submitter;
         CREATE ROLE ann LOGIN IN ROLE enrich_submitter;
         CREATE ROLE bea LOGIN IN ROLE enrich_submitter;
+        CREATE ROLE cy LOGIN IN ROLE enrich_submitter;
         CREATE ROLE rdr LOGIN IN ROLE enrich_reader;
         CREATE ROLE recv LOGIN IN ROLE enrich_receiver;
         CREATE ROLE dbowner LOGIN;
@@ -147,7 +148,8 @@ def main():
 
     # --- per-role budgets --------------------------------------------------------
     c.psql("ALTER SYSTEM SET enrich.credit_budget_daily = 100000; SELECT pg_reload_conf(); "
-           "INSERT INTO enrich.budgets VALUES ('tom', 'day', 5), ('ann', 'day', 40), ('bea', 'day', 12)")
+           "INSERT INTO enrich.budgets VALUES ('tom', 'day', 5), ('ann', 'day', 40), ('bea', 'day', 12), "
+           "('cy', 'day', 12)")
     time.sleep(0.3)
     R.eq(search("tom", 20), "20", "tom's search of 20 (worst case 5) fits his daily budget of 5")
     e = err("SELECT * FROM enrich.lookup_person(person_name => 'Ada Lovelace')", user="tom")
@@ -230,6 +232,19 @@ def main():
     ledger_equals_sandbox("after concurrent searches")
     R.check(c.scalar("SELECT bool_and(spent + reserved <= credits) FROM enrich.credit_budgets", user="rdr") == "t",
             "no budget is exceeded")
+
+    # --- REPEATABLE READ: the check sees a claim committed after the snapshot ----
+    rr = background("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM enrich.queue; "
+                    "SELECT pg_sleep(4); SELECT count(*) FROM enrich.search_people('{}', 10); COMMIT;", "cy")
+    wait_for(lambda: c.scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = 'cy' "
+                              "AND wait_event = 'PgSleep'") == "1", timeout=10, what="cy's snapshot")
+    cyp = c.scalar("SELECT enrich.submit('{\"linkedin_url\": \"https://www.linkedin.com/in/cy-rr\"}', '{phone}')",
+                   user="cy")
+    wait_for(lambda: c.scalar("SELECT state FROM enrich.requests WHERE id = %s" % cyp) in ("sending", "in_flight"),
+             timeout=10, what="cy's phone claimed")
+    rc, _, errs = finish(rr)
+    R.check(rc != 0 and "of role cy" in errs, "a search in a REPEATABLE READ transaction whose snapshot is older "
+            "than the claim still counts the claim's reservation (10 + 2.5 > 12)", errs)
 
     # --- the last balance read, in enrich.dispatcher -----------------------------
     R.eq(c.scalar("SELECT credits_balance IS NULL FROM enrich.dispatcher", user="sue"), "t",
