@@ -55,8 +55,10 @@
 #include "shmem.h"
 
 /*
- * The budget lock: advisory lock (ENRICH_BUDGET_LOCK_KEY1, _KEY2) in the
- * two-int4 key space, so pg_locks shows it as such.
+ * The budget lock: an advisory lock tag (ENRICH_BUDGET_LOCK_KEY1, _KEY2)
+ * in a key space of its own (field4 3, where pg_advisory_lock() uses 1
+ * and 2), so no SQL session can take it and hold up searches and claims;
+ * pg_locks shows it as an advisory lock with objsubid 3.
  */
 #define ENRICH_BUDGET_LOCK_KEY1 0x656e7263	/* "enrc" */
 #define ENRICH_BUDGET_LOCK_KEY2 13
@@ -71,7 +73,7 @@ static void
 budget_lock_tag(LOCKTAG *tag)
 {
 	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) ENRICH_BUDGET_LOCK_KEY1,
-						 (uint32) ENRICH_BUDGET_LOCK_KEY2, 2);
+						 (uint32) ENRICH_BUDGET_LOCK_KEY2, 3);
 }
 
 /* Transaction ends: free, pass on, or orphan our slots. */

@@ -197,6 +197,16 @@ def main():
     R.check(time.monotonic() - t0 < 3 and busy.poll() is None, "which did not wait for the open transaction")
     finish(busy)
 
+    # --- nobody can hold the budget lock from SQL ----------------------------------
+    squat = background("SELECT pg_advisory_lock(%d, 13); SELECT pg_advisory_lock(%d); SELECT pg_sleep(6);"
+                       % (0x656e7263, (0x656e7263 << 32) | 13), "tom")
+    wait_for(lambda: c.scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = 'tom' "
+                              "AND wait_event = 'PgSleep'") == "1", timeout=10, what="tom's advisory locks")
+    t0 = time.monotonic()
+    R.eq(search("sue", 4), "4", "a search runs while a session holds advisory locks on the budget lock's keys")
+    R.check(time.monotonic() - t0 < 3, "without waiting for them")
+    finish(squat)
+
     # --- searches and the dispatcher see each other's reservations ---------------
     faults(response_delay_ms=3000)
     slow = background("SELECT count(*) FROM enrich.search_people('{\"person_names\": [{\"value\": \"slow\"}]}', 100);",
