@@ -125,6 +125,7 @@ extern bool sql_requeue(int64 batch_id, BatchEnd end, long http_status, const ch
 extern bool sql_polled(int64 batch_id, long http_status, const char *body,
 					   const char *api_status, const char *code, const char *message,
 					   double next_ms, char **note);
+extern bool sql_credits_read(double balance, TimestampTz read_at);
 
 /*-------------------------------------------------------------------------
  * dispatch_spi.c

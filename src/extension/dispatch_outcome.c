@@ -327,12 +327,17 @@ record_poll(Outcome *o, const Reaction *r, double pace_ms)
 	return true;
 }
 
-/* A credits check needs no transaction. */
+/*
+ * A credits check: the balance is kept for enrich.dispatcher (a failure
+ * to keep it is logged, not retried: the next check reads it again), and
+ * sending resumes when it is positive.
+ */
 static void
 record_credits(Outcome *o, TimestampTz now)
 {
 	if (o->class != CC_OK)
 		return;
+	(void) sql_credits_read(o->answer.balance, now);
 	if (o->answer.balance > 0)
 	{
 		pace_credits_ok(now);

@@ -401,3 +401,16 @@ sql_polled(int64 batch_id, long http_status, const char *body, const char *api_s
 	*note = r.result;
 	return true;
 }
+
+/* The balance /account/credits answered, kept for enrich.dispatcher. */
+bool
+sql_credits_read(double balance, TimestampTz read_at)
+{
+	Report		r = {0};
+
+	r.sql = "SELECT NULL::pg_catalog.text AS result "
+		"FROM enrich._dispatch_credits_read(balance => $1, read_at => $2) c";
+	spi_arg(&r.args, FLOAT8OID, Float8GetDatum(balance), false);
+	spi_arg(&r.args, TIMESTAMPTZOID, TimestampTzGetDatum(read_at), false);
+	return dispatch_tx("recording the credit balance", tx_report, &r);
+}

@@ -11,6 +11,7 @@
  *	dispatch_*	the dispatcher background worker (dispatch.h; its HTTP
  *				calls and answers: dispatch_http.h)
  *	search_http.c	synchronous search and lookup calls from backends
+ *	budget_search.c	the credit budgets of those calls
  *	control.c	enrich.wait() and enrich.cancel()
  *	ingest_*	webhook signature checks used by enrich.ingest_webhook()
  *
