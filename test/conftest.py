@@ -21,6 +21,7 @@ Module-level settings a suite may declare, read by the fixtures:
 
 import os
 import signal
+import socket
 import sys
 
 import pytest
@@ -173,6 +174,17 @@ def new_hook_receiver(cleanup):
 def hook_receiver(new_hook_receiver):
     """The module's webhook receiver (answers 200 to every delivery)."""
     return new_hook_receiver()
+
+
+@pytest.fixture(scope="module")
+def silent_port(cleanup):
+    """A loopback port that accepts connections and never answers (a
+    webhook receiver or API that hangs)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    cleanup.append(s.close)
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,6 @@ def sb(new_sandbox):
     return new_sandbox("--max-in-flight", "1000", delay_ms=1)
 
 
-@pytest.fixture(scope="module")
-def silent_port(cleanup):
-    """A port that accepts connections and never answers."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    cleanup.append(s.close)
-    return s.getsockname()[1]
-
-
 def raw(sb, method, path, body=b"", headers=None, auth=True):
     h = {"Host": "x", "Content-Length": str(len(body))}
     if auth:
