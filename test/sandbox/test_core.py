@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-import enrichtest as et
 import sandboxlib as sl
 
 

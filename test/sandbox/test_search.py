@@ -250,7 +250,7 @@ def check_filter(sb, records, body, what, label, within_all=False):
     if st != 200:
         R.check(False, label, "(%d %r)" % (st, js))
         return
-    got = [r["id"] for r in js[key]]
+    got = [rec["id"] for rec in js[key]]
     R.check(js["metadata"]["total"] == len(want) and got == want[:100] and len(want) > 0
             and len(want) < len(records),
             "%s: %d of %d match, as computed from the records" % (label, len(want), len(records)),
@@ -513,7 +513,7 @@ def test_lookup_and_enrich(sb):
     ]
     eid = sb.submit(contacts, name="searched person")
     job = sb.wait_job(eid)
-    recs = {r["custom"]["k"]: r for r in job["data"]}
+    recs = {rec["custom"]["k"]: rec for rec in job["data"]}
     for k in ("all", "name+domain", "linkedin", "name+company"):
         R.eq(recs[k].get("profile"), p, "enriched by %s: the profile is the searched person" % k)
     emails = {json.dumps(recs[k]["contact_info"], sort_keys=True) for k in recs}

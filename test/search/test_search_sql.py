@@ -77,8 +77,8 @@ def make_cluster(name, sb, extra=None):
 
 def psql_err(c, sql, user=None):
     """Run SQL expected to fail; return psql's stderr."""
-    r = c.psql(sql, user=user, check=False)
-    return r.stderr if r.returncode != 0 else ""
+    out = c.psql(sql, user=user, check=False)
+    return out.stderr if out.returncode != 0 else ""
 
 
 def ledger(c):
@@ -98,11 +98,11 @@ def test_functions(c, sb):
                   "FROM enrich.search_people('%s', 1000)" % domain_filter(dom)).split("\n")
     total = int(c.scalar("SELECT total FROM enrich.search_calls ORDER BY id DESC LIMIT 1"))
     R.eq(len(rows), total, "search_people: every person of the company (%d), as metadata.total says" % total)
-    R.check(all(r.split("|")[2] == dom for r in rows), "search_people: each row's domain is the company's")
-    R.check(all(r.split("|")[0] == r.split("|")[4] for r in rows), "search_people: id is the person object's id")
-    R.check(all(r.split("|")[3].startswith("https://www.linkedin.com/in/") for r in rows),
+    R.check(all(row.split("|")[2] == dom for row in rows), "search_people: each row's domain is the company's")
+    R.check(all(row.split("|")[0] == row.split("|")[4] for row in rows), "search_people: id is the person object's id")
+    R.check(all(row.split("|")[3].startswith("https://www.linkedin.com/in/") for row in rows),
             "search_people: linkedin_url from social_profiles")
-    R.check(all(r.endswith("|t|t") for r in rows), "search_people: title and location filled")
+    R.check(all(row.endswith("|t|t") for row in rows), "search_people: title and location filled")
 
     crow = c.psql("SELECT name, domain, pg_typeof(headcount), pg_typeof(year_founded), company->>'domain' "
                   "FROM enrich.search_companies('{\"domains\": [{\"value\": \"%s\"}]}')" % dom)
