@@ -196,7 +196,10 @@ def new_sandbox_cluster(new_cluster):
     def make(name, sb, conf=None):
         c = new_cluster(name, sandboxlib.cluster_conf(sb, conf), start=False)
         c.write_conf({"enrich.api_key_file": "'%s'" % sandboxlib.key_file(c, "api.key", sb.key)})
-        c.start()
+        try:
+            c.start()
+        except RuntimeError as exc:  # say why: the log goes with the cluster
+            raise RuntimeError("%s\nserver log:\n%s" % (exc, c.log()[-3000:])) from None
         c.psql("CREATE EXTENSION enrich")
         return c
     return make

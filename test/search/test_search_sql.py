@@ -346,6 +346,8 @@ def test_shared_budget(r, new_sandbox, new_sandbox_cluster):
     r.eq((s["calls"], s["calls_429"]), (6, 0), "the sandbox saw 6 calls and no 429")
     r.eq(c.scalar("SELECT calls_last_minute FROM enrich.dispatcher"), "6",
          "enrich.dispatcher counts everyone's calls in calls_last_minute")
+    c.destroy()   # done with them (the module's cleanup covers a failure)
+    sb.stop()
 
 
 def test_429_pause(r, new_sandbox, new_sandbox_cluster):
@@ -367,6 +369,8 @@ def test_429_pause(r, new_sandbox, new_sandbox_cluster):
     err = psql_err(c, "SET enrich.search_cache_ttl = 0; SET statement_timeout = '1s';\n"
                       "SELECT count(*) FROM enrich.search_people('{}', 300)")
     r.check("statement timeout" in err, "a search waiting out a 429 pause ends at statement_timeout", err)
+    c.destroy()
+    sb.stop()
 
 
 def test_no_preload(r, new_cluster, sb):
@@ -378,3 +382,4 @@ def test_no_preload(r, new_cluster, sb):
     r.check("enrich is not in shared_preload_libraries" in err and "HINT:  Add enrich to shared_preload_libraries" in err,
             "without preloading: refused with a hint", err)
     r.eq(sb.stats()["calls"], calls, "and nothing was called")
+    c.destroy()
