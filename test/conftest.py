@@ -21,6 +21,7 @@ Module-level settings a suite may declare, read by the fixtures:
 
 import os
 import signal
+import socket
 import sys
 
 import pytest
@@ -151,4 +152,54 @@ def new_daemon(cleanup):
         d = et.Daemon(argv, name).start()
         cleanup.append(d.stop)
         return d
+    return make
+
+
+# -- sandbox, search, scale --
+
+@pytest.fixture(scope="module")
+def new_hook_receiver(cleanup):
+    """Factory: new_hook_receiver(fail_first=None, status=200) starts a
+    webhook receiver in this process (sandboxlib.Receiver: records every
+    delivery, can fail the first N of a path) and stops it when the module
+    ends."""
+    def make(**kw):
+        rcv = sandboxlib.Receiver(**kw)
+        cleanup.append(rcv.stop)
+        return rcv
+    return make
+
+
+@pytest.fixture(scope="module")
+def hook_receiver(new_hook_receiver):
+    """The module's webhook receiver (answers 200 to every delivery)."""
+    return new_hook_receiver()
+
+
+@pytest.fixture(scope="module")
+def silent_port(cleanup):
+    """A loopback port that accepts connections and never answers (a
+    webhook receiver or API that hangs)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    cleanup.append(s.close)
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def new_sandbox_cluster(new_cluster):
+    """Factory: new_sandbox_cluster(name, sb, conf=None) makes a cluster whose
+    enrich calls enrich-sandbox `sb` (its key in a file only the server reads,
+    so it never shows in the server log), with enrich created; `conf`
+    overrides sandboxlib.CLUSTER_CONF.  Destroyed when the module ends."""
+    def make(name, sb, conf=None):
+        c = new_cluster(name, sandboxlib.cluster_conf(sb, conf), start=False)
+        c.write_conf({"enrich.api_key_file": "'%s'" % sandboxlib.key_file(c, "api.key", sb.key)})
+        try:
+            c.start()
+        except RuntimeError as exc:  # say why: the log goes with the cluster
+            raise RuntimeError("%s\nserver log:\n%s" % (exc, c.log()[-3000:])) from None
+        c.psql("CREATE EXTENSION enrich")
+        return c
     return make

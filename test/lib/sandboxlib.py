@@ -1,9 +1,13 @@
-"""Helpers shared by the enrich-sandbox suites (standard library only).
+"""The enrich-sandbox wrapper shared by every suite (standard library only).
 
 Sandbox starts enrich-sandbox on a free loopback port with the options a
 test asks for; Receiver is a webhook receiver in this process that records
 every delivery (raw body bytes, headers, path) and can be told to fail the
-first N deliveries of a path.
+first N deliveries of a path; cluster_conf and key_file point a cluster's
+enrich at a sandbox.  test/conftest.py turns them into fixtures
+(new_sandbox, sandbox, new_hook_receiver, hook_receiver,
+new_sandbox_cluster); scripts outside pytest (memcheck, benchmarks) use
+them directly.
 """
 
 import hashlib
@@ -12,13 +16,12 @@ import http.client
 import http.server
 import json
 import os
+import pwd
 import socket
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-import enrichtest as et  # noqa: E402
+import enrichtest as et
 
 KEY = "sandbox-test-key-0123456789"
 
@@ -100,6 +103,39 @@ class Sandbox:
         return self.daemon.log()
 
 
+# enrich settings for a cluster that talks to a sandbox: short delays so
+# that a test's batches go out and come back within seconds.
+CLUSTER_CONF = {
+    "enrich.batch_delay": "'200ms'",
+    "enrich.poll_after": "'1s'",
+    "enrich.poll_interval": "'1s'",
+    "enrich.request_timeout": "'20s'",
+    "enrich.max_calls_per_minute": "1000",
+}
+
+
+def cluster_conf(sb, extra=None):
+    """postgresql.conf settings for a cluster whose enrich calls sandbox sb
+    (CLUSTER_CONF, then extra)."""
+    conf = dict(CLUSTER_CONF, **{"enrich.api_url": "'%s/api/v2'" % sb.base})
+    conf.update(extra or {})
+    return conf
+
+
+def key_file(c, name, key):
+    """Write key to file `name` in cluster c's directory, readable by the
+    server only; returns its path.  (A key set by file never shows in the
+    server log, which logs a changed enrich.api_key value on reload.)"""
+    path = os.path.join(c.base, name)
+    with open(path, "w") as f:
+        f.write(key + "\n")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(et.PG_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return path
+
+
 def _json(raw):
     try:
         return json.loads(raw)
@@ -178,8 +214,10 @@ class Receiver:
             self.got = []
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 def raw_request(port, data, read_timeout=5):
