@@ -1,96 +1,35 @@
 """Helpers shared by the enrich-receiver suites (standard library only).
 
-A cluster with the extension and a login role granted enrich_receiver,
-batches and requests inserted directly as superuser (as in
-test/ingest/test_ingest.py), signed result envelopes, the receiver
-started on a free loopback port, and a small HTTP client that also sends
-the malformed requests the tests need.
+The cluster settings and setup for a receiver's cluster (the extension and
+a login role granted only enrich_receiver), enrich-receiver started on a
+free loopback port, and a small HTTP client that also sends the malformed
+requests the tests need.  Batches, records, envelopes and signatures are
+in batches.
 """
 
-import hashlib
-import hmac
 import http.client
-import json
 import os
 import socket
-import sys
-import uuid
+import subprocess
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import Cluster, Daemon, daemon_path, free_port, wait_for, wait_port  # noqa: E402,F401
+from batches import KEY, ROLE, sign
+from enrichtest import Daemon, as_pg_user, daemon_path, free_port, wait_for, wait_port  # noqa: F401
 
-KEY = "receiver-test-key-0123456789"
-ROLE = "recv"
-
-
-def sign(body, key=KEY):
-    return hmac.new(key.encode(), body, hashlib.sha1).hexdigest()
-
-
-def make_cluster(name):
-    """A started cluster with the extension, the API key and the receiver's role.
-
-    enrich.database_name stays 'postgres' (where the extension is not
-    created) so that no dispatcher works in these clusters.
-    """
-    c = Cluster(name, conf={
-        "enrich.api_key": "'%s'" % KEY,
-        "enrich.database_name": "'postgres'",
-        "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
-    })
-    c.start()
-    c.psql("CREATE EXTENSION enrich")
-    c.psql("CREATE ROLE %s LOGIN IN ROLE enrich_receiver" % ROLE)
-    return c
+# A receiver's cluster: enrich.database_name stays 'postgres' (where the
+# extension is not created) so that no dispatcher works in it.
+CLUSTER_CONF = {
+    "enrich.api_key": "'%s'" % KEY,
+    "enrich.database_name": "'postgres'",
+    "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
+}
+CLUSTER_SETUP = "CREATE EXTENSION enrich; CREATE ROLE %s LOGIN IN ROLE enrich_receiver;" % ROLE
 
 
-def make_batch(c, n, fields="{work_email,phone}", state="sent"):
-    """A batch in flight with n requests: (batch_id, token, [request ids], enrichment_id)."""
-    eid = str(uuid.uuid4())
-    out = c.psql("""
-        WITH b AS (
-            INSERT INTO enrich.batches (state, enrichment_id, name, contact_count, sent_at,
-                                        next_poll_at)
-            VALUES ('%s', '%s', 'test', %d, now(), now() + interval '1 day')
-            RETURNING id, token)
-        SELECT b.id, b.token FROM b""" % (state, eid, n))
-    bid, token = out.split("|")
-    ids = c.psql("""
-        INSERT INTO enrich.requests (state, batch_id, fields, input_key, first_name)
-        SELECT 'in_flight', %s, '%s', 'k' || g, 'P' || g FROM generate_series(1, %d) g
-        RETURNING id""" % (bid, fields, n)).split("\n")
-    return int(bid), token, [int(i) for i in ids], eid
-
-
-def record(rid, we=None, ph=None, title=None):
-    """One result record for request rid, as FullEnrich sends it."""
-    ci = {
-        "most_probable_work_email": {"email": we, "status": "DELIVERABLE"} if we else None,
-        "most_probable_personal_email": None,
-        "most_probable_phone": {"number": ph, "region": "FR"} if ph else None,
-        "work_emails": [{"email": we, "status": "DELIVERABLE"}] if we else [],
-        "personal_emails": None,
-        "phones": [{"number": ph, "region": "FR"}] if ph else [],
-    }
-    rec = {"input": {"first_name": "P%d" % rid, "company_domain": "example.com"},
-           "custom": {"enrich_request_id": str(rid)},
-           "contact_info": ci}
-    if title:
-        rec["profile"] = {"full_name": "P%d" % rid,
-                          "employment": {"current": {"title": title}}}
-    return rec
-
-
-def envelope(eid, status, records, credits=0):
-    return json.dumps({"id": eid, "name": "test", "status": status,
-                       "cost": {"credits": credits}, "data": records},
-                      separators=(",", ":")).encode()
-
-
-def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None):
+def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None, cleanup=None):
     """enrich-receiver on a free loopback port against cluster c; returns (daemon, port).
 
     dsn=None connects as user; dsn=False passes no --dsn (give --dsn-file in extra).
+    cleanup: a list the daemon's stop is appended to as soon as it runs.
     """
     port = port or free_port()
     argv = [daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port]
@@ -98,6 +37,8 @@ def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None):
         argv += ["--dsn", dsn or c.dsn(user=user)]
     argv += list(extra)
     d = Daemon(argv, name).start()
+    if cleanup is not None:
+        cleanup.append(d.stop)
     wait_port(port)
     return d, port
 
@@ -158,22 +99,17 @@ def metric(port, name):
     return None
 
 
-def run_suite(results, name, main):
-    """Make a cluster, run main(cluster, daemons), then always stop the
-    daemons it appended and destroy the cluster; a crash counts as a failure.
-    Ends the process with the suite's "N passed, N failed" line."""
-    cluster = None
-    daemons = []
-    try:
-        cluster = make_cluster(name)
-        main(cluster, daemons)
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        results.check(False, "suite ran to the end", repr(exc))
-    finally:
-        for d in daemons:
-            d.stop()
-        if cluster is not None:
-            cluster.destroy()
-    results.finish()
+def hold_lock(c, seconds, mode="ACCESS EXCLUSIVE"):
+    """Lock enrich.deliveries (IN mode MODE) for `seconds` from a background
+    psql session; returns once the lock is granted, with the process (wait()
+    on it to know the lock is released)."""
+    held = "".join(w.capitalize() for w in mode.split()) + "Lock"
+    p = subprocess.Popen(as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-q",
+                                     "-h", c.sockdir, "-p", str(c.port), "-d", c.dbname,
+                                     "-c", "BEGIN; LOCK TABLE enrich.deliveries IN %s MODE; "
+                                           "SELECT pg_sleep(%s); COMMIT;" % (mode, seconds)]),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for(lambda: c.scalar("SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation "
+                              "WHERE r.relname = 'deliveries' AND l.mode = '%s' AND l.granted" % held)
+             == "1", timeout=10, what="the lock on enrich.deliveries")
+    return p
