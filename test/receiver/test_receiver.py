@@ -63,6 +63,7 @@ def test_healthz(r, receiver):
 
 
 def test_deliveries(r, cluster, receiver):
+    """A signed per-contact delivery, the same three times, then the batch's."""
     c, (_, port) = cluster, receiver
     # --- signed per-contact delivery -------------------------------------
     bid, token, ids, eid = make_batch(c, 3)
@@ -100,7 +101,10 @@ def test_deliveries(r, cluster, receiver):
     r.eq(q(c, "SELECT xmin::text || updated_at FROM enrich.results WHERE request_id = %d" % ids[0]), mark,
          "per-contact and batch delivery agree (row untouched)")
 
-    # --- out of order: the job delivery first ----------------------------------
+
+def test_out_of_order(r, cluster, receiver):
+    """The job delivery first, then the per-contact ones."""
+    c, (_, port) = cluster, receiver
     bid2, token2, ids2, eid2 = make_batch(c, 2)
     recs = [record(ids2[0], we="c@example.com"), record(ids2[1], ph="+1 555 0100")]
     st, _, _ = post(port, token2, envelope(eid2, "FINISHED", recs, credits=11), kind="job")
@@ -115,7 +119,10 @@ def test_deliveries(r, cluster, receiver):
          ("partial,c@example.com,DELIVERABLE,,,", "partial,,,+1 555 0100,FR,", "finished"),
          "out-of-order deliveries: right values, batch finished")
 
-    # --- signatures ------------------------------------------------------------
+
+def test_signatures(r, cluster, receiver):
+    """Wrong, missing and malformed signatures: 401, no result."""
+    c, (_, port) = cluster, receiver
     _, token3, ids3, eid3 = make_batch(c, 2)
     forged = envelope(eid3, "IN_PROGRESS", [record(ids3[0], we="mallory@example.com")])
     st, msg, _ = post(port, token3, forged, sig=sign(forged, "not-the-key"))
