@@ -203,3 +203,29 @@ def new_sandbox_cluster(new_cluster):
         c.psql("CREATE EXTENSION enrich")
         return c
     return make
+
+
+# -- receiver and ingest ----------------------------------------------------
+# (a receiver's cluster: CLUSTER_CONF = receiverlib.CLUSTER_CONF and
+# CLUSTER_SETUP = receiverlib.CLUSTER_SETUP in the suite)
+
+import receiverlib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def new_receiver(cleanup):
+    """Factory: new_receiver(cluster, *options, name=, user=, dsn=, port=)
+    starts enrich-receiver (receiverlib.start_receiver) against the cluster,
+    connecting as the enrich_receiver role; returns (daemon, port).  The
+    daemon is stopped when the module ends (tests about stopping it may stop
+    it earlier)."""
+    def make(c, *options, **kw):
+        return receiverlib.start_receiver(c, *options, cleanup=cleanup, **kw)
+    return make
+
+
+@pytest.fixture(scope="module")
+def receiver(request, cluster, new_receiver):
+    """The module's enrich-receiver on `cluster`, started with the module's
+    RECEIVER_ARGS: (daemon, port)."""
+    return new_receiver(cluster, *getattr(request.module, "RECEIVER_ARGS", ()))

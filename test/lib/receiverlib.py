@@ -1,96 +1,39 @@
 """Helpers shared by the enrich-receiver suites (standard library only).
 
-A cluster with the extension and a login role granted enrich_receiver,
-batches and requests inserted directly as superuser (as in
-test/ingest/test_ingest.py), signed result envelopes, the receiver
-started on a free loopback port, and a small HTTP client that also sends
-the malformed requests the tests need.
+The cluster settings and setup for a receiver's cluster (the extension and
+a login role granted only enrich_receiver), enrich-receiver started on a
+free loopback port, and a small HTTP client that also sends the malformed
+requests the tests need.  Batches, records, envelopes and signatures are
+in batches.
 """
 
-import hashlib
-import hmac
+import collections
 import http.client
-import json
 import os
+import signal
 import socket
-import sys
-import uuid
+import subprocess
+import threading
+import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import Cluster, Daemon, daemon_path, free_port, wait_for, wait_port  # noqa: E402,F401
+from batches import KEY, ROLE, envelope, make_batch, record, sign
+from enrichtest import Daemon, as_pg_user, daemon_path, free_port, wait_for, wait_port  # noqa: F401
 
-KEY = "receiver-test-key-0123456789"
-ROLE = "recv"
-
-
-def sign(body, key=KEY):
-    return hmac.new(key.encode(), body, hashlib.sha1).hexdigest()
-
-
-def make_cluster(name):
-    """A started cluster with the extension, the API key and the receiver's role.
-
-    enrich.database_name stays 'postgres' (where the extension is not
-    created) so that no dispatcher works in these clusters.
-    """
-    c = Cluster(name, conf={
-        "enrich.api_key": "'%s'" % KEY,
-        "enrich.database_name": "'postgres'",
-        "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
-    })
-    c.start()
-    c.psql("CREATE EXTENSION enrich")
-    c.psql("CREATE ROLE %s LOGIN IN ROLE enrich_receiver" % ROLE)
-    return c
+# A receiver's cluster: enrich.database_name stays 'postgres' (where the
+# extension is not created) so that no dispatcher works in it.
+CLUSTER_CONF = {
+    "enrich.api_key": "'%s'" % KEY,
+    "enrich.database_name": "'postgres'",
+    "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
+}
+CLUSTER_SETUP = "CREATE EXTENSION enrich; CREATE ROLE %s LOGIN IN ROLE enrich_receiver;" % ROLE
 
 
-def make_batch(c, n, fields="{work_email,phone}", state="sent"):
-    """A batch in flight with n requests: (batch_id, token, [request ids], enrichment_id)."""
-    eid = str(uuid.uuid4())
-    out = c.psql("""
-        WITH b AS (
-            INSERT INTO enrich.batches (state, enrichment_id, name, contact_count, sent_at,
-                                        next_poll_at)
-            VALUES ('%s', '%s', 'test', %d, now(), now() + interval '1 day')
-            RETURNING id, token)
-        SELECT b.id, b.token FROM b""" % (state, eid, n))
-    bid, token = out.split("|")
-    ids = c.psql("""
-        INSERT INTO enrich.requests (state, batch_id, fields, input_key, first_name)
-        SELECT 'in_flight', %s, '%s', 'k' || g, 'P' || g FROM generate_series(1, %d) g
-        RETURNING id""" % (bid, fields, n)).split("\n")
-    return int(bid), token, [int(i) for i in ids], eid
-
-
-def record(rid, we=None, ph=None, title=None):
-    """One result record for request rid, as FullEnrich sends it."""
-    ci = {
-        "most_probable_work_email": {"email": we, "status": "DELIVERABLE"} if we else None,
-        "most_probable_personal_email": None,
-        "most_probable_phone": {"number": ph, "region": "FR"} if ph else None,
-        "work_emails": [{"email": we, "status": "DELIVERABLE"}] if we else [],
-        "personal_emails": None,
-        "phones": [{"number": ph, "region": "FR"}] if ph else [],
-    }
-    rec = {"input": {"first_name": "P%d" % rid, "company_domain": "example.com"},
-           "custom": {"enrich_request_id": str(rid)},
-           "contact_info": ci}
-    if title:
-        rec["profile"] = {"full_name": "P%d" % rid,
-                          "employment": {"current": {"title": title}}}
-    return rec
-
-
-def envelope(eid, status, records, credits=0):
-    return json.dumps({"id": eid, "name": "test", "status": status,
-                       "cost": {"credits": credits}, "data": records},
-                      separators=(",", ":")).encode()
-
-
-def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None):
+def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None, cleanup=None):
     """enrich-receiver on a free loopback port against cluster c; returns (daemon, port).
 
     dsn=None connects as user; dsn=False passes no --dsn (give --dsn-file in extra).
+    cleanup: a list the daemon's stop is appended to as soon as it runs.
     """
     port = port or free_port()
     argv = [daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port]
@@ -98,6 +41,8 @@ def start_receiver(c, *extra, name="receiver", user=ROLE, dsn=None, port=None):
         argv += ["--dsn", dsn or c.dsn(user=user)]
     argv += list(extra)
     d = Daemon(argv, name).start()
+    if cleanup is not None:
+        cleanup.append(d.stop)
     wait_port(port)
     return d, port
 
@@ -158,22 +103,166 @@ def metric(port, name):
     return None
 
 
-def run_suite(results, name, main):
-    """Make a cluster, run main(cluster, daemons), then always stop the
-    daemons it appended and destroy the cluster; a crash counts as a failure.
-    Ends the process with the suite's "N passed, N failed" line."""
-    cluster = None
-    daemons = []
+def hold_lock(c, seconds, mode="ACCESS EXCLUSIVE"):
+    """Lock enrich.deliveries (IN mode MODE) for `seconds` from a background
+    psql session; returns once the lock is granted, with the process (wait()
+    on it to know the lock is released)."""
+    held = "".join(w.capitalize() for w in mode.split()) + "Lock"
+    p = subprocess.Popen(as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-q",
+                                     "-h", c.sockdir, "-p", str(c.port), "-d", c.dbname,
+                                     "-c", "BEGIN; LOCK TABLE enrich.deliveries IN %s MODE; "
+                                           "SELECT pg_sleep(%s); COMMIT;" % (mode, seconds)]),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for(lambda: c.scalar("SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation "
+                              "WHERE r.relname = 'deliveries' AND l.mode = '%s' AND l.granted" % held)
+             == "1", timeout=10, what="the lock on enrich.deliveries")
+    return p
+
+
+# -- kill -9 mid-stream (test_crash.py, test_crash_group.py) -----------------
+
+class Stream:
+    """Signed deliveries sent by sender threads that, like the vendor, resend
+    whatever was not answered 2xx; who got a 2xx, and what went wrong."""
+
+    def __init__(self, port):
+        self.port = port
+        self.todo = collections.deque()
+        self.lock = threading.Lock()
+        self.acked = {}             # request id -> status
+        self.failures = collections.Counter()
+        self.stop = False
+
+    def sender(self):
+        while not self.stop:
+            with self.lock:
+                item = self.todo.popleft() if self.todo else None
+            if item is None:
+                return
+            rid, token, body = item
+            try:
+                st = post(self.port, token, body, timeout=10)[0]
+            except OSError as exc:
+                st = type(exc).__name__
+            if isinstance(st, int) and 200 <= st < 300:
+                with self.lock:
+                    self.acked[rid] = st
+            else:
+                with self.lock:
+                    self.failures[st] += 1
+                    self.todo.append(item)
+                time.sleep(0.02)
+
+    def count(self):
+        with self.lock:
+            return len(self.acked)
+
+
+def kill_postgres(c):
+    """SIGKILL the postmaster and all its children; wait until they are gone."""
+    with open(os.path.join(c.datadir, "postmaster.pid")) as f:
+        pm = int(f.readline())
+    pids = [pm]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pm:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not any(os.path.exists("/proc/%d" % p) for p in pids), timeout=20,
+             what="PostgreSQL processes to die")
+    return len(pids)
+
+
+def crash_stream(c, new_receiver, receiver_args, senders, batches=12, per_batch=100):
+    """Stream batches x per_batch per-contact deliveries from `senders`
+    threads while killing, in turn, the receiver (kill -9, restarted on the
+    same port), PostgreSQL (every process, after a reload to
+    synchronous_commit = off) and one of the receiver's backends; return
+    once every delivery was answered 2xx: a dict with the Stream, the
+    total, how many were answered at each kill, the killed PostgreSQL
+    process count and the last receiver's port."""
+    d, port = new_receiver(c, *receiver_args, name="receiver-crash")
+    s = Stream(port)
+    for _ in range(batches):
+        _, token, ids, eid = make_batch(c, per_batch)
+        for rid in ids:
+            s.todo.append((rid, token, envelope(eid, "IN_PROGRESS",
+                                                [record(rid, we="r%d@example.com" % rid)], credits=1)))
+    total = len(s.todo)
+    out = {"stream": s, "total": total, "port": port}
+    threads = [threading.Thread(target=s.sender) for _ in range(senders)]
+    for t in threads:
+        t.start()
     try:
-        cluster = make_cluster(name)
-        main(cluster, daemons)
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        results.check(False, "suite ran to the end", repr(exc))
+        # 1. kill -9 the receiver mid-stream, start a new one on the same port.
+        wait_for(lambda: s.count() >= total // 6, timeout=60, what="first deliveries")
+        d.proc.kill()
+        d.proc.wait()
+        out["killed_receiver_at"] = s.count()
+        time.sleep(0.3)
+        d, _ = new_receiver(c, *receiver_args, name="receiver-crash", port=port)
+
+        # 2. Reload with synchronous_commit = off mid-stream, let the
+        #    sessions serve deliveries under it for a while, then kill -9
+        #    PostgreSQL (every process) and start it again.
+        wait_for(lambda: s.count() >= total // 3, timeout=60, what="deliveries after the receiver restart")
+        c.psql("ALTER SYSTEM SET synchronous_commit = off", db="postgres")
+        c.psql("SELECT pg_reload_conf()", db="postgres")
+        reloaded_at = s.count()
+        wait_for(lambda: s.count() >= reloaded_at + 150, timeout=60, what="deliveries after the reload")
+        out["pg_processes"] = kill_postgres(c)
+        out["killed_pg_at"] = s.count()
+        time.sleep(0.5)
+        c.start(create_db=False)
+
+        # 3. kill -9 one backend serving the receiver: the postmaster resets
+        #    every session (crash recovery) while deliveries are in flight.
+        wait_for(lambda: s.count() >= 3 * total // 4, timeout=60, what="deliveries after the crash")
+        pid = c.scalar("SELECT pid FROM pg_stat_activity WHERE usename = '%s' LIMIT 1" % ROLE)
+        os.kill(int(pid), signal.SIGKILL)
+        out["killed_backend_at"] = s.count()
+
+        wait_for(lambda: s.count() == total, timeout=120, interval=0.2, what="every delivery answered 2xx")
     finally:
-        for d in daemons:
-            d.stop()
-        if cluster is not None:
-            cluster.destroy()
-    results.finish()
+        s.stop = True
+        for t in threads:
+            t.join(30)
+    return out
+
+
+def check_kills(r, out):
+    """A crash_stream run's kills happened mid-stream and cost answers."""
+    s, total = out["stream"], out["total"]
+    r.check(0 < out["killed_receiver_at"] < total,
+            "receiver killed mid-stream (%d of %d answered)" % (out["killed_receiver_at"], total))
+    r.check(0 < out["killed_pg_at"] < total, "PostgreSQL killed mid-stream after a reload to synchronous_commit = off "
+            "(%d processes, %d of %d answered)" % (out["pg_processes"], out["killed_pg_at"], total))
+    r.check(0 < out["killed_backend_at"] < total,
+            "a backend killed mid-stream (%d of %d answered)" % (out["killed_backend_at"], total))
+    r.check(sum(s.failures.values()) > 0, "the kills cost answers (resent): %s" % dict(s.failures))
+    r.check(s.failures.get(503, 0) > 0, "database down answered 503, not dropped")
+
+
+def check_nothing_lost(r, c, out):
+    """After a crash_stream run nothing answered 2xx was lost or filed twice."""
+    s, total = out["stream"], out["total"]
+    acked = sorted(s.acked)
+    ids = c.psql("SELECT request_id FROM enrich.results ORDER BY 1").split("\n")
+    present = set(int(i) for i in ids if i)
+    missing = [x for x in acked if x not in present]
+    r.eq(missing, [], "every delivery answered 2xx is in the database")
+    r.eq(len(acked), total, "every delivery was eventually answered 2xx")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.results"), str(total), "exactly one result per delivery")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE state = 'done'"), str(total),
+         "every request done")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.deliveries WHERE outcome = 'accepted'"), str(total),
+         "each delivery accepted once (resends are duplicates)")
+    r.check(all(st == 200 for st in s.acked.values()), "2xx answers were 200")
