@@ -156,7 +156,10 @@ def test_total_cap(r, cluster, new_receiver):
     t = Tricklers(port, 60, ["127.0.0.2", "127.0.0.3"])
     try:
         t.pump(0.5)
-        r.check(t.closed_within(0.6) >= 60 - 40 - 2 and t.still_open() <= 40,
+        # The receiver's two HTTP threads may each admit one connection at
+        # the same moment (receiver_conn.c: "can overshoot a cap"), so the
+        # cap holds to within one connection.
+        r.check(t.closed_within(0.6) >= 60 - 40 - 2 and t.still_open() <= 40 + 1,
                 "connections past --max-connections closed at once, not left in the backlog",
                 "(%d closed within 0.6 s, %d open)" % (t.closed_within(0.6), t.still_open()))
         t0 = time.monotonic()
