@@ -94,8 +94,7 @@ def test_setup(r, new_sandbox, new_cluster):
     r.eq(states(c, ids), "queued=3", "without a key nothing is sent")
     # The key file, readable by the server only (PostgreSQL itself would log
     # a key set with enrich.api_key on reload; a file name is all it logs).
-    keyfile = os.path.join(c.base, "fullenrich.key")
-    c._run(["sh", "-c", "umask 077 && cat > '%s'" % keyfile], input=sb.key + "\n")
+    keyfile = dl.key_file(c, sb.key)
     c.psql("ALTER SYSTEM SET enrich.api_key_file = '%s'; SELECT pg_reload_conf()" % keyfile)
     r.check(wait_settled(c, ids, 30), "a key file set by reload: the queued contacts go out (polling mode)")
     r.eq(c.scalar("SELECT api_key_source FROM enrich.dispatcher"), "enrich.api_key_file",

@@ -23,6 +23,8 @@ import os
 
 import pytest
 
+import dispatchlib as dl
+
 KEY = "nopreload-file-key-0123456789"
 DIRECT_KEY = "nopreload-direct-key-9876543210"
 BODY = b'{"id": "x", "status": "FINISHED"}'
@@ -65,7 +67,7 @@ def nopre(new_cluster):
     """A cluster without enrich in shared_preload_libraries, its key in
     enrich.api_key_file (mode 0600), an ordinary role alice."""
     c = new_cluster("nopreload", conf={"shared_preload_libraries": "''"}, start=False)
-    c._run(["sh", "-c", "umask 077 && cat > '%s'" % keyfile(c)], input=KEY + "\n")
+    dl.key_file(c, KEY)
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile(c)})
     c.start()
     c.psql("CREATE ROLE alice LOGIN")

@@ -48,6 +48,14 @@ def sandbox_conf(sb, key=True, **settings):
     return conf
 
 
+def key_file(c, key, name="fullenrich.key"):
+    """Write key to a file in the cluster's directory that only the server's
+    user may read (mode 0600, as enrich.api_key_file wants); its path."""
+    path = os.path.join(c.base, name)
+    c._run(["sh", "-c", "umask 077 && cat > '%s'" % path], input=key + "\n")
+    return path
+
+
 # -- the sandbox's control endpoint ------------------------------------------
 
 def control(sb, what):

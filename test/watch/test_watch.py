@@ -398,8 +398,7 @@ def test_end_to_end(r, new_sandbox, new_cluster, new_daemon):
         sandbox, key=False, batch_delay="'200ms'",
         # the worker as an ordinary role (write-back still runs as the owner)
         worker_role="'e2e_dispatch'"), start=False)
-    keyfile = os.path.join(c.base, "api.key")
-    c._run(["sh", "-c", "umask 077; cat > '%s'" % keyfile], input=sandbox.key + "\n")
+    keyfile = dl.key_file(c, sandbox.key, "api.key")
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
     c.start()
     c.psql("""
