@@ -154,7 +154,7 @@ def new_daemon(cleanup):
     return make
 
 
-# -- dispatch, control, budget, watch, foundation --------------------------
+# -- dispatch, control, budget, watch, foundation --
 # Suites where the dispatcher worker sends to enrich-sandbox declare
 # SANDBOX_ARGS (options after sandboxlib's defaults; a later option wins)
 # and CLUSTER_CONF / CLUSTER_SETUP as for `cluster`.
