@@ -229,3 +229,28 @@ def receiver(request, cluster, new_receiver):
     """The module's enrich-receiver on `cluster`, started with the module's
     RECEIVER_ARGS: (daemon, port)."""
     return new_receiver(cluster, *getattr(request.module, "RECEIVER_ARGS", ()))
+
+
+# -- dispatch, control, budget, watch, foundation --
+# Suites where the dispatcher worker sends to enrich-sandbox declare
+# SANDBOX_ARGS (options after sandboxlib's defaults; a later option wins)
+# and CLUSTER_CONF / CLUSTER_SETUP as for `cluster`.
+
+@pytest.fixture(scope="module")
+def dispatch_cluster(request, sandbox, new_cluster):
+    """The module's cluster pointed at the module's `sandbox` (its API URL
+    and key), with CLUSTER_CONF applied and CLUSTER_SETUP run."""
+    import dispatchlib
+    mod = request.module
+    name = mod.__name__.rsplit(".", 1)[-1].replace("test_", "")
+    conf = dispatchlib.sandbox_conf(sandbox)
+    conf.update(getattr(mod, "CLUSTER_CONF", None) or {})
+    return new_cluster(name, conf, getattr(mod, "CLUSTER_SETUP", None))
+
+
+@pytest.fixture(scope="module")
+def dispatch_receiver(dispatch_cluster, new_daemon):
+    """enrich-receiver for `dispatch_cluster`, connected as role recv (made
+    here), with enrich.webhook_base_url pointed at it: (daemon, port)."""
+    import dispatchlib
+    return dispatchlib.start_receiver(dispatch_cluster, new_daemon)
