@@ -46,8 +46,19 @@ sql-build/enrich--$(EXTVERSION).sql: $(SQL_PARTS)
 # Daemons: installed into $(prefix)/bin (default /usr/local/bin) so they are on
 # the PATH, not into PostgreSQL's private bindir.
 prefix     ?= /usr/local
-DAEMON_CFLAGS = -O2 -g -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE
+DAEMON_CFLAGS = -O2 -g -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE \
+				-Isrc/common
 DAEMONS    =
+
+# What both daemons share (log line start, signals, libmicrohttpd's
+# messages): compiled once, linked into each.
+COMMON_SRCS = $(sort $(wildcard src/common/*.c))
+COMMON_HDRS = $(wildcard src/common/*.h)
+COMMON_OBJS = $(COMMON_SRCS:.c=.o)
+
+src/common/%.o: src/common/%.c $(COMMON_HDRS)
+	$(CC) $(DAEMON_CFLAGS) -c -o $@ $<
+
 -include $(sort $(wildcard src/*/*.mk))
 
 all: $(DAEMONS)
@@ -58,6 +69,6 @@ install-daemons: $(DAEMONS)
 
 clean: clean-daemons
 clean-daemons:
-	rm -f $(DAEMONS) src/receiver/*.o src/sandbox/*.o
+	rm -f $(DAEMONS) src/receiver/*.o src/sandbox/*.o src/common/*.o
 
 .PHONY: install-daemons clean-daemons

@@ -91,6 +91,8 @@ typedef struct ClaimedBatch
 	char	   *token;
 	int			ncontacts;
 	DispatchContact *contacts;
+	char	   *path;			/* API path, e.g. contact/enrich/bulk */
+	char	   *body;			/* built by SQL (reverse lookups), or NULL */
 } ClaimedBatch;
 
 /* What enrich._dispatch_plan() says. */
@@ -601,6 +603,13 @@ tx_claim(void *arg)
 		c->fields = spi_text(i, 9);
 		c->custom = spi_text(i, 10);
 	}
+
+	types[1] = TEXTOID;
+	values[1] = CStringGetTextDatum(enrich_webhook_base_url ? enrich_webhook_base_url : "");
+	spi_run("SELECT path, body FROM enrich._dispatch_batch_request($1, $2)",
+			2, types, values, NULL);
+	ca->batch.path = spi_text(0, 1);
+	ca->batch.body = spi_text(0, 2);
 }
 
 /*
@@ -631,9 +640,18 @@ start_submit(int max_new, TimestampTz now)
 		return true;
 
 	name = psprintf("enrich batch " INT64_FORMAT, ca.batch.batch_id);
-	body = dispatch_build_submit(name, enrich_webhook_base_url, ca.batch.token,
-								 ca.batch.contacts, ca.batch.ncontacts, &len);
-	url = psprintf("%s/contact/enrich/bulk", api_base());
+	if (ca.batch.body != NULL)
+	{
+		/* a reverse lookup batch: the body comes whole from SQL */
+		body = strdup(ca.batch.body);
+		if (body == NULL)
+			ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		len = strlen(body);
+	}
+	else
+		body = dispatch_build_submit(name, enrich_webhook_base_url, ca.batch.token,
+									 ca.batch.contacts, ca.batch.ncontacts, &len);
+	url = psprintf("%s/%s", api_base(), ca.batch.path);
 	call = dispatch_http_start(CALL_SUBMIT, url, api_key, body, len, enrich_request_timeout);
 	call->batch_id = ca.batch.batch_id;
 	call->attempt = ca.batch.attempt;
@@ -653,6 +671,7 @@ typedef struct PollClaim
 {
 	int64		batch_id;		/* 0: nothing due */
 	char	   *enrichment_id;
+	char	   *path;			/* API path of the job's kind */
 } PollClaim;
 
 static void
@@ -666,12 +685,13 @@ tx_poll_claim(void *arg)
 	values[0] = Int32GetDatum(1);
 	/* Not polled again before this call has surely ended. */
 	values[1] = Float8GetDatum(enrich_poll_interval + enrich_request_timeout / 1000.0);
-	spi_run("SELECT batch_id, enrichment_id FROM enrich._dispatch_poll_claim($1, pg_catalog.make_interval(secs => $2))",
+	spi_run("SELECT batch_id, enrichment_id, path FROM enrich._dispatch_poll_claim($1, pg_catalog.make_interval(secs => $2))",
 			2, types, values, NULL);
 	if (SPI_processed == 0)
 		return;
 	pc->batch_id = DatumGetInt64(spi_value(0, 1, &isnull));
 	pc->enrichment_id = spi_text(0, 2);
+	pc->path = spi_text(0, 3);
 }
 
 /* Start the poll of one due batch; returns whether one started. */
@@ -690,7 +710,7 @@ start_poll(TimestampTz now)
 	escaped = curl_easy_escape(NULL, pc.enrichment_id, 0);
 	if (escaped == NULL)
 		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	url = psprintf("%s/contact/enrich/bulk/%s", api_base(), escaped);
+	url = psprintf("%s/%s/%s", api_base(), pc.path, escaped);
 	curl_free(escaped);
 	call = dispatch_http_start(CALL_POLL, url, api_key, NULL, 0, enrich_request_timeout);
 	call->batch_id = pc.batch_id;
@@ -802,11 +822,17 @@ dispatch_step(void)
 		{
 			int			n = Min(plan.ready, 100);
 
-			if (capacity < n)
+			/*
+			 * Wait for room for a full batch rather than send a sliver, but
+			 * never for more room than enrich.max_in_flight can ever give.
+			 */
+			int			need = Min(n, enrich_max_in_flight);
+
+			if (capacity < need)
 			{
 				set_state("waiting", "%d contact(s) ready, " INT64_FORMAT " in flight: waiting for results to free room (enrich.max_in_flight = %d)",
 						  plan.ready, plan.in_flight, enrich_max_in_flight);
-				capacity_deficit = n - capacity;
+				capacity_deficit = need - capacity;
 			}
 			else if (n >= 100 ||
 					 now >= plan.ready_since + (TimestampTz) enrich_batch_delay * 1000)

@@ -1,12 +1,15 @@
 /*-------------------------------------------------------------------------
  *
  * submit.c
- *		The submission API: enrich.submit() in its three forms, and the
- *		commit-time wakeup of the dispatcher.
+ *		The submission API: enrich.submit() and enrich.submit_reverse() in
+ *		their three forms each, and the commit-time wakeup of the dispatcher.
  *
  *	enrich.submit(contact jsonb, fields text[], custom jsonb) -> bigint
  *	enrich.submit(contact record, fields text[], custom jsonb) -> bigint
  *	enrich.submit_bulk(contacts jsonb, fields text[]) -> bigint[]
+ *	enrich.submit_reverse(email text, custom jsonb) -> bigint
+ *	enrich.submit_reverse(contact record, custom jsonb) -> bigint
+ *	enrich.submit_reverse_bulk(emails jsonb) -> bigint[]
  *
  * Each validates its input (submit_validate.c), inserts one request row per
  * contact (submit_insert.c) and raises a flag in this backend.  The
@@ -258,10 +261,23 @@ row_find(TupleDesc desc, const char *const *names)
 	return 0;
 }
 
+/* Column names for each entry of a RowMap: a table of CF_COUNT + 1 lists. */
+typedef const char *const RowAliases[CF_COUNT + 1][8];
+
+/*
+ * The columns enrich.submit_reverse(record) reads: the email (in the first
+ * slot) and the id (the last); the other slots stay unused.
+ */
+static RowAliases reverse_aliases = {
+	{"email", "email_address", "e_mail", "work_email", "personal_email", NULL},
+	{NULL}, {NULL}, {NULL}, {NULL},
+	{"id", NULL},
+};
+
 /* Build, or reuse, the column mapping for this row type. */
 static RowMap *
 row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
-			int32 typmod, TupleDesc desc)
+			int32 typmod, TupleDesc desc, RowAliases *aliases)
 {
 	RowMap	   *map = cache->map;
 
@@ -278,7 +294,7 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
 	map->checked_user = InvalidOid;
 	for (int f = 0; f <= CF_COUNT; f++)
 	{
-		map->col[f] = row_find(desc, row_aliases[f]);
+		map->col[f] = row_find(desc, (*aliases)[f]);
 		if (map->col[f] > 0)
 		{
 			Oid			outfn;
@@ -298,7 +314,8 @@ row_map_get(FunctionCallInfo fcinfo, SubmitCache *cache, Oid typid,
  * the map of its columns.
  */
 static RowMap *
-row_arg(FunctionCallInfo fcinfo, SubmitCache *cache, HeapTupleData *tuple, TupleDesc *desc)
+row_arg(FunctionCallInfo fcinfo, SubmitCache *cache, HeapTupleData *tuple, TupleDesc *desc,
+		RowAliases *aliases)
 {
 	HeapTupleHeader row = PG_GETARG_HEAPTUPLEHEADER(0);
 	Oid			typid = HeapTupleHeaderGetTypeId(row);
@@ -309,7 +326,7 @@ row_arg(FunctionCallInfo fcinfo, SubmitCache *cache, HeapTupleData *tuple, Tuple
 	ItemPointerSetInvalid(&tuple->t_self);
 	tuple->t_tableOid = InvalidOid;
 	tuple->t_data = row;
-	return row_map_get(fcinfo, cache, typid, typmod, *desc);
+	return row_map_get(fcinfo, cache, typid, typmod, *desc, aliases);
 }
 
 /*
@@ -412,7 +429,7 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 
 	check_contact_not_null(fcinfo);
 	cache = submit_cache(fcinfo);
-	map = row_arg(fcinfo, cache, &tuple, &desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc, &row_aliases);
 	if (map->col[CF_LINKEDIN_URL] == 0 &&
 		(map->col[CF_FIRST_NAME] == 0 || map->col[CF_LAST_NAME] == 0 ||
 		 (map->col[CF_DOMAIN] == 0 && map->col[CF_COMPANY_NAME] == 0)))
@@ -574,7 +591,7 @@ enrich_watch_submit(PG_FUNCTION_ARGS)
 	if (PG_ARGISNULL(0))
 		PG_RETURN_TEXT_P(cstring_to_text("no identity"));
 	cache = submit_cache(fcinfo);
-	map = row_arg(fcinfo, cache, &tuple, &desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc, &row_aliases);
 	/*
 	 * A transition table's rows are anonymous records: the table is given.
 	 * Their columns need not be the table's, so only SELECT on the whole
@@ -687,7 +704,7 @@ enrich_row_input_key(PG_FUNCTION_ARGS)
 		cache = MemoryContextAllocZero(fcinfo->flinfo->fn_mcxt, sizeof(SubmitCache));
 		fcinfo->flinfo->fn_extra = cache;
 	}
-	map = row_arg(fcinfo, cache, &tuple, &desc);
+	map = row_arg(fcinfo, cache, &tuple, &desc, &row_aliases);
 	memset(&c, 0, sizeof(c));
 	for (int f = 0; f < CF_COUNT && reason == NULL; f++)
 		reason = contact_try_set(&c, f, row_column(&tuple, desc, map, f));
@@ -697,4 +714,208 @@ enrich_row_input_key(PG_FUNCTION_ARGS)
 	if (key == NULL)
 		PG_RETURN_NULL();
 	PG_RETURN_TEXT_P(cstring_to_text(key));
+}
+
+/* ---- reverse email lookups ---- */
+
+PG_FUNCTION_INFO_V1(enrich_submit_reverse_text);
+PG_FUNCTION_INFO_V1(enrich_submit_reverse_record);
+PG_FUNCTION_INFO_V1(enrich_submit_reverse_bulk);
+
+/*
+ * enrich.submit_reverse(email text, custom jsonb) RETURNS bigint
+ *		Queue one reverse lookup: who is behind this email address.
+ */
+Datum
+enrich_submit_reverse_text(PG_FUNCTION_ARGS)
+{
+	char	   *email;
+	Jsonb	   *custom;
+	int64		id;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("email must not be null")));
+	email = email_check(text_to_cstring(PG_GETARG_TEXT_PP(0)));
+	custom = arg_custom(fcinfo, 1);
+	id = request_insert_reverse(submit_cache(fcinfo)->ins, email, custom, InvalidOid, NULL);
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * enrich.submit_reverse(contact record, custom jsonb) RETURNS bigint
+ *		Queue a reverse lookup of a table row's email column (see
+ *		reverse_aliases); the row's table and id are kept as for
+ *		enrich.submit(record), and need the same SELECT right.
+ */
+Datum
+enrich_submit_reverse_record(PG_FUNCTION_ARGS)
+{
+	HeapTupleData tuple;
+	TupleDesc	desc;
+	SubmitCache *cache;
+	RowMap	   *map;
+	char	   *source_id;
+	char	   *raw;
+	char	   *email;
+	Jsonb	   *custom;
+	int64		id;
+	RowErrorContext rowctx;
+	ErrorContextCallback errcb;
+
+	check_contact_not_null(fcinfo);
+	cache = submit_cache(fcinfo);
+	map = row_arg(fcinfo, cache, &tuple, &desc, &reverse_aliases);
+	if (map->col[0] == 0)
+	{
+		ReleaseTupleDesc(desc);
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("row has no email column"),
+				 errdetail("A row needs a column named email, email_address, e_mail, work_email or personal_email."),
+				 errhint("Rename or alias the column, for example SELECT enrich.submit_reverse(t) FROM (SELECT id, mail AS email FROM ...) t.")));
+	}
+	row_check_select(map, desc,
+					 "A row submitted with enrich.submit_reverse(record) names its table and id, and its result may be written back there; that needs SELECT on the table.",
+					 "Ask for SELECT on the table, or submit the address with enrich.submit_reverse(text), which names no row.");
+
+	source_id = row_column(&tuple, desc, map, CF_COUNT);
+	raw = row_column(&tuple, desc, map, 0);
+	ReleaseTupleDesc(desc);
+	rowctx.relid = map->relid;
+	rowctx.source_id = source_id;
+	errcb.callback = row_error_context;
+	errcb.arg = &rowctx;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+	email = email_check(raw);
+	error_context_stack = errcb.previous;
+	custom = arg_custom(fcinfo, 1);
+
+	id = request_insert_reverse(cache->ins, email, custom, map->relid, source_id);
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_INT64(id);
+}
+
+/* Error context for bulk reverse submission: which element is at fault. */
+static void
+bulk_reverse_error_context(void *arg)
+{
+	errcontext("email %d of the array (counting from 1)", *(int *) arg);
+}
+
+/*
+ * enrich.submit_reverse_bulk(emails jsonb) RETURNS bigint[]
+ *		Queue a reverse lookup for every element of a JSON array: an
+ *		address as a string, or an object {"email": ..., "custom": {...}}.
+ *		All or nothing, like enrich.submit_bulk(); the error names the
+ *		element.
+ */
+Datum
+enrich_submit_reverse_bulk(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *arr;
+	int			n;
+	Datum	   *ids;
+	SubmitCache *cache;
+	JsonbIterator *it;
+	JsonbValue	e;
+	JsonbIteratorToken tok;
+	int			pos = 0;
+	ErrorContextCallback errcb;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("emails must not be null")));
+	arr = PG_GETARG_JSONB_P(0);
+	if (JB_ROOT_IS_SCALAR(arr) || !JB_ROOT_IS_ARRAY(arr))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("emails must be a JSON array of addresses or {\"email\", \"custom\"} objects"),
+				 errhint("To submit one address, use enrich.submit_reverse().")));
+	n = JB_ROOT_COUNT(arr);
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("emails must not be empty")));
+	if (n > SUBMIT_MAX_BULK)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("bulk submission has %d emails, at most %d are allowed", n, SUBMIT_MAX_BULK),
+				 errhint("Split the array into several calls, or submit table rows with SELECT enrich.submit_reverse(t) FROM t.")));
+	cache = submit_cache(fcinfo);
+	ids = palloc(sizeof(Datum) * n);
+
+	errcb.callback = bulk_reverse_error_context;
+	errcb.arg = &pos;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
+
+	it = JsonbIteratorInit(&arr->root);
+	while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
+	{
+		char	   *email = NULL;
+		JsonbValue	custom;
+
+		if (tok != WJB_ELEM)
+			continue;
+		pos++;
+		custom.type = jbvNull;
+		if (e.type == jbvString)
+			email = email_check(pnstrdup(e.val.string.val, e.val.string.len));
+		else if (e.type == jbvBinary && JsonContainerIsObject(e.val.binary.data))
+		{
+			JsonbIterator *oit = JsonbIteratorInit(e.val.binary.data);
+			JsonbValue	k;
+			JsonbValue	v;
+			JsonbIteratorToken otok;
+			bool		have_email = false;
+
+			while ((otok = JsonbIteratorNext(&oit, &k, true)) != WJB_DONE)
+			{
+				char	   *key;
+
+				if (otok != WJB_KEY)
+					continue;
+				key = pnstrdup(k.val.string.val, k.val.string.len);
+				JsonbIteratorNext(&oit, &v, true);
+				if (strcmp(key, "email") == 0)
+				{
+					if (v.type == jbvNull)
+						continue;
+					if (v.type != jbvString)
+						ereport(ERROR,
+								(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+								 errmsg("email must be a string")));
+					email = pnstrdup(v.val.string.val, v.val.string.len);
+					have_email = true;
+				}
+				else if (strcmp(key, "custom") == 0)
+					custom = v;
+				else
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("unknown key \"%s\" in a reverse lookup", key),
+							 errhint("An element is an address, or an object with \"email\" and optionally \"custom\".")));
+			}
+			email = email_check(have_email ? email : NULL);
+		}
+		else
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("email must be a string or an object with an \"email\" key")));
+		ids[pos - 1] = Int64GetDatum(request_insert_reverse(cache->ins, email,
+															custom_validate(&custom),
+															InvalidOid, NULL));
+	}
+	error_context_stack = errcb.previous;
+
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_ARRAYTYPE_P(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 }

@@ -20,6 +20,7 @@
 #define SUBMIT_RESERVED_KEY		"enrich_request_id"
 #define LINKEDIN_HANDLE_MIN		3		/* characters of a profile handle, */
 #define LINKEDIN_HANDLE_MAX		100		/* as LinkedIn issues them */
+#define REVERSE_EMAIL_MAX		320		/* characters of an email address */
 
 /* The identity fields of one contact, after normalisation. */
 typedef enum ContactField
@@ -50,6 +51,9 @@ extern ArrayType *fields_normalise(ArrayType *fields);
 extern ArrayType *fields_from_jsonb(JsonbValue *v);
 extern Jsonb *custom_validate(JsonbValue *v);
 extern char *contact_input_key(const Contact *c);
+extern char *email_normalise(const char *raw, const char **why);
+extern char *email_check(const char *raw);
+extern char *reverse_input_key(const char *email);
 
 /* submit_insert.c */
 typedef struct RequestInserter RequestInserter;
@@ -59,5 +63,8 @@ extern RequestInserter *request_inserter_get(MemoryContext mcxt,
 extern int64 request_insert(RequestInserter *ins, const Contact *c,
 							ArrayType *fields, Jsonb *custom,
 							Oid source_table, const char *source_id);
+extern int64 request_insert_reverse(RequestInserter *ins, const char *email,
+									Jsonb *custom, Oid source_table,
+									const char *source_id);
 
 #endif							/* ENRICH_SUBMIT_H */

@@ -62,13 +62,18 @@ typedef enum ReqCol
 	RC_SOURCE_TABLE,
 	RC_SOURCE_ID,
 	RC_SUBMITTED_BY,
+	RC_KIND,					/* 0.2.0: absent from a 0.1.0 table */
+	RC_EMAIL,
 	RC_COUNT
 } ReqCol;
+
+/* The first column that a table of an older version may lack. */
+#define RC_OPTIONAL RC_KIND
 
 static const char *const reqcol_names[RC_COUNT] = {
 	"first_name", "last_name", "domain", "company_name", "linkedin_url",
 	"id", "fields", "custom", "input_key", "source_table", "source_id",
-	"submitted_by"
+	"submitted_by", "kind", "email"
 };
 
 struct RequestInserter
@@ -189,9 +194,9 @@ request_inserter_get(MemoryContext mcxt, RequestInserter **cache)
 	{
 		AttrNumber	a = get_attnum(relid, reqcol_names[c]);
 
-		if (a == InvalidAttrNumber)
+		if (a == InvalidAttrNumber && c < RC_OPTIONAL)
 			elog(ERROR, "enrich.requests has no column \"%s\"", reqcol_names[c]);
-		ins->attno[c] = a - 1;
+		ins->attno[c] = a - 1;	/* -1 when absent */
 	}
 
 	/* Prepare the defaults of every other column (id's included). */
@@ -204,8 +209,9 @@ request_inserter_get(MemoryContext mcxt, RequestInserter **cache)
 
 		if (TupleDescAttr(desc, a)->attisdropped)
 			continue;
+		/* id and kind keep their defaults (kind is set over it) */
 		for (int c = 0; c < RC_COUNT; c++)
-			if (ins->attno[c] == a && c != RC_ID)
+			if (ins->attno[c] == a && c != RC_ID && c != RC_KIND)
 				ours = true;
 		if (ours)
 			continue;
@@ -227,10 +233,15 @@ request_inserter_get(MemoryContext mcxt, RequestInserter **cache)
 	return ins;
 }
 
-/* Insert one validated request; return its id. */
-int64
-request_insert(RequestInserter *ins, const Contact *c, ArrayType *fields,
-			   Jsonb *custom, Oid source_table, const char *source_id)
+/*
+ * Insert one validated request; return its id.  email is NULL for an
+ * enrichment; for a reverse lookup it is the address (c has no fields set,
+ * fields is empty).
+ */
+static int64
+request_insert_kind(RequestInserter *ins, const Contact *c, const char *email,
+					ArrayType *fields, Jsonb *custom, Oid source_table,
+					const char *source_id)
 {
 	TupleTableSlot *slot = ins->slot;
 	ExprContext *econtext = GetPerTupleExprContext(ins->estate);
@@ -263,8 +274,21 @@ request_insert(RequestInserter *ins, const Contact *c, ArrayType *fields,
 	isnull[ins->attno[RC_CUSTOM]] = (custom == NULL);
 	if (custom)
 		values[ins->attno[RC_CUSTOM]] = JsonbPGetDatum(custom);
-	values[ins->attno[RC_INPUT_KEY]] = CStringGetTextDatum(contact_input_key(c));
+	values[ins->attno[RC_INPUT_KEY]] =
+		CStringGetTextDatum(email ? reverse_input_key(email) : contact_input_key(c));
 	isnull[ins->attno[RC_INPUT_KEY]] = false;
+	if (email != NULL)
+	{
+		if (ins->attno[RC_KIND] < 0 || ins->attno[RC_EMAIL] < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("enrich.requests has no reverse lookup columns"),
+					 errhint("Run ALTER EXTENSION enrich UPDATE.")));
+		values[ins->attno[RC_KIND]] = CStringGetTextDatum("reverse");
+		isnull[ins->attno[RC_KIND]] = false;
+		values[ins->attno[RC_EMAIL]] = CStringGetTextDatum(email);
+		isnull[ins->attno[RC_EMAIL]] = false;
+	}
 	isnull[ins->attno[RC_SOURCE_TABLE]] = !OidIsValid(source_table);
 	values[ins->attno[RC_SOURCE_TABLE]] = ObjectIdGetDatum(source_table);
 	isnull[ins->attno[RC_SOURCE_ID]] = (source_id == NULL);
@@ -299,4 +323,24 @@ request_insert(RequestInserter *ins, const Contact *c, ArrayType *fields,
 #endif
 	ResetPerTupleExprContext(ins->estate);
 	return id;
+}
+
+/* Insert one validated enrichment request; return its id. */
+int64
+request_insert(RequestInserter *ins, const Contact *c, ArrayType *fields,
+			   Jsonb *custom, Oid source_table, const char *source_id)
+{
+	return request_insert_kind(ins, c, NULL, fields, custom, source_table, source_id);
+}
+
+/* Insert one validated reverse lookup of email; return its id. */
+int64
+request_insert_reverse(RequestInserter *ins, const char *email, Jsonb *custom,
+					   Oid source_table, const char *source_id)
+{
+	Contact		none;
+
+	memset(&none, 0, sizeof(none));
+	return request_insert_kind(ins, &none, email, construct_empty_array(TEXTOID),
+							   custom, source_table, source_id);
 }

@@ -13,7 +13,8 @@
  *	- custom: an object of at most 9 string values of at most 100 characters
  *	  (the API allows 10; enrich adds enrich_request_id itself);
  *	- sane lengths, no control characters, well-formed domains and LinkedIn
- *	  profile URLs.
+ *	  profile URLs;
+ *	- for reverse lookups, a well-formed email address (email_check).
  *
  * Values are normalised so that identical contacts compare equal: white
  * space trimmed, domains lower-cased and stripped of scheme, path and
@@ -644,5 +645,122 @@ contact_input_key(const Contact *c)
 	hex_encode((char *) digest, 32, hex);
 	hex[64] = '\0';
 	pfree(buf.data);
+	return hex;
+}
+
+/*
+ * An email address for a reverse lookup, normalised (trimmed, lower-cased:
+ * the vendor matches addresses without regard to case), or an error that
+ * names the field.  The rules are the API's (one "@", a non-empty local
+ * part, a valid domain, at most 320 characters) made strict enough that
+ * the API never refuses what passes here: the local part holds letters,
+ * digits, UTF-8 and the atext specials of RFC 5322 with single inner dots,
+ * the domain is a DNS name of at least two labels.  Blank is NULL: the
+ * caller decides whether that is an error.
+ */
+char *
+email_normalise(const char *raw, const char **why)
+{
+	char	   *v;
+	char	   *at;
+	size_t		local_len;
+
+	*why = NULL;
+	if (raw == NULL || is_blank(raw, strlen(raw)))
+		return NULL;
+	v = trim_copy(raw);
+	if (pg_mbstrlen(v) > REVERSE_EMAIL_MAX)
+	{
+		*why = "too long";
+		return v;
+	}
+	for (const char *p = v; *p; p++)
+		if ((unsigned char) *p <= 0x20 || *p == 0x7f)
+		{
+			*why = *p == ' ' ? "contains a space" : "contains a control character";
+			return v;
+		}
+	ascii_lower(v);
+	at = strchr(v, '@');
+	if (at == NULL || strchr(at + 1, '@') != NULL)
+	{
+		*why = "must have exactly one @";
+		return v;
+	}
+	local_len = at - v;
+	if (local_len == 0 || local_len > 64)
+	{
+		*why = "has no valid local part";
+		return v;
+	}
+	for (size_t i = 0; i < local_len; i++)
+	{
+		unsigned char ch = v[i];
+
+		if (ch == '.' && (i == 0 || i == local_len - 1 || v[i - 1] == '.'))
+		{
+			*why = "has a misplaced dot";
+			return v;
+		}
+		if (!(isalnum(ch) || ch >= 0x80 || strchr(".!#$%&'*+/=?^_`{|}~-", ch) != NULL))
+		{
+			*why = "has a character not allowed in an address";
+			return v;
+		}
+	}
+	if (!domain_valid(at + 1))
+		*why = "has no valid domain";
+	return v;
+}
+
+/* Check and normalise a reverse lookup's email; errors name the field. */
+char *
+email_check(const char *raw)
+{
+	const char *why;
+	char	   *v = email_normalise(raw, &why);
+
+	if (v == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("email must not be empty"),
+				 errhint("A reverse lookup needs the email address of the person to find.")));
+	if (why != NULL && strcmp(why, "too long") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("email is too long (%d characters, at most %d)",
+						pg_mbstrlen(v), REVERSE_EMAIL_MAX)));
+	if (why != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("email \"%s\" is not a valid email address", v),
+				 errdetail("It %s.", why),
+				 errhint("Give one address such as jane.doe@example.com.")));
+	return v;
+}
+
+/*
+ * The freshness key of a reverse lookup: hex SHA-256 of a prefix no
+ * contact's key can start with (those hash five fields separated by \x1f)
+ * and the normalised address.
+ */
+char *
+reverse_input_key(const char *email)
+{
+	pg_cryptohash_ctx *ctx;
+	uint8		digest[32];
+	char	   *hex;
+	static const char prefix[] = "reverse-email\x1e";
+
+	ctx = pg_cryptohash_create(PG_SHA256);
+	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (const uint8 *) prefix, sizeof(prefix) - 1) < 0 ||
+		pg_cryptohash_update(ctx, (const uint8 *) email, strlen(email)) < 0 ||
+		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
+		elog(ERROR, "could not compute SHA-256 of an email");
+	pg_cryptohash_free(ctx);
+	hex = palloc(65);
+	hex_encode((char *) digest, 32, hex);
+	hex[64] = '\0';
 	return hex;
 }

@@ -3,10 +3,11 @@
  * receiver.h
  *		enrich-receiver: webhook HTTP in, enrich.ingest_webhook() out.
  *
- * The daemon is six small pieces:
+ * The daemon is eight small pieces, each calling only those listed below
+ * it:
  *
- *	receiver_main.c		options, signals, start, the deadline tick,
- *						drain on SIGTERM, stop
+ *	receiver_main.c		signals, start, the deadline tick, drain on
+ *						SIGTERM, stop: it wires the others together
  *	receiver_http.c		libmicrohttpd access handler: routing, checks
  *						that need no database, body buffering, one log
  *						line per delivery
@@ -17,7 +18,10 @@
  *	receiver_db.c		one libpq connection per database worker thread,
  *						the session settings, the ingest call, reconnects,
  *						the health check
+ *	receiver_config.c	settings: defaults, the command line, the DSN and
+ *						TLS files
  *	receiver_metrics.c	counters and the Prometheus text of /metrics
+ *	receiver_log.c		the log line and the monotonic clock
  *
  *-------------------------------------------------------------------------
  */
@@ -60,18 +64,25 @@ typedef struct ReceiverConfig
 	const char *tls_key;
 } ReceiverConfig;
 
+/* receiver_config.c */
 extern ReceiverConfig receiver_config;
+extern int	receiver_config_load(int argc, char **argv, char **cert_pem, char **key_pem);
+extern void receiver_config_free(char *cert_pem, char *key_pem);
+
+/* receiver_log.c */
+extern void receiver_log(const char *fmt,...) __attribute__((format(printf, 1, 2)));
+extern double receiver_now(void);
+
+/* receiver_http.c */
+struct MHD_Daemon;
+struct MHD_Connection;
+extern struct MHD_Daemon *receiver_http_start(char *tls_cert_pem, char *tls_key_pem);
 
 /* Set once SIGTERM arrived: new requests are turned away with 503. */
 extern atomic_bool receiver_stopping;
 
 /* Requests being served (headers read, response not yet sent). */
 extern atomic_int receiver_in_flight;
-
-/* receiver_http.c */
-struct MHD_Daemon;
-struct MHD_Connection;
-extern struct MHD_Daemon *receiver_http_start(char *tls_cert_pem, char *tls_key_pem);
 
 /* receiver_db.c */
 typedef struct IngestAnswer
@@ -178,9 +189,7 @@ extern void metrics_group_commit(int deliveries);
 extern void metrics_db_error(DbErrorKind kind);
 extern void metrics_db_connected(int delta);
 extern void metrics_http_connection(int delta);
-extern char *metrics_render(size_t *len);
+extern char *metrics_render(int in_flight, size_t body_memory, size_t *len);
 
-/* receiver_main.c */
-extern void receiver_log(const char *fmt,...) __attribute__((format(printf, 1, 2)));
 
 #endif							/* RECEIVER_H */

@@ -58,16 +58,6 @@ static ConnInfo *conn_head;
 static unsigned conn_count;
 static atomic_size_t body_memory;
 
-/* Monotonic clock in seconds. */
-static double
-now_seconds(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 /* The address part of a socket address, as 16 bytes (zero-padded). */
 static void
 addr_key(const struct sockaddr *sa, unsigned char key[16])
@@ -134,7 +124,7 @@ receiver_conn_notify(void *cls, struct MHD_Connection *conn, void **socket_conte
 			c->fd = ci->connect_fd;
 		ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 		addr_key(ci ? ci->client_addr : NULL, c->addr);
-		c->clock = now_seconds();
+		c->clock = receiver_now();
 		pthread_mutex_lock(&conn_lock);
 		c->next = conn_head;
 		if (conn_head != NULL)
@@ -188,7 +178,7 @@ receiver_conn_waiting(struct MHD_Connection *conn, bool waiting)
 		return;
 	pthread_mutex_lock(&conn_lock);
 	c->waiting = waiting;
-	c->clock = now_seconds();
+	c->clock = receiver_now();
 	pthread_mutex_unlock(&conn_lock);
 }
 
@@ -218,7 +208,7 @@ receiver_conn_request_done(struct MHD_Connection *conn)
 void
 receiver_conn_tick(void)
 {
-	double		limit = now_seconds() - receiver_config.request_timeout;
+	double		limit = receiver_now() - receiver_config.request_timeout;
 
 	pthread_mutex_lock(&conn_lock);
 	for (ConnInfo *c = conn_head; c != NULL; c = c->next)

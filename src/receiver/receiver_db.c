@@ -122,16 +122,6 @@ static __thread DbSlot *my_slot;
 static DbSlot *all_slots;
 static pthread_mutex_t slots_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* Monotonic clock in seconds. */
-static double
-now_seconds(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 /*
  * Set up this thread's slot: health says it serves /healthz (short
  * timeouts).  Without memory, the thread answers 503 until it has some.
@@ -260,7 +250,7 @@ slot_connect(DbSlot *s, bool *fresh)
 		return true;
 	slot_drop(s);
 
-	now = now_seconds();
+	now = receiver_now();
 	if (now < s->next_attempt)
 		return false;
 

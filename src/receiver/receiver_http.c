@@ -44,6 +44,7 @@
 
 #include <microhttpd.h>
 
+#include "common.h"
 #include "receiver.h"
 
 #define BODY_INITIAL_MAX	(64 * 1024)
@@ -51,6 +52,9 @@
 #define TOKEN_LEN			64	/* enrich.batches.token: 64 lowercase hex */
 #define SIGNATURE_LEN		40	/* HMAC-SHA1 as hex */
 #define HTTP_THREADS		2
+
+atomic_bool receiver_stopping;
+atomic_int	receiver_in_flight;
 
 /* What one request holds between handler calls. */
 typedef struct Request
@@ -76,16 +80,6 @@ typedef struct Request
 	char		method[16];
 	char		client[64];
 } Request;
-
-/* Monotonic clock in seconds. */
-static double
-now_seconds(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 /*
  * Copy url for the log with any run of 16 or more hex digits (a batch
@@ -124,12 +118,12 @@ static void
 count_delivery(Request *r, DeliveryOutcome outcome, bool timed)
 {
 	r->counted = true;
-	metrics_delivery(outcome, now_seconds() - r->start, timed);
+	metrics_delivery(outcome, receiver_now() - r->start, timed);
 }
 
 /* True when every byte of s is printable ASCII (no spaces in a path). */
 static bool
-printable(const char *s, bool allow_space)
+is_printable(const char *s, bool allow_space)
 {
 	for (; *s != '\0'; s++)
 		if (!((*s >= 0x21 && *s < 0x7f) || (allow_space && *s == ' ')))
@@ -203,7 +197,8 @@ serve_metrics(struct MHD_Connection *conn, Request *r)
 	struct MHD_Response *resp;
 	enum MHD_Result ret;
 	size_t		len;
-	char	   *text = metrics_render(&len);
+	char	   *text = metrics_render(atomic_load(&receiver_in_flight),
+									  receiver_body_memory(), &len);
 
 	if (text == NULL)
 		return respond(conn, r, 500, "out of memory", NULL, false);
@@ -318,7 +313,7 @@ route(struct MHD_Connection *conn, Request *r, const char *url, const char *meth
 
 	if (strncmp(url, receiver_config.prefix, prefix_len) != 0)
 		return reject(conn, r, REJECT_NOT_WEBHOOK_PATH, 404, "not found");
-	if (!printable(url, false))
+	if (!is_printable(url, false))
 		return reject(conn, r, REJECT_BAD_TOKEN, 404, "not found");
 	if (!webhook_path(url + prefix_len, &why))
 		return reject(conn, r, why, 404, "not found");
@@ -489,9 +484,9 @@ handle_request(void *cls, struct MHD_Connection *conn, const char *url,
 			return MHD_NO;
 		*req_cls = r;
 		atomic_fetch_add(&receiver_in_flight, 1);
-		r->start = now_seconds();
+		r->start = receiver_now();
 		log_path(r->path, sizeof(r->path), url);
-		snprintf(r->method, sizeof(r->method), "%s", printable(method, false) ? method : "?");
+		snprintf(r->method, sizeof(r->method), "%s", is_printable(method, false) ? method : "?");
 		ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 		if (ci == NULL || ci->client_addr == NULL ||
 			getnameinfo(ci->client_addr,
@@ -559,7 +554,7 @@ request_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
 			snprintf(status, sizeof(status), "%u", r->status);
 		receiver_log("%s %s %s %s %zuB %.1fms %s", r->client, r->method, r->path,
 					 status, r->len,
-					 (now_seconds() - r->start) * 1000.0,
+					 (receiver_now() - r->start) * 1000.0,
 					 r->note ? r->note : r->message);
 	}
 	atomic_fetch_sub(&receiver_in_flight, 1);
@@ -574,12 +569,8 @@ static void
 mhd_logger(void *cls, const char *fmt, va_list ap)
 {
 	char		line[512];
-	size_t		n;
 
-	vsnprintf(line, sizeof(line), fmt, ap);
-	n = strlen(line);
-	while (n > 0 && line[n - 1] == '\n')
-		line[--n] = '\0';
+	common_mhd_message(line, sizeof(line), fmt, ap);
 	receiver_log("libmicrohttpd: %s", line);
 }
 

@@ -189,10 +189,12 @@ buf_printf(TextBuf *b, const char *fmt,...)
 }
 
 /*
- * The /metrics page; malloc'd (caller frees), NULL when out of memory.
+ * The /metrics page, with the two gauges the HTTP side keeps (requests in
+ * flight, bytes of bodies held); malloc'd (caller frees), NULL when out of
+ * memory.
  */
 char *
-metrics_render(size_t *len)
+metrics_render(int in_flight, size_t body_memory, size_t *len)
 {
 	TextBuf		b = {.data = malloc(4096),.cap = 4096};
 	unsigned long cumulative = 0;
@@ -267,7 +269,7 @@ metrics_render(size_t *len)
 			   "# TYPE enrich_receiver_body_memory_bytes gauge\n"
 			   "enrich_receiver_body_memory_bytes %zu\n",
 			   atomic_load(&db_connections), atomic_load(&http_connections),
-			   atomic_load(&receiver_in_flight), receiver_body_memory());
+			   in_flight, body_memory);
 
 	if (b.failed)
 	{

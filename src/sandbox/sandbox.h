@@ -7,7 +7,7 @@
  * Threads and locking.  Four kinds of threads touch shared state:
  *
  *	- libmicrohttpd's per-connection threads answer HTTP (sandbox_http.c,
- *	  sandbox_api.c, sandbox_control.c);
+ *	  sandbox_api.c and the endpoints it routes to, sandbox_control.c);
  *	- the scheduler thread moves contacts through the queue and ends jobs
  *	  (sandbox_jobs.c);
  *	- the webhook thread delivers signed POSTs with libcurl's multi
@@ -400,13 +400,14 @@ extern double prng_unit(uint64_t *state);
 extern uint64_t hash64(const void *data, size_t len, uint64_t seed);
 extern void uuid_random(char out[37]);
 extern void uuid_from_hash(uint64_t a, uint64_t b, char out[37]);
-extern void hmac_sha1_hex(const char *key, size_t key_len,
+extern void sb_hmac_sha1_hex(const char *key, size_t key_len,
 						  const char *body, size_t body_len, char out[41]);
 extern void sha256_hex(const char *body, size_t len, char out[65]);
 extern void redact_url(const char *url, char *out, size_t outsz);
 extern void printable(const char *in, char *out, size_t outsz);
 extern size_t utf8_length(const char *s, size_t len);
 extern char *json_dump(json_object *obj, size_t *len);
+extern json_object *json_number(double v);
 extern json_object *json_parse_strict(const char *buf, size_t len, const char **err);
 extern char *search_words(const char *s);
 extern bool search_words_subset(const char *want, const char *have);
@@ -426,8 +427,7 @@ extern json_object *log_list(sb_log *log, uint64_t offset, long limit);
 extern struct MHD_Daemon *http_start(void);
 extern void http_stop(struct MHD_Daemon *d);
 
-/* sandbox_api.c */
-struct sb_request;
+/* sandbox_response.c: how endpoints answer */
 typedef struct sb_response
 {
 	int			status;
@@ -439,14 +439,31 @@ typedef struct sb_response
 	bool		reset;
 	long		delay_ms;
 } sb_response;
+extern void resp_error(sb_response *resp, int status, const char *code,
+					   const char *message);
+extern void resp_json(sb_response *resp, int status, json_object *obj);
+extern json_object *resp_parse_body(const char *body, size_t len,
+									sb_response *resp);
+
+/* A failed request check: the error code and its message. */
+typedef struct sb_qerr
+{
+	const char *code;
+	char		message[400];
+} sb_qerr;
+extern bool qfail(sb_qerr *e, const char *code, const char *fmt,
+				  const char *a, const char *b);
+
+/* sandbox_api.c */
 extern void api_handle(const char *method, const char *path,
 					   const char *auth, const char *query_force,
 					   const char *query_silent,
 					   const char *body, size_t body_len, bool body_too_large,
 					   sb_response *resp);
-extern void resp_error(sb_response *resp, int status, const char *code,
-					   const char *message);
-extern void resp_json(sb_response *resp, int status, json_object *obj);
+
+/* sandbox_submit.c */
+extern void submit_handle(job_kind kind, bool silent, int key_index,
+						  const char *body, size_t len, sb_response *resp);
 
 /* sandbox_control.c */
 extern void control_handle(const char *method, const char *path,
@@ -457,25 +474,26 @@ extern bool faults_apply(sb_faults *f, json_object *obj, char *err, size_t errsz
 extern json_object *faults_to_json(const sb_faults *f);
 extern bool fault_option(const char *arg, char *err, size_t errsz);
 
-/* sandbox_jobs.c */
+/* sandbox_job.c: one job's memory, references and envelope */
+extern bool job_is_terminal(job_status st);
+extern void *job_alloc(sb_job *job, size_t n);
+extern char *job_strndup(sb_job *job, const char *s, size_t n);
+extern void job_put(sb_job *job);
+extern void job_free(sb_job *job);
+extern json_object *job_envelope(sb_job *job, job_status status, int cost,
+								 const contact_state *states, int only_index,
+								 bool with_data);
+
+/* sandbox_jobs.c: the job table, the queues, the scheduler, replay history */
 extern void jobs_init(void);
 extern void jobs_shutdown(void);
 extern void jobs_submit(sb_job *job);
 extern sb_job *job_lookup(const char *id, job_kind kind);
-extern void job_put(sb_job *job);
 extern bool jobs_housekeeping(void);
-extern void job_free(sb_job *job);
-extern void *job_alloc(sb_job *job, size_t n);
-extern char *job_strndup(sb_job *job, const char *s, size_t n);
 extern bool job_force_end(const char *id, int status, char *err, size_t errsz);
 extern void *scheduler_main(void *arg);
 extern void history_clear(void);
-extern bool job_is_terminal(job_status st);
 extern void contact_key(sb_contact *c);
-extern json_object *job_envelope(sb_job *job, job_status status, int cost,
-								 const contact_state *states, int only_index,
-								 bool with_data);
-extern int	max_attempts(void);
 
 /* sandbox_data.c */
 typedef struct sb_outcome
@@ -484,9 +502,11 @@ typedef struct sb_outcome
 	unsigned	found;			/* F_* billed items found */
 	int			price;			/* credits if charged */
 } sb_outcome;
-extern void data_outcome(const sb_contact *c, sb_outcome *o);
-extern json_object *data_record(const sb_contact *c, contact_state state,
-								bool quirks);
+struct sb_ident;
+extern void data_outcome(const sb_contact *c, const struct sb_ident *known,
+						 sb_outcome *o);
+extern json_object *data_record(const sb_contact *c, const struct sb_ident *known,
+								contact_state state, bool quirks);
 extern bool data_is_free_contact(const sb_contact *c);
 extern void data_workspace_id(char out[37]);
 
@@ -549,6 +569,7 @@ extern json_object *data_company(const char *domain, const char *name, bool quir
 extern json_object *data_person(const sb_ident *id, bool quirks,
 								sb_profile_facts *f, bool render);
 extern void data_person_id(uint64_t h, char out[37]);
+extern bool data_work_email_is(const sb_ident *known, const char *email);
 
 /* sandbox_universe.c: the searchable population (read-only once built) */
 typedef struct sb_uperson
@@ -601,12 +622,13 @@ extern json_object *universe_person_json(int i, bool quirks);
 extern json_object *universe_company_json(int c, bool quirks);
 extern void normalize_domain(const char *in, char *out, size_t outsz);
 
-/* sandbox_search.c and sandbox_lookup.c (search_words* in sandbox_util.c) */
-extern void search_handle(const char *what, const char *body, size_t len,
-						  sb_response *resp);
+/*
+ * sandbox_search.c, sandbox_search_match.c (sandbox_search_match.h) and
+ * sandbox_lookup.c (search_words* in sandbox_util.c)
+ */
+extern void search_handle(json_object *root, bool people, sb_response *resp);
 extern bool search_charge(const int *idx, int n, bool people, bool lookup,
-						  double *cost);
-extern void search_insufficient(sb_response *resp);
+						  double *cost, bool *quirks, sb_response *resp);
 extern void lookup_handle(json_object *root, bool people, sb_response *resp);
 
 /* sandbox_webhooks.c */

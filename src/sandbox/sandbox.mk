@@ -7,8 +7,8 @@ SANDBOX_PKGS = libmicrohttpd libcurl json-c libcrypto
 
 DAEMONS += src/sandbox/enrich-sandbox
 
-src/sandbox/%.o: src/sandbox/%.c src/sandbox/sandbox.h
+src/sandbox/%.o: src/sandbox/%.c $(wildcard src/sandbox/*.h) $(COMMON_HDRS)
 	$(CC) $(DAEMON_CFLAGS) -pthread $(shell $(PKG_CONFIG) --cflags $(SANDBOX_PKGS)) -c -o $@ $<
 
-src/sandbox/enrich-sandbox: $(SANDBOX_OBJS)
+src/sandbox/enrich-sandbox: $(SANDBOX_OBJS) $(COMMON_OBJS)
 	$(CC) -pthread -o $@ $^ $(shell $(PKG_CONFIG) --libs $(SANDBOX_PKGS))

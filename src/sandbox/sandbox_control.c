@@ -206,14 +206,6 @@ faults_apply(sb_faults *f, json_object *obj, char *err, size_t errsz)
 	return true;
 }
 
-static json_object *
-json_number(double v)
-{
-	if (v == (double) (int64_t) v)
-		return json_object_new_int64((int64_t) v);
-	return json_object_new_double(v);
-}
-
 json_object *
 faults_to_json(const sb_faults *f)
 {
@@ -335,19 +327,13 @@ stats_json(void)
 static json_object *
 parse_body(const char *body, size_t len, sb_response *resp, bool optional)
 {
-	const char *err = NULL;
 	json_object *obj;
-	char		msg[200];
 
 	if (optional && len == 0)
 		return json_object_new_object();
-	obj = json_parse_strict(body ? body : "", len, &err);
+	obj = resp_parse_body(body, len, resp);
 	if (!obj)
-	{
-		snprintf(msg, sizeof(msg), "Malformed JSON body: %s", err);
-		resp_error(resp, 400, "error.request.malformed", msg);
 		return NULL;
-	}
 	if (!json_object_is_type(obj, json_type_object))
 	{
 		json_object_put(obj);

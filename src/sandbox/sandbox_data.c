@@ -18,6 +18,10 @@
  * (INVALID_DOMAIN).  Shapes follow reference section 6: contact_info (6.4),
  * Person and Company (6.5); with quirks on, the oddities of section 6.7.
  *
+ * A contact that names a person of the searchable population
+ * (sandbox_universe.c, which the caller asks) gets that person's identity
+ * and profile instead, so search and enrichment agree.
+ *
  *-------------------------------------------------------------------------
  */
 #include <ctype.h>
@@ -659,28 +663,16 @@ gen_known(const sb_ident *known, gen *g, bool render)
 }
 
 /*
- * The person of the searchable population whose most probable work email
- * this is (reverse lookups find the people search finds).
+ * Is email the most probable work email found for this person of the
+ * population?  (universe_identify finds reverse lookups' people with it.)
  */
-static bool
-known_by_email(const char *email, sb_ident *out)
+bool
+data_work_email_is(const sb_ident *known, const char *email)
 {
-	const char *at = strrchr(email, '@');
-	int			comp = at ? universe_company_by_domain(at + 1) : -1;
-	uint32_t	k;
+	gen			g;
 
-	if (comp < 0)
-		return false;
-	for (k = U.emp_start[comp]; k < U.emp_start[comp + 1]; k++)
-	{
-		gen			g;
-
-		universe_ident((int) U.emp[k], out);
-		gen_known(out, &g, true);
-		if (g.work_found && strcasecmp(g.work_email, email) == 0)
-			return true;
-	}
-	return false;
+	gen_known(known, &g, true);
+	return g.work_found && strcasecmp(g.work_email, email) == 0;
 }
 
 /*
@@ -690,26 +682,20 @@ known_by_email(const char *email, sb_ident *out)
  * the same either way, so the two never disagree.
  */
 static void
-gen_contact(const sb_contact *c, gen *g, bool render)
+gen_contact(const sb_contact *c, const sb_ident *known, gen *g, bool render)
 {
 	uint64_t	rng;
 	char		key[2048];
 	char		fa[96],
 				la[96];
 	int			n;
-	sb_ident	known;
 
 	memset(g, 0, sizeof(*g));
 	g->reverse = c->email != NULL;
-	if (!g->reverse && universe_identify(c, &known))
+	if (known)
 	{
-		gen_known(&known, g, render);
-		return;
-	}
-	if (g->reverse && known_by_email(c->email, &known))
-	{
-		gen_known(&known, g, render);
-		g->reverse = true;
+		gen_known(known, g, render);
+		g->reverse = c->email != NULL;
 		return;
 	}
 	n = snprintf(key, sizeof(key), "%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s",
@@ -836,13 +822,17 @@ data_is_free_contact(const sb_contact *c)
 		(str_ieq(c->domain, "fullenrich.com") || str_ieq(c->company_name, "FullEnrich"));
 }
 
-/* What enriching the contact finds, and what it costs (1/3/10, section 7). */
+/*
+ * What enriching the contact finds, and what it costs (1/3/10, section 7).
+ * known: the person of the population the contact names (universe_identify),
+ * or NULL.
+ */
 void
-data_outcome(const sb_contact *c, sb_outcome *o)
+data_outcome(const sb_contact *c, const sb_ident *known, sb_outcome *o)
 {
 	gen			g;
 
-	gen_contact(c, &g, false);
+	gen_contact(c, known, &g, false);
 	memset(o, 0, sizeof(*o));
 	o->identified = g.identified;
 	if (c->email)
@@ -1495,16 +1485,17 @@ custom_json(const sb_contact *c)
 
 /*
  * The result record of one contact in the given state (C_DONE: enriched;
- * C_BLANK: present but empty).  Reverse lookups carry no contact_info.
+ * C_BLANK: present but empty), known as for data_outcome.  Reverse lookups
+ * carry no contact_info.
  */
 json_object *
-data_record(const sb_contact *c, contact_state state, bool quirks)
+data_record(const sb_contact *c, const sb_ident *known, contact_state state, bool quirks)
 {
 	json_object *r = json_object_new_object();
 	gen			g;
 	bool		blank = state != C_DONE || c->invalid;
 
-	gen_contact(c, &g, true);
+	gen_contact(c, known, &g, true);
 	json_object_object_add(r, "input", input_json(c, quirks, g.q, blank));
 	if (c->has_custom)
 		json_object_object_add(r, "custom", custom_json(c));

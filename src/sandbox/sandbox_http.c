@@ -31,6 +31,7 @@
 
 #include <microhttpd.h>
 
+#include "common.h"
 #include "sandbox.h"
 
 typedef struct sb_request
@@ -282,15 +283,11 @@ static void
 mhd_log(void *cls, const char *fmt, va_list ap)
 {
 	char		buf[512];
-	size_t		n;
 
-	vsnprintf(buf, sizeof(buf), fmt, ap);
+	common_mhd_message(buf, sizeof(buf), fmt, ap);
 	/* our deliberate closes (hang_rate, reset_rate) are logged by us */
 	if (strncmp(buf, "Application reported internal error", 35) == 0)
 		return;
-	n = strlen(buf);
-	while (n > 0 && buf[n - 1] == '\n')
-		buf[--n] = '\0';
 	sb_logf("libmicrohttpd: %s", buf);
 }
 

@@ -1,8 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * sandbox_jobs.c
- *		Jobs, the contact queue, credits, replay history and the scheduler
- *		thread that drives them by time.
+ *		The job table, the contact queues, credits, replay history and the
+ *		scheduler thread that drives them by time (one job's memory,
+ *		references and envelope are in sandbox_job.c).
  *
  * A submit creates a job in CREATED with all its contacts queued at the
  * tail of the workspace's queue (one queue for enrichment, one for reverse
@@ -66,20 +67,6 @@ typedef struct sb_hist
 	long		count;
 } sb_hist;
 
-bool
-job_is_terminal(job_status st)
-{
-	return st != ST_CREATED && st != ST_IN_PROGRESS;
-}
-
-int
-max_attempts(void)
-{
-	if (CFG.retries_total)
-		return CFG.retries > 0 ? CFG.retries : 1;
-	return 1 + CFG.retries;
-}
-
 void
 jobs_init(void)
 {
@@ -120,77 +107,6 @@ table_remove(sb_job *job)
 		*pp = job->hnext;
 	job->in_table = false;
 	S.njobs--;
-}
-
-/*
- * n bytes (8-aligned) that live as long as the job: the contacts' strings
- * and custom arrays come from here, so a 100-contact job costs a handful of
- * malloc and free calls, not several hundred.
- */
-void *
-job_alloc(sb_job *job, size_t n)
-{
-	sb_chunk   *ch = job->pool;
-	void	   *p;
-
-	n = (n + 7) & ~(size_t) 7;
-	if (!ch || ch->cap - ch->used < n)
-	{
-		size_t		cap = n > 4096 ? n : 4096;
-
-		ch = xmalloc(sizeof(*ch) + cap);
-		ch->cap = cap;
-		ch->used = 0;
-		ch->next = job->pool;
-		job->pool = ch;
-	}
-	p = ch->data + ch->used;
-	ch->used += n;
-	return p;
-}
-
-/* Copy n bytes (NULs allowed) into the job's memory, NUL-terminated. */
-char *
-job_strndup(sb_job *job, const char *s, size_t n)
-{
-	char	   *p = job_alloc(job, n + 1);
-
-	memcpy(p, s, n);
-	p[n] = '\0';
-	return p;
-}
-
-void
-job_free(sb_job *job)
-{
-	while (job->pool)
-	{
-		sb_chunk   *next = job->pool->next;
-
-		free(job->pool);
-		job->pool = next;
-	}
-	free(job->contacts);
-	free(job->name);
-	free(job->webhook_url);
-	free(job->contact_url);
-	free(job);
-}
-
-/*
- * Drop a reference (under S.lock).  The last one does not free the job at
- * once but hands it to the scheduler, which frees it after letting go of
- * the lock (freeing a job is a few dozen free() calls that the HTTP threads
- * need not wait for).
- */
-void
-job_put(sb_job *job)
-{
-	if (--job->refcount == 0)
-	{
-		job->hnext = S.free_jobs;
-		S.free_jobs = job;
-	}
 }
 
 /*
@@ -781,45 +697,4 @@ jobs_shutdown(void)
 	free(S.hist->buckets);
 	free(S.hist);
 	S.hist = NULL;
-}
-
-/*
- * The result envelope of reference section 6.1: id, name, status,
- * cost.credits and, when with_data, the records of processed contacts
- * (only the one at only_index when >= 0).  states is a snapshot of the
- * contacts' states taken under the lock, or NULL when the states read no
- * longer change: the job is terminal, or only_index names a finished
- * contact.  Called without the lock.
- */
-json_object *
-job_envelope(sb_job *job, job_status status, int cost, const contact_state *states,
-			 int only_index, bool with_data)
-{
-	json_object *env = json_object_new_object();
-	json_object *costo = json_object_new_object();
-	int			i;
-
-	json_object_object_add(env, "id", json_object_new_string(job->id));
-	json_object_object_add(env, "name", json_object_new_string(job->name));
-	json_object_object_add(env, "status", json_object_new_string(status_name(status)));
-	json_object_object_add(costo, "credits", json_object_new_int(cost));
-	json_object_object_add(env, "cost", costo);
-	if (with_data)
-	{
-		json_object *data = json_object_new_array();
-
-		for (i = 0; i < job->ncontacts; i++)
-		{
-			contact_state st;
-
-			/* skip before reading: other contacts' states may be changing */
-			if (only_index >= 0 && i != only_index)
-				continue;
-			st = states ? states[i] : job->contacts[i].state;
-			if (st == C_DONE || st == C_BLANK)
-				json_object_array_add(data, data_record(&job->contacts[i], st, job->quirks));
-		}
-		json_object_object_add(env, "data", data);
-	}
-	return env;
 }

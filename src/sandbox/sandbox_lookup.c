@@ -27,20 +27,6 @@
 
 #define MAX_TEXT		1000
 
-typedef struct qerr
-{
-	const char *code;
-	char		message[400];
-} qerr;
-
-static bool
-qfail(qerr *e, const char *code, const char *fmt, const char *a, const char *b)
-{
-	e->code = code;
-	snprintf(e->message, sizeof(e->message), fmt, a ? a : "", b ? b : "");
-	return false;
-}
-
 typedef struct lfield
 {
 	const char *name;
@@ -68,7 +54,7 @@ static const lfield company_fields[] = {
  */
 static bool
 check_lookup(json_object *root, const lfield *fields, int nfields,
-			 const char **str, int64_t *num, bool *has, qerr *e)
+			 const char **str, int64_t *num, bool *has, sb_qerr *e)
 {
 	int			i;
 
@@ -135,6 +121,24 @@ same_full_name(const char *given, int person)
 	return eq;
 }
 
+/*
+ * The company named by the three fields from position at: domain, else
+ * professional network URL, else id; -1 when none is given or known.
+ */
+static int
+company_lookup(const char **str, const int64_t *num, const bool *has, int at)
+{
+	int			c = -1;
+
+	if (has[at])
+		c = universe_company_by_domain(str[at]);
+	if (c < 0 && has[at + 1])
+		c = universe_company_by_url(str[at + 1]);
+	if (c < 0 && has[at + 2])
+		c = universe_company_by_net_id(num[at + 2]);
+	return c;
+}
+
 static int
 person_lookup(const char **str, const int64_t *num, const bool *has)
 {
@@ -146,17 +150,11 @@ person_lookup(const char **str, const int64_t *num, const bool *has)
 		i = universe_person_by_net_id(num[2]);
 	if (i < 0 && has[0])
 	{
-		int			comp = -1;
+		int			comp = company_lookup(str, num, has, 3);
 		bool		company_given = has[3] || has[4] || has[5];
 		uint32_t	k;
 		int			r;
 
-		if (has[3])
-			comp = universe_company_by_domain(str[3]);
-		if (comp < 0 && has[4])
-			comp = universe_company_by_url(str[4]);
-		if (comp < 0 && has[5])
-			comp = universe_company_by_net_id(num[5]);
 		if (comp >= 0)
 		{
 			for (k = U.emp_start[comp]; k < U.emp_start[comp + 1] && i < 0; k++)
@@ -183,7 +181,7 @@ lookup_handle(json_object *root, bool people, sb_response *resp)
 	const char *str[6];
 	int64_t		num[6] = {0};
 	bool		has[6];
-	qerr		e = {0};
+	sb_qerr		e = {0};
 	int			found = -1;
 	bool		quirks;
 	double		cost;
@@ -212,24 +210,10 @@ lookup_handle(json_object *root, bool people, sb_response *resp)
 	if (people)
 		found = person_lookup(str, num, has);
 	else
-	{
-		if (has[0])
-			found = universe_company_by_domain(str[0]);
-		if (found < 0 && has[1])
-			found = universe_company_by_url(str[1]);
-		if (found < 0 && has[2])
-			found = universe_company_by_net_id(num[2]);
-	}
+		found = company_lookup(str, num, has, 0);
 
-	pthread_mutex_lock(&S.lock);
-	quirks = S.faults.quirks;
-	if (!search_charge(&found, found >= 0 ? 1 : 0, people, true, &cost))
-	{
-		pthread_mutex_unlock(&S.lock);
-		search_insufficient(resp);
+	if (!search_charge(&found, found >= 0 ? 1 : 0, people, true, &cost, &quirks, resp))
 		return;
-	}
-	pthread_mutex_unlock(&S.lock);
 
 	out = json_object_new_object();
 	list = json_object_new_array();

@@ -23,6 +23,7 @@
 
 #include <microhttpd.h>
 
+#include "common.h"
 #include "sandbox.h"
 
 sb_config	CFG;
@@ -321,7 +322,7 @@ hmac_test(void)
 			buf = xrealloc(buf, cap);
 		}
 	}
-	hmac_sha1_hex(CFG.api_keys[0], CFG.api_key_lens[0], buf, len, hex);
+	sb_hmac_sha1_hex(CFG.api_keys[0], CFG.api_key_lens[0], buf, len, hex);
 	printf("%s\n", hex);
 	free(buf);
 	return 0;
@@ -560,12 +561,7 @@ main(int argc, char **argv)
 	S.charged_companies = xcalloc(((size_t) U.ncompanies + 7) / 8 + 1, 1);
 
 	/* signals: handled by sigwait here; every other thread blocks them */
-	sigemptyset(&sigs);
-	sigaddset(&sigs, SIGTERM);
-	sigaddset(&sigs, SIGINT);
-	sigaddset(&sigs, SIGHUP);
-	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-	signal(SIGPIPE, SIG_IGN);
+	common_block_signals(&sigs);
 
 	pthread_create(&sched_thread, NULL, scheduler_main, NULL);
 	pthread_create(&wh_thread, NULL, webhook_main, NULL);

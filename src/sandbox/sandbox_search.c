@@ -1,9 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * sandbox_search.c
- *		POST /people/search, /company/search, /people/lookup and
- *		/company/lookup (reference section 15), over the population of
- *		sandbox_universe.c.
+ *		POST /people/search and /company/search (reference section 15.1):
+ *		the body compiled into a query, the population of
+ *		sandbox_universe.c scanned in id order, a page answered.
  *
  * Requests are validated before anything is searched: the body is a JSON
  * object whose keys are offset, limit, search_after and the filter names
@@ -15,14 +15,7 @@
  * .offset.invalid, .limit.invalid, .search_after.invalid (the reference
  * enumerates no codes for search).
  *
- * Matching: text is never case-sensitive; exact_match compares the whole
- * value, the default tolerant match wants every word of the filter value
- * among the stored value's words, in any order ("missing words, slight
- * reordering"); domains and LinkedIn URLs are compared without scheme,
- * www and trailing slash.  Several stored values (skills, languages, past
- * titles...) match when one does.  Values of one filter are OR-ed (AND-ed
- * with --search-within all, as one sentence of the vendor's OAS reads),
- * exclude values remove what they match, different filters are AND-ed.
+ * Matching (what a filter value selects) is in sandbox_search_match.c.
  *
  * Order and pagination: results come in person (company) id order, the
  * tie-break of the vendor's cursor; offset (0-10,000) and limit (1-100,
@@ -32,7 +25,7 @@
  * population (company-level filters once per company), so memory per call
  * is the page itself.
  *
- * Lookups are in sandbox_lookup.c.
+ * Lookups are in sandbox_lookup.c; they pay through search_charge too.
  *
  * Credits: 0.25 per returned person or company, and per lookup match
  * (with --search-charge once, 0 for a record already returned once);
@@ -48,7 +41,7 @@
 
 #include <openssl/evp.h>
 
-#include "sandbox.h"
+#include "sandbox_search_match.h"
 
 #define MAX_OFFSET		10000
 #define MAX_LIMIT		100
@@ -56,37 +49,6 @@
 #define MAX_VALUES		1000	/* per filter */
 #define MAX_TEXT		1000	/* characters per text value */
 #define PRICE			0.25
-
-/* The data's "as of" date: tenures and job changes are counted to it. */
-#define ASOF_YEAR		2026
-#define ASOF_MONTH		12
-
-typedef enum
-{
-	FT_TEXT,
-	FT_INT,
-	FT_RANGE
-} ftype;
-
-typedef enum
-{
-	/* company attributes (company search, and a person's current company) */
-	A_C_NAME, A_C_DOMAIN, A_C_NETID, A_C_NETURL, A_C_KEYWORDS, A_C_SPECIALTY,
-	A_C_INDUSTRY, A_C_TYPE, A_C_HQ, A_C_FOUNDED, A_C_HEADCOUNT, A_C_ID, A_C_TECH,
-	/* person attributes */
-	A_P_YEARS_AT, A_P_DAYS_SINCE, A_P_PAST_CNAME, A_P_PAST_CDOMAIN, A_P_ID,
-	A_P_NAME, A_P_NETID, A_P_NETURL, A_P_LOCATION, A_P_LANGUAGE, A_P_SKILL,
-	A_P_UNIVERSITY, A_P_SENIORITY, A_P_FUNCTION, A_P_SUBFUNCTION, A_P_TITLE,
-	A_P_YEARS_IN, A_P_PAST_TITLE
-} attr;
-
-typedef struct fspec
-{
-	const char *name;
-	ftype		type;
-	attr		a;
-	bool		newer;			/* only with --newer-fields */
-} fspec;
 
 static const fspec people_specs[] = {
 	{"current_company_names", FT_TEXT, A_C_NAME, false},
@@ -138,32 +100,6 @@ static const fspec company_specs[] = {
 };
 
 #define NSPECS(a) ((int) (sizeof(a) / sizeof((a)[0])))
-
-/* One element of a filter, compiled. */
-typedef struct fval
-{
-	bool		exclude;
-	bool		exact;
-	char	   *text;			/* trimmed value (text filters) */
-	char	   *words;			/* its lowercase words, space separated */
-	int64_t		ival;			/* integer filters */
-	bool		has_min,
-				has_max;
-	int64_t		min,
-				max;
-	uint64_t	mask;			/* vocabulary entries it matches */
-	uint64_t   *names;			/* person_names: (first, last) pairs it
-								 * matches, bit first + last * nfirst */
-	int			target;			/* the record it names (URLs, ids), -1 */
-} fval;
-
-typedef struct cfilter
-{
-	const fspec *spec;
-	int			n;
-	fval	   *v;
-} cfilter;
-
 typedef struct query
 {
 	bool		people;
@@ -174,83 +110,6 @@ typedef struct query
 	bool		has_cursor;
 	char		cursor_id[37];
 } query;
-
-typedef struct qerr
-{
-	const char *code;
-	char		message[400];
-} qerr;
-
-static bool
-qfail(qerr *e, const char *code, const char *fmt, const char *a, const char *b)
-{
-	e->code = code;
-	snprintf(e->message, sizeof(e->message), fmt, a ? a : "", b ? b : "");
-	return false;
-}
-
-/* ---- text matching ---- */
-
-static bool
-text_match(const fval *v, const char *stored)
-{
-	if (v->exact)
-		return strcasecmp(v->text, stored) == 0;
-	return search_words_subset(v->words, stored);
-}
-
-static bool
-domain_match(const fval *v, const char *stored)
-{
-	char		d[256];
-
-	if (v->exact)
-		return strcasecmp(v->text, stored) == 0;
-	normalize_domain(v->text, d, sizeof(d));
-	return strcasecmp(d, stored) == 0;
-}
-
-/* Vocabulary entries (as a bit mask) a text value matches. */
-static uint64_t
-vocab_mask(const fval *v, sb_vocab voc)
-{
-	uint64_t	m = 0;
-	int			i,
-				n = data_vocab_size(voc);
-
-	for (i = 0; i < n && i < 64; i++)
-		if (text_match(v, data_vocab(voc, i)))
-			m |= (uint64_t) 1 << i;
-	return m;
-}
-
-static uint64_t
-location_mask(const fval *v)
-{
-	return vocab_mask(v, V_CITY) | vocab_mask(v, V_REGION) |
-		vocab_mask(v, V_COUNTRY) | vocab_mask(v, V_COUNTRY_CODE);
-}
-
-/* Previous employers' domains (slug + .com, as sandbox_data.c makes them). */
-static uint64_t
-prev_domain_mask(const fval *v)
-{
-	uint64_t	m = 0;
-	int			i,
-				n = data_vocab_size(V_PREV_COMPANY);
-
-	for (i = 0; i < n && i < 64; i++)
-	{
-		char		slug[128],
-					dom[140];
-
-		data_slugify(data_vocab(V_PREV_COMPANY, i), slug, sizeof(slug));
-		snprintf(dom, sizeof(dom), "%s.com", slug);
-		if (domain_match(v, dom))
-			m |= (uint64_t) 1 << i;
-	}
-	return m;
-}
 
 /* ---- compiling a request ---- */
 
@@ -273,118 +132,6 @@ query_free(query *q)
 	q->nf = 0;
 }
 
-/* Precompute what a value matches among vocabularies and named records. */
-static void
-prepare_value(const fspec *s, fval *v)
-{
-	char		url[200];
-	int			t;
-
-	v->target = -1;
-	switch (s->a)
-	{
-		case A_C_SPECIALTY:
-			v->mask = vocab_mask(v, V_SPECIALTY);
-			break;
-		case A_C_TECH:
-			v->mask = vocab_mask(v, V_TECHNOLOGY);
-			break;
-		case A_C_INDUSTRY:
-			v->mask = vocab_mask(v, V_INDUSTRY);
-			break;
-		case A_C_TYPE:
-			v->mask = vocab_mask(v, V_COMPANY_TYPE);
-			break;
-		case A_C_HQ:
-		case A_P_LOCATION:
-			v->mask = location_mask(v);
-			break;
-		case A_P_LANGUAGE:
-			v->mask = vocab_mask(v, V_LANGUAGE);
-			break;
-		case A_P_SKILL:
-			v->mask = vocab_mask(v, V_SKILL);
-			break;
-		case A_P_UNIVERSITY:
-			v->mask = vocab_mask(v, V_SCHOOL);
-			break;
-		case A_P_SENIORITY:
-			v->mask = vocab_mask(v, V_SENIORITY);
-			break;
-		case A_P_FUNCTION:
-			v->mask = vocab_mask(v, V_FUNCTION);
-			break;
-		case A_P_SUBFUNCTION:
-			v->mask = vocab_mask(v, V_SUB_FUNCTION);
-			break;
-		case A_P_TITLE:
-		case A_P_PAST_TITLE:
-			v->mask = vocab_mask(v, V_TITLE);
-			break;
-		case A_P_PAST_CNAME:
-			v->mask = vocab_mask(v, V_PREV_COMPANY);
-			break;
-		case A_P_PAST_CDOMAIN:
-			v->mask = prev_domain_mask(v);
-			break;
-		case A_P_NAME:
-			{
-				int			nf = data_vocab_size(V_FIRST_NAME),
-							nl = data_vocab_size(V_LAST_NAME),
-							f,
-							l;
-
-				v->names = xcalloc((size_t) (nf * nl + 63) / 64, sizeof(uint64_t));
-				for (f = 0; f < nf; f++)
-					for (l = 0; l < nl; l++)
-					{
-						const char *fs = data_vocab(V_FIRST_NAME, f),
-								   *ls = data_vocab(V_LAST_NAME, l);
-						char		full[100];
-						bool		m;
-
-						snprintf(full, sizeof(full), "%s %s", fs, ls);
-						m = v->exact ? (strcasecmp(v->text, full) == 0 ||
-										strcasecmp(v->text, fs) == 0 ||
-										strcasecmp(v->text, ls) == 0)
-							: search_words_subset(v->words, full);
-						if (m)
-							v->names[(f + l * nf) / 64] |= (uint64_t) 1 << ((f + l * nf) % 64);
-					}
-				break;
-			}
-		case A_C_NETID:
-			v->target = universe_company_by_net_id(v->ival);
-			break;
-		case A_P_NETID:
-			v->target = universe_person_by_net_id(v->ival);
-			break;
-		case A_C_NETURL:
-			t = universe_company_by_url(v->text);
-			if (t >= 0 && v->exact)
-			{
-				universe_company_url(t, url, sizeof(url));
-				if (strcasecmp(url, v->text) != 0)
-					t = -1;
-			}
-			v->target = t;
-			break;
-		case A_P_NETURL:
-			t = universe_person_by_url(v->text);
-			if (t >= 0 && v->exact)
-			{
-				universe_person_url(t, url, sizeof(url));
-				if (strcasecmp(url, v->text) != 0)
-					t = -1;
-			}
-			v->target = t;
-			break;
-		default:
-			break;
-	}
-}
-
-/* An optional boolean member (null counts as absent). */
 static bool
 opt_bool(json_object *item, const char *key, bool *out)
 {
@@ -416,7 +163,7 @@ opt_int(json_object *item, const char *key, bool *has, int64_t *out)
 
 /* One element of a filter array. */
 static bool
-compile_value(const fspec *s, json_object *item, size_t k, fval *v, qerr *e)
+compile_value(const fspec *s, json_object *item, size_t k, fval *v, sb_qerr *e)
 {
 	char		where[160];
 	json_object *val;
@@ -502,7 +249,7 @@ compile_value(const fspec *s, json_object *item, size_t k, fval *v, qerr *e)
 						 "Filter '%s': value has no letters or digits to match%s", where, NULL);
 		}
 	}
-	prepare_value(s, v);
+	search_prepare_value(s, v);
 	return true;
 }
 
@@ -560,7 +307,7 @@ cursor_encode(const char *id)
 
 /* One member of a search body (a pagination field or a filter). */
 static bool
-compile_member(query *q, const char *key, json_object *val, qerr *e)
+compile_member(query *q, const char *key, json_object *val, sb_qerr *e)
 {
 	const fspec *specs = q->people ? people_specs : company_specs;
 	int			nspecs = q->people ? NSPECS(people_specs) : NSPECS(company_specs);
@@ -639,7 +386,7 @@ compile_member(query *q, const char *key, json_object *val, qerr *e)
 
 /* Validate a search body into q; false (and nothing to free) when invalid. */
 static bool
-compile_query(json_object *root, bool people, query *q, qerr *e)
+compile_query(json_object *root, bool people, query *q, sb_qerr *e)
 {
 	memset(q, 0, sizeof(*q));
 	q->people = people;
@@ -659,182 +406,35 @@ compile_query(json_object *root, bool people, query *q, qerr *e)
 	return true;
 }
 
-/* ---- evaluation ---- */
-
-static bool
-in_range(const fval *v, int64_t x)
-{
-	return (!v->has_min || x >= v->min) && (!v->has_max || x <= v->max);
-}
-
-static bool
-company_value(int c, attr a, const fval *v)
-{
-	const sb_ucompany *uc = &U.companies[c];
-	const sb_company_facts *f = &uc->f;
-	char		buf[400];
-
-	switch (a)
-	{
-		case A_C_NAME:
-			return text_match(v, uc->name);
-		case A_C_DOMAIN:
-			return domain_match(v, uc->domain);
-		case A_C_NETID:
-		case A_C_NETURL:
-			return v->target == c;
-		case A_C_KEYWORDS:
-			/* the description sandbox_data.c writes */
-			snprintf(buf, sizeof(buf), "%s works in %s and serves customers from %s.",
-					 uc->name, data_vocab(V_INDUSTRY, f->industry), data_vocab(V_CITY, f->loc));
-			return v->exact ? strcasestr(buf, v->text) != NULL : search_words_subset(v->words, buf);
-		case A_C_SPECIALTY:
-			return (f->specialties & v->mask) != 0;
-		case A_C_TECH:
-			return (f->technologies & v->mask) != 0;
-		case A_C_INDUSTRY:
-			return (v->mask >> f->industry) & 1;
-		case A_C_TYPE:
-			return (v->mask >> f->type) & 1;
-		case A_C_HQ:
-			return (v->mask >> f->loc) & 1;
-		case A_C_FOUNDED:
-			return in_range(v, f->year_founded);
-		case A_C_HEADCOUNT:
-			return in_range(v, f->headcount);
-		case A_C_ID:
-			return strcasecmp(v->text, f->id) == 0;
-		default:
-			return false;
-	}
-}
-
-/* Days from 1970-01-01 to a date (proleptic Gregorian). */
-static int64_t
-days_from_civil(int64_t y, int m, int d)
-{
-	int64_t		era,
-				yoe,
-				doy,
-				doe;
-
-	y -= m <= 2;
-	era = (y >= 0 ? y : y - 399) / 400;
-	yoe = y - era * 400;
-	doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-	doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-	return era * 146097 + doe - 719468;
-}
-
-static bool
-person_value(int i, attr a, const fval *v)
-{
-	const sb_uperson *p = &U.people[i];
-	const sb_profile_facts *pf = &p->pf;
-	uint64_t	prev_c = 0,
-				prev_t = 0;
-	int			k;
-
-	for (k = 0; k < pf->nprev; k++)
-	{
-		prev_c |= (uint64_t) 1 << pf->prev_company[k];
-		prev_t |= (uint64_t) 1 << pf->prev_title[k];
-	}
-	switch (a)
-	{
-		case A_P_YEARS_AT:
-		case A_P_YEARS_IN:
-			return in_range(v, ASOF_YEAR - pf->start_year - (ASOF_MONTH < pf->start_month));
-		case A_P_DAYS_SINCE:
-			return in_range(v, days_from_civil(ASOF_YEAR, ASOF_MONTH, 1) -
-							days_from_civil(pf->start_year, pf->start_month, 1));
-		case A_P_PAST_CNAME:
-		case A_P_PAST_CDOMAIN:
-			return (prev_c & v->mask) != 0;
-		case A_P_PAST_TITLE:
-			return (prev_t & v->mask) != 0;
-		case A_P_ID:
-			return strcasecmp(v->text, U.pid[i]) == 0;
-		case A_P_NAME:
-			k = p->first + p->last * data_vocab_size(V_FIRST_NAME);
-			return (v->names[k / 64] >> (k % 64)) & 1;
-		case A_P_NETID:
-		case A_P_NETURL:
-			return v->target == i;
-		case A_P_LOCATION:
-			return (v->mask >> p->loc) & 1;
-		case A_P_LANGUAGE:
-			return (pf->languages & v->mask) != 0;
-		case A_P_SKILL:
-			return (pf->skills & v->mask) != 0;
-		case A_P_UNIVERSITY:
-			return (pf->schools & v->mask) != 0;
-		case A_P_SENIORITY:
-		case A_P_FUNCTION:
-		case A_P_SUBFUNCTION:
-		case A_P_TITLE:
-			return (v->mask >> pf->title) & 1;
-		default:
-			return false;
-	}
-}
-
-/* One filter on one record: OR (or AND) of includes, none of the excludes. */
-static bool
-filter_pass(const cfilter *f, int idx, bool company)
-{
-	bool		has_inc = false,
-				any = false,
-				all = true;
-	int			k;
-
-	for (k = 0; k < f->n; k++)
-	{
-		const fval *v = &f->v[k];
-		bool		m = company ? company_value(idx, f->spec->a, v)
-			: person_value(idx, f->spec->a, v);
-
-		if (v->exclude)
-		{
-			if (m)
-				return false;
-			continue;
-		}
-		has_inc = true;
-		if (m)
-			any = true;
-		else
-			all = false;
-	}
-	return !has_inc || (CFG.search_within_all ? all : any);
-}
-
-static bool
-is_company_attr(attr a)
-{
-	return a < A_P_YEARS_AT;
-}
-
 /* ---- answering ---- */
 
 /*
- * Charge for the records about to be returned (under S.lock): 0.25 each,
- * or with --search-charge once only for those never returned before.
- * False (nothing charged) when the balance cannot pay.
+ * Charge for the records about to be returned (search or lookup): 0.25
+ * each, or with --search-charge once only for those never returned before;
+ * *quirks gets the quirks switch read in the same locked section.  False,
+ * with nothing charged and resp answered 402 error.credits.insufficient,
+ * when the balance cannot pay.
  */
 bool
-search_charge(const int *idx, int n, bool people, bool lookup, double *cost)
+search_charge(const int *idx, int n, bool people, bool lookup, double *cost,
+			  bool *quirks, sb_response *resp)
 {
 	uint8_t    *bits = people ? S.charged_people : S.charged_companies;
 	int			k,
 				paid = 0;
 
+	pthread_mutex_lock(&S.lock);
+	*quirks = S.faults.quirks;
 	for (k = 0; k < n; k++)
 		if (!CFG.search_charge_once || !(bits[idx[k] >> 3] & (1 << (idx[k] & 7))))
 			paid++;
 	*cost = PRICE * paid;
 	if (*cost > 0 && S.credits < *cost)
+	{
+		pthread_mutex_unlock(&S.lock);
+		resp_error(resp, 402, "error.credits.insufficient", "Not enough credits for this request");
 		return false;
+	}
 	for (k = 0; k < n && CFG.search_charge_once; k++)
 		bits[idx[k] >> 3] |= (uint8_t) (1 << (idx[k] & 7));
 	S.credits -= *cost;
@@ -845,13 +445,8 @@ search_charge(const int *idx, int n, bool people, bool lookup, double *cost)
 		S.stats.lookups++;
 	else
 		S.stats.searches++;
+	pthread_mutex_unlock(&S.lock);
 	return true;
-}
-
-void
-search_insufficient(sb_response *resp)
-{
-	resp_error(resp, 402, "error.credits.insufficient", "Not enough credits for this request");
 }
 
 /* First position in id order after the cursor's id. */
@@ -897,7 +492,7 @@ run_search(const query *q, sb_response *resp)
 	{
 		/* company-level filters once per company */
 		for (k = 0; k < q->nf; k++)
-			if (is_company_attr(q->f[k].spec->a))
+			if (search_company_attr(q->f[k].spec->a))
 				break;
 		if (k < q->nf)
 		{
@@ -906,8 +501,8 @@ run_search(const query *q, sb_response *resp)
 			{
 				cpass[i] = true;
 				for (k = 0; k < q->nf && cpass[i]; k++)
-					if (is_company_attr(q->f[k].spec->a))
-						cpass[i] = filter_pass(&q->f[k], i, true);
+					if (search_company_attr(q->f[k].spec->a))
+						cpass[i] = search_filter_pass(&q->f[k], i, true);
 			}
 		}
 	}
@@ -920,11 +515,11 @@ run_search(const query *q, sb_response *resp)
 			continue;
 		for (k = 0; k < q->nf && ok; k++)
 		{
-			bool		comp_attr = is_company_attr(q->f[k].spec->a);
+			bool		comp_attr = search_company_attr(q->f[k].spec->a);
 
 			if (q->people && comp_attr)
 				continue;		/* done through cpass */
-			ok = filter_pass(&q->f[k], i, !q->people);
+			ok = search_filter_pass(&q->f[k], i, !q->people);
 		}
 		if (!ok)
 			continue;
@@ -937,15 +532,8 @@ run_search(const query *q, sb_response *resp)
 	}
 	free(cpass);
 
-	pthread_mutex_lock(&S.lock);
-	quirks = S.faults.quirks;
-	if (!search_charge(sel, nsel, q->people, false, &cost))
-	{
-		pthread_mutex_unlock(&S.lock);
-		search_insufficient(resp);
+	if (!search_charge(sel, nsel, q->people, false, &cost, &quirks, resp))
 		return;
-	}
-	pthread_mutex_unlock(&S.lock);
 
 	root = json_object_new_object();
 	list = json_object_new_array();
@@ -969,40 +557,18 @@ run_search(const query *q, sb_response *resp)
 	resp_json(resp, 200, root);
 }
 
-/*
- * The entry point: `what` is "people/search", "company/search",
- * "people/lookup" or "company/lookup" (authentication and the rate limit
- * are done by the caller).
- */
+/* Answer a search body (authentication and the rate limit are done). */
 void
-search_handle(const char *what, const char *body, size_t len, sb_response *resp)
+search_handle(json_object *root, bool people, sb_response *resp)
 {
-	const char *err = NULL;
-	json_object *root = json_parse_strict(body ? body : "", len, &err);
-	bool		people = strncmp(what, "people/", 7) == 0;
+	query		q;
+	sb_qerr		e = {0};
 
-	if (!root)
-	{
-		char		msg[200];
-
-		snprintf(msg, sizeof(msg), "Malformed JSON body: %s", err);
-		resp_error(resp, 400, "error.request.malformed", msg);
-		return;
-	}
-	if (strstr(what, "/search"))
-	{
-		query		q;
-		qerr		e = {0};
-
-		if (!compile_query(root, people, &q, &e))
-			resp_error(resp, 400, e.code, e.message);
-		else
-		{
-			run_search(&q, resp);
-			query_free(&q);
-		}
-	}
+	if (!compile_query(root, people, &q, &e))
+		resp_error(resp, 400, e.code, e.message);
 	else
-		lookup_handle(root, people, resp);
-	json_object_put(root);
+	{
+		run_search(&q, resp);
+		query_free(&q);
+	}
 }

@@ -18,7 +18,7 @@
  *
  * Enrichment recognises these people (universe_identify): by their
  * LinkedIn URL, or by first and last name with the employer's domain or
- * name.  It then returns their identity and profile, not the input's, so
+ * name; a reverse lookup by their most probable work email.  It then returns their identity and profile, not the input's, so
  * a person found by search and then enriched is the same person: same id,
  * name, domain, LinkedIn URL, profile.
  *
@@ -538,15 +538,39 @@ universe_employee(int company, const char *first, const char *last)
 }
 
 /*
- * Is this enrichment contact a person of the population?  By LinkedIn URL,
- * else by first and last name at the company of the domain (or, without
- * a domain, of the company name).
+ * The person of the population whose most probable work email this is
+ * (reverse lookups find the people search finds).
+ */
+static bool
+identify_by_email(const char *email, sb_ident *out)
+{
+	const char *at = strrchr(email, '@');
+	int			comp = at ? universe_company_by_domain(at + 1) : -1;
+	uint32_t	k;
+
+	if (comp < 0)
+		return false;
+	for (k = U.emp_start[comp]; k < U.emp_start[comp + 1]; k++)
+	{
+		universe_ident((int) U.emp[k], out);
+		if (data_work_email_is(out, email))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Is this contact a person of the population?  A reverse lookup by its
+ * email; an enrichment by LinkedIn URL, else by first and last name at the
+ * company of the domain (or, without a domain, of the company name).
  */
 bool
 universe_identify(const sb_contact *c, sb_ident *out)
 {
 	int			i = -1;
 
+	if (c->email)
+		return identify_by_email(c->email, out);
 	if (U.npeople == 0)
 		return false;
 	if (c->linkedin_url)

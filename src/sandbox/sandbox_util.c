@@ -20,6 +20,7 @@
 #include <openssl/hmac.h>
 #include <openssl/sha.h>
 
+#include "common.h"
 #include "sandbox.h"
 
 /* Monotonic milliseconds (all timing uses this clock). */
@@ -47,24 +48,10 @@ sleep_ms(long ms)
 }
 
 /*
- * Print one log line to stdout: UTC timestamp, then the message.  The line is
- * formatted first and written with one stdio call, so lines from different
- * threads never interleave.
+ * Log lines go to stdout: "<UTC time> enrich-sandbox: " (common_log_stamp),
+ * then the message.  A line is formatted first and written with one stdio
+ * call, so lines from different threads never interleave.
  */
-/* The "<UTC time> enrich-sandbox: " that starts each log line. */
-static size_t
-log_prefix(char *buf, size_t sz)
-{
-	struct timespec ts;
-	struct tm	tm;
-	size_t		n;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	gmtime_r(&ts.tv_sec, &tm);
-	n = strftime(buf, sz, "%Y-%m-%dT%H:%M:%S", &tm);
-	n += (size_t) snprintf(buf + n, sz - n, ".%03ldZ enrich-sandbox: ", ts.tv_nsec / 1000000);
-	return n;
-}
 
 /*
  * Write several lines (texts without the prefix) with one stdio call.
@@ -86,7 +73,7 @@ sb_log_lines(const char *const *texts, int n)
 			cap = (len + need) * 2;
 			buf = xrealloc(buf, cap);
 		}
-		len += log_prefix(buf + len, cap - len);
+		len += common_log_stamp(buf + len, cap - len, "enrich-sandbox");
 		len += (size_t) snprintf(buf + len, cap - len, "%s\n", texts[i]);
 	}
 	fwrite(buf, 1, len, stdout);
@@ -100,7 +87,7 @@ sb_logf(const char *fmt,...)
 	size_t		n;
 	va_list		ap;
 
-	n = log_prefix(line, sizeof(line));
+	n = common_log_stamp(line, sizeof(line), "enrich-sandbox");
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - n - 1, fmt, ap);
 	va_end(ap);
@@ -279,7 +266,7 @@ hex_encode(const unsigned char *in, size_t n, char *out)
  * with the API key (reference section 8.4), computed by OpenSSL.
  */
 void
-hmac_sha1_hex(const char *key, size_t key_len, const char *body,
+sb_hmac_sha1_hex(const char *key, size_t key_len, const char *body,
 			  size_t body_len, char out[41])
 {
 	unsigned char digest[EVP_MAX_MD_SIZE];
@@ -403,6 +390,15 @@ json_dump(json_object *obj, size_t *len)
 	if (len)
 		*len = n;
 	return copy;
+}
+
+/* A JSON number: an integer when the value is whole, else a double. */
+json_object *
+json_number(double v)
+{
+	if (v == (double) (int64_t) v)
+		return json_object_new_int64((int64_t) v);
+	return json_object_new_double(v);
 }
 
 /*

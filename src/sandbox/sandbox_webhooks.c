@@ -33,6 +33,16 @@
 
 /* ---- the heap (under S.lock) ---- */
 
+/* Attempts per delivery: --retries more after the first (or, with
+ * --retries total, that many in all, at least one). */
+static int
+max_attempts(void)
+{
+	if (CFG.retries_total)
+		return CFG.retries > 0 ? CFG.retries : 1;
+	return 1 + CFG.retries;
+}
+
 static bool
 before(const sb_delivery *a, const sb_delivery *b)
 {
@@ -265,7 +275,7 @@ build_body(sb_delivery *d)
 	{
 		int			k = CFG.signature_mode == SIG_FIRST ? 0 : job->key_index;
 
-		hmac_sha1_hex(CFG.api_keys[k], CFG.api_key_lens[k], d->body, d->body_len, d->signature);
+		sb_hmac_sha1_hex(CFG.api_keys[k], CFG.api_key_lens[k], d->body, d->body_len, d->signature);
 	}
 	sha256_hex(d->body, d->body_len, d->body_sha256);
 }

@@ -84,7 +84,10 @@ CREATE TABLE enrich.batches (
     -- cost.credits of other jobs of this batch (a POST resent after a
     -- crash or timeout that the API had received): job id -> credits.
     -- The credit ledger settles the batch at credits_used plus these.
-    other_job_credits jsonb
+    other_job_credits jsonb,
+    -- What the job is: 'enrich' (POST /contact/enrich/bulk) or 'reverse'
+    -- (POST /contact/reverse/email/bulk); a batch holds one kind only.
+    kind            text NOT NULL DEFAULT 'enrich' CHECK (kind IN ('enrich', 'reverse'))
 );
 CREATE INDEX batches_open_idx ON enrich.batches (state, next_poll_at)
     WHERE state IN ('sending', 'sent');
@@ -148,6 +151,12 @@ CREATE TABLE enrich.requests (
     error_message   text,
     -- Set when the result was served from an earlier request's result.
     reused_from     bigint,
+    -- 'enrich' (the identity columns and fields above) or 'reverse' (who
+    -- is behind email; fields is empty, the identity columns are null).
+    kind            text NOT NULL DEFAULT 'enrich' CHECK (kind IN ('enrich', 'reverse')),
+    -- The address of a reverse lookup, as validated by
+    -- enrich.submit_reverse() (trimmed, lower-cased).
+    email           text,
     CHECK (state NOT IN ('failed', 'canceled') OR error_code IS NOT NULL),
     CHECK (state NOT IN ('sending', 'in_flight') OR batch_id IS NOT NULL)
 );
@@ -178,6 +187,8 @@ CREATE INDEX requests_ended_idx ON enrich.requests (updated_at)
 CREATE INDEX requests_domain_idx ON enrich.requests (domain) WHERE domain IS NOT NULL;
 CREATE INDEX requests_linkedin_idx ON enrich.requests (linkedin_url)
     WHERE linkedin_url IS NOT NULL;
+-- Reverse lookups by the address asked about (enriched_contacts.email).
+CREATE INDEX requests_email_idx ON enrich.requests (email) WHERE email IS NOT NULL;
 -- The latest failure of each reason (enrich.failures).  No index leads
 -- to all done requests: with statistics taken before any request was done,
 -- the planner would take it for a short list and drive joins from it.

@@ -45,6 +45,33 @@ LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION enrich.submit_bulk(jsonb, text[]) IS
 'Queue every contact of a JSON array (each may carry custom and fields); all or nothing; returns the request ids in order.';
 
+-- Reverse email lookups: who is behind an address.  Queued in
+-- enrich.requests (kind 'reverse') and sent by the same dispatcher in
+-- batches of their own; validation as strict as for enrich.submit().
+CREATE FUNCTION enrich.submit_reverse(email text, custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_text'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse(text, jsonb) IS
+'Queue one reverse email lookup (the person behind the address); returns the request id.';
+
+CREATE FUNCTION enrich.submit_reverse(contact record, custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_record'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse(record, jsonb) IS
+'Queue a reverse lookup of a table row''s email column (email, email_address, e_mail, work_email or personal_email); returns the request id.';
+
+CREATE FUNCTION enrich.submit_reverse_bulk(emails jsonb)
+RETURNS bigint[]
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_bulk'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse_bulk(jsonb) IS
+'Queue a reverse lookup for every element of a JSON array (an address, or {"email", "custom"}); all or nothing; returns the request ids in order.';
+
 CREATE FUNCTION enrich.preloaded()
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'enrich_preloaded'
@@ -65,6 +92,9 @@ GRANT EXECUTE ON FUNCTION enrich.submit(jsonb, text[], jsonb),
                           enrich.submit(text, text[], jsonb),
                           enrich.submit(record, text[], jsonb),
                           enrich.submit_bulk(jsonb, text[]),
+                          enrich.submit_reverse(text, jsonb),
+                          enrich.submit_reverse(record, jsonb),
+                          enrich.submit_reverse_bulk(jsonb),
                           enrich.preloaded()
     TO enrich_submitter;
 GRANT EXECUTE ON FUNCTION enrich.preloaded() TO enrich_reader;

@@ -9,6 +9,8 @@
 --   _dispatch_next_batch  claim a batch to POST: a due split half or resend,
 --                         else up to 100 ready requests (serving fresh
 --                         earlier results at no cost first)
+--   _dispatch_batch_request  the API path of a claimed batch and, for a
+--                         reverse lookup batch, its body (built here)
 --   _dispatch_accepted    the API answered an enrichment_id
 --   _dispatch_retry       the POST failed or may have failed: back off
 --   _dispatch_rejected    a 400 about a contact: split the batch, or fail
@@ -170,6 +172,51 @@ AS $$
      ORDER BY q.id
 $$;
 
+-- The API path a claimed batch is POSTed to, and for a reverse lookup
+-- batch the whole body (for an enrichment batch body is NULL and the
+-- worker builds it from _dispatch_batch_rows).  p_webhook_base is
+-- enrich.webhook_base_url: with it the job reports each contact to
+-- <base>/webhooks/<token>/contact and its end to .../job.
+CREATE FUNCTION enrich._dispatch_batch_request(p_batch bigint, p_webhook_base text,
+                                               OUT path text, OUT body text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_b     record;
+    v_base  text := rtrim(coalesce(p_webhook_base, ''), '/');
+    v_data  jsonb;
+BEGIN
+    SELECT b.kind, b.name, b.token INTO v_b FROM enrich.batches b WHERE b.id = p_batch;
+    IF v_b.kind IS DISTINCT FROM 'reverse' THEN
+        path := 'contact/enrich/bulk';
+        RETURN;
+    END IF;
+    path := 'contact/reverse/email/bulk';
+    SELECT jsonb_agg(jsonb_build_object(
+               'email', r.email,
+               'custom', coalesce(r.custom, '{}'::jsonb)
+                         || jsonb_build_object('enrich_request_id', r.request_id::text))
+               ORDER BY r.request_id)
+      INTO v_data
+      FROM (SELECT q.id AS request_id, q.email, q.custom
+              FROM enrich.requests q
+             WHERE q.batch_id = p_batch AND q.state = 'sending') r;
+    body := (jsonb_build_object('name', v_b.name, 'data', coalesce(v_data, '[]'::jsonb))
+             || CASE WHEN v_base <> ''
+                     THEN jsonb_build_object(
+                              'webhook_url', format('%s/webhooks/%s/job', v_base, v_b.token),
+                              'webhook_events', jsonb_build_object(
+                                  'contact_finished',
+                                  format('%s/webhooks/%s/contact', v_base, v_b.token)))
+                     ELSE '{}'::jsonb END)::text;
+END
+$$;
+
 -- Serve the given queued requests from fresh earlier results of identical
 -- input (same input_key, the earlier request asked for at least the same
 -- fields, its result is younger than p_window): a copy of the result, the
@@ -197,12 +244,12 @@ BEGIN
     -- no statistics can make the planner read all history looking for a
     -- match.
     WITH src AS (
-        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want,
+        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want, q.kind AS want_kind,
                coalesce(t.reused_from, p.id) AS origin, t.*
           FROM enrich.requests q
           JOIN enrich.requests p
             ON p.input_key = q.input_key AND p.id <> q.id
-           AND p.state = 'done' AND p.fields @> q.fields
+           AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
           JOIN enrich.results t ON t.request_id = p.id
          WHERE q.id = ANY (p_ids) AND q.state = 'queued'
            AND t.received_at + p_window > now()
@@ -220,7 +267,9 @@ BEGIN
                                     personal_email_status, phone, phone_region,
                                     contact_info, profile, input, reused_from)
         SELECT rid, NULL, enrichment_id,
-               CASE WHEN nfound = cardinality(want) THEN 'found'
+               -- a reverse lookup asks for the profile: its answer as it was
+               CASE WHEN want_kind = 'reverse' THEN outcome
+                    WHEN nfound = cardinality(want) THEN 'found'
                     WHEN nfound > 0 THEN 'partial'
                     ELSE 'not_found' END,
                work_email, work_email_status, personal_email, personal_email_status,
@@ -267,6 +316,8 @@ DECLARE
     v_served    bigint[];
     v_day       date;
     v_month     date;
+    v_kinds     text[];
+    v_kind      text;
 BEGIN
     reused := 0;
     -- Due: never posted (attempts = 0, no time), or its resend time came.
@@ -319,13 +370,20 @@ BEGIN
     v_served := enrich._dispatch_reuse(v_ids, p_reuse);
     reused := cardinality(v_served);
 
+    -- One kind per batch (enrichments and reverse lookups are different
+    -- API calls): the kind of the oldest ready request.
+    SELECT array_agg(d.id ORDER BY d.id), array_agg(d.kind ORDER BY d.id)
+      INTO v_ids, v_kinds
+      FROM (SELECT DISTINCT ON (q.input_key) q.id, q.kind
+              FROM enrich.requests q
+             WHERE q.id = ANY (v_ids) AND q.state = 'queued'
+             ORDER BY q.input_key, q.id) d;
+    v_kind := v_kinds[1];
     SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
-      FROM (SELECT d.id
-              FROM (SELECT DISTINCT ON (q.input_key) q.id
-                      FROM enrich.requests q
-                     WHERE q.id = ANY (v_ids) AND q.state = 'queued'
-                     ORDER BY q.input_key, q.id) d
-             ORDER BY d.id
+      FROM (SELECT u.id
+              FROM unnest(v_ids, v_kinds) AS u(id, kind)
+             WHERE u.kind = v_kind
+             ORDER BY u.id
              LIMIT p_max) x;
     -- Only what fits the credit budgets (75_budget.sql); the rest waits.
     v_ids := enrich._budget_fit(v_ids);
@@ -334,9 +392,11 @@ BEGIN
     END IF;
 
     batch_id := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count, attempts)
+    INSERT INTO enrich.batches (id, name, contact_count, attempts, kind)
     OVERRIDING SYSTEM VALUE
-    VALUES (batch_id, 'enrich batch ' || batch_id, cardinality(v_ids), 1);
+    VALUES (batch_id, CASE v_kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                      || batch_id,
+            cardinality(v_ids), 1, v_kind);
     UPDATE enrich.requests q
        SET state = 'sending', batch_id = _dispatch_next_batch.batch_id,
            attempts = q.attempts + 1, next_attempt_at = NULL,
@@ -475,9 +535,12 @@ BEGIN
     v_half := v_n / 2;
     v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
     v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
-    VALUES (v_a, 'enrich batch ' || v_a, v_half),
-           (v_b, 'enrich batch ' || v_b, v_n - v_half);
+    INSERT INTO enrich.batches (id, name, contact_count, kind) OVERRIDING SYSTEM VALUE
+    SELECT x.id, CASE b.kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                 || x.id, x.n, b.kind
+      FROM enrich.batches b,
+           (VALUES (v_a, v_half), (v_b, v_n - v_half)) AS x(id, n)
+     WHERE b.id = p_batch;
     UPDATE enrich.requests q
        SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
      WHERE q.id = ANY (v_ids);
@@ -532,11 +595,12 @@ BEGIN
 END
 $$;
 
--- Up to p_max batches whose poll is due, oldest due first.  Their next
+-- Up to p_max batches whose poll is due, oldest due first, with the API
+-- path their job is read under (its enrichment_id follows).  Their next
 -- poll is pushed back by p_hold now, so a worker that dies mid-poll polls
 -- them again only after that.
 CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
-RETURNS TABLE (batch_id bigint, enrichment_id text)
+RETURNS TABLE (batch_id bigint, enrichment_id text, path text)
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -556,7 +620,9 @@ AS $$
        SET next_poll_at = now() + p_hold
       FROM due
      WHERE b.id = due.id
-    RETURNING b.id, b.enrichment_id
+    RETURNING b.id, b.enrichment_id,
+              CASE b.kind WHEN 'reverse' THEN 'contact/reverse/email/bulk'
+                          ELSE 'contact/enrich/bulk' END
 $$;
 
 -- What a poll of p_batch answered: a result envelope (a 200 or 402 body)

@@ -8,7 +8,8 @@
 --
 -- When the dispatcher claims a new batch (_dispatch_next_batch) it takes
 -- only the contacts whose worst-case cost (1 credit for a work email, 3
--- for a personal email, 10 for a phone) fits every budget that applies:
+-- for a personal email, 10 for a phone, 1 for a reverse lookup) fits
+-- every budget that applies:
 -- the overall day and month, the submitting role's day and month.  The
 -- others stay queued with error_code 'budget', a message naming the budget
 -- and when it renews, and next_attempt_at at the renewal; a change of the
@@ -82,7 +83,8 @@ CREATE TABLE enrich.budget_seen (
     held_until  timestamptz
 );
 
--- Worst-case credits of a contact asking for p_fields.
+-- Worst-case credits of a contact asking for p_fields (a reverse lookup,
+-- which asks for no fields, costs at most 1: the callers add it).
 CREATE FUNCTION enrich._credit_cost(p_fields text[])
 RETURNS numeric
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -187,7 +189,9 @@ BEGIN
         RETURN NULL;
     END IF;
     SELECT * INTO v_p FROM enrich._budget_period();
-    FOR v_r IN SELECT q.id, q.submitted_by, enrich._credit_cost(q.fields) AS cost
+    FOR v_r IN SELECT q.id, q.submitted_by,
+                      enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
+                      AS cost
                  FROM enrich.requests q
                 WHERE q.id = ANY (p_ids)
                 ORDER BY q.id LOOP
@@ -261,7 +265,7 @@ BEGIN
     FOR v_r IN
         INSERT INTO enrich.credit_ledger (batch_id, submitted_by, source_table, day, month, reserved)
         SELECT p_batch, q.submitted_by, q.source_table::text, p_day, p_month,
-               sum(enrich._credit_cost(q.fields))
+               sum(enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END)
           FROM enrich.requests q
          WHERE q.batch_id = p_batch AND q.state = 'sending'
          GROUP BY q.submitted_by, q.source_table::text

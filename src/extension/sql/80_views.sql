@@ -203,7 +203,9 @@ SELECT r.id AS request_id,
        b.state AS batch_state,
        b.enrichment_id,
        b.sent_at,
-       res.outcome
+       res.outcome,
+       r.kind,
+       r.email
 FROM enrich.requests r
 LEFT JOIN enrich.batches b ON b.id = r.batch_id
 LEFT JOIN enrich.results res ON res.request_id = r.id;
@@ -232,7 +234,8 @@ SELECT b.id AS batch_id,
        b.error_message,
        c.pending,
        c.done,
-       c.failed
+       c.failed,
+       b.kind
 FROM enrich.batches b
 CROSS JOIN LATERAL (
     SELECT pg_catalog.count(*) FILTER (WHERE r.state IN ('sending', 'in_flight')) AS pending,
@@ -269,6 +272,7 @@ COMMENT ON VIEW enrich.failures IS 'Failed requests by error code, with the late
 -- table column its index is on, so the predicate reaches the index through
 -- the view): work_email, personal_email, phone (results_*_idx, exact
 -- match), domain, linkedin_url (requests_domain_idx, requests_linkedin_idx),
+-- email (the address of a reverse lookup, requests_email_idx),
 -- source_table + source_id (requests_source_idx), request_id.  job_title
 -- and company fall back to employment.all[0] when employment.current is
 -- sparse (the reference's data quirks).
@@ -298,7 +302,9 @@ SELECT r.id AS request_id,
        res.received_at,
        res.reused_from,
        res.contact_info,
-       res.profile
+       res.profile,
+       r.kind,
+       r.email
 FROM enrich.results res
 JOIN enrich.requests r ON r.id = res.request_id;
 

@@ -69,5 +69,5 @@ GRANT SELECT, INSERT, UPDATE ON enrich.batches, enrich.requests, enrich.results 
 GRANT USAGE ON SEQUENCE enrich.batches_id_seq, enrich.requests_id_seq TO enrich_dispatcher;
 GRANT SELECT (id, state, enrichment_id, name, contact_count, created_at, sent_at,
               finished_at, attempts, next_attempt_at, last_polled_at, next_poll_at,
-              http_status, api_status, credits_used, error_code, error_message)
+              http_status, api_status, credits_used, error_code, error_message, kind)
     ON enrich.batches TO enrich_reader;

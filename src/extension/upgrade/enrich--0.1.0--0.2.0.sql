@@ -4451,6 +4451,560 @@ GRANT USAGE ON SEQUENCE enrich.credit_ledger_id_seq TO enrich_dispatcher;
 GRANT SELECT ON enrich.budgets, enrich.credit_usage, enrich.credit_budgets TO enrich_reader;
 GRANT EXECUTE ON FUNCTION enrich._budget_period(), enrich._budget_limit(text, text) TO enrich_reader;
 
+-- == reverse lookup: enrich.submit_reverse(), its batches, results and views ==
+-- Reverse email lookups share the queue (enrich.requests.kind), the
+-- dispatcher (one kind per batch, the body built in SQL), budgets, reuse,
+-- ingest and the views with enrichment.
+ALTER TABLE enrich.batches
+    ADD COLUMN kind text NOT NULL DEFAULT 'enrich' CHECK (kind IN ('enrich', 'reverse'));
+ALTER TABLE enrich.requests
+    ADD COLUMN kind text NOT NULL DEFAULT 'enrich' CHECK (kind IN ('enrich', 'reverse')),
+    ADD COLUMN email text;
+CREATE INDEX requests_email_idx ON enrich.requests (email) WHERE email IS NOT NULL;
+-- Reverse email lookups: who is behind an address.  Queued in
+-- enrich.requests (kind 'reverse') and sent by the same dispatcher in
+-- batches of their own; validation as strict as for enrich.submit().
+CREATE FUNCTION enrich.submit_reverse(email text, custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_text'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse(text, jsonb) IS
+'Queue one reverse email lookup (the person behind the address); returns the request id.';
+
+CREATE FUNCTION enrich.submit_reverse(contact record, custom jsonb DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_record'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse(record, jsonb) IS
+'Queue a reverse lookup of a table row''s email column (email, email_address, e_mail, work_email or personal_email); returns the request id.';
+
+CREATE FUNCTION enrich.submit_reverse_bulk(emails jsonb)
+RETURNS bigint[]
+AS 'MODULE_PATHNAME', 'enrich_submit_reverse_bulk'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich.submit_reverse_bulk(jsonb) IS
+'Queue a reverse lookup for every element of a JSON array (an address, or {"email", "custom"}); all or nothing; returns the request ids in order.';
+
+REVOKE ALL ON FUNCTION enrich.submit_reverse(text, jsonb), enrich.submit_reverse(record, jsonb),
+                       enrich.submit_reverse_bulk(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION enrich.submit_reverse(text, jsonb),
+                          enrich.submit_reverse(record, jsonb),
+                          enrich.submit_reverse_bulk(jsonb)
+    TO enrich_submitter;
+
+DROP FUNCTION enrich._dispatch_poll_claim(integer, interval);
+CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
+RETURNS TABLE (batch_id bigint, enrichment_id text, path text)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+    WITH due AS (
+        SELECT b.id
+          FROM enrich.batches b
+         WHERE b.state = 'sent' AND b.next_poll_at <= now()
+         ORDER BY b.next_poll_at, b.id
+         LIMIT p_max
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE enrich.batches b
+       SET next_poll_at = now() + p_hold
+      FROM due
+     WHERE b.id = due.id
+    RETURNING b.id, b.enrichment_id,
+              CASE b.kind WHEN 'reverse' THEN 'contact/reverse/email/bulk'
+                          ELSE 'contact/enrich/bulk' END
+$$;
+REVOKE ALL ON FUNCTION enrich._dispatch_poll_claim(integer, interval) FROM PUBLIC;
+
+CREATE FUNCTION enrich._dispatch_batch_request(p_batch bigint, p_webhook_base text,
+                                               OUT path text, OUT body text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_b     record;
+    v_base  text := rtrim(coalesce(p_webhook_base, ''), '/');
+    v_data  jsonb;
+BEGIN
+    SELECT b.kind, b.name, b.token INTO v_b FROM enrich.batches b WHERE b.id = p_batch;
+    IF v_b.kind IS DISTINCT FROM 'reverse' THEN
+        path := 'contact/enrich/bulk';
+        RETURN;
+    END IF;
+    path := 'contact/reverse/email/bulk';
+    SELECT jsonb_agg(jsonb_build_object(
+               'email', r.email,
+               'custom', coalesce(r.custom, '{}'::jsonb)
+                         || jsonb_build_object('enrich_request_id', r.request_id::text))
+               ORDER BY r.request_id)
+      INTO v_data
+      FROM (SELECT q.id AS request_id, q.email, q.custom
+              FROM enrich.requests q
+             WHERE q.batch_id = p_batch AND q.state = 'sending') r;
+    body := (jsonb_build_object('name', v_b.name, 'data', coalesce(v_data, '[]'::jsonb))
+             || CASE WHEN v_base <> ''
+                     THEN jsonb_build_object(
+                              'webhook_url', format('%s/webhooks/%s/job', v_base, v_b.token),
+                              'webhook_events', jsonb_build_object(
+                                  'contact_finished',
+                                  format('%s/webhooks/%s/contact', v_base, v_b.token)))
+                     ELSE '{}'::jsonb END)::text;
+END
+$$;
+REVOKE ALL ON FUNCTION enrich._dispatch_batch_request(bigint, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_served bigint[];
+BEGIN
+    IF p_window <= interval '0' OR p_ids IS NULL THEN
+        RETURN '{}'::bigint[];
+    END IF;
+    -- The join can only start from the given ids: earlier requests are
+    -- reachable only by input_key (no index leads to all done requests)
+    -- and results only by request_id (the window is tested as
+    -- received_at + p_window, which results_received_idx cannot serve), so
+    -- no statistics can make the planner read all history looking for a
+    -- match.
+    WITH src AS (
+        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want, q.kind AS want_kind,
+               coalesce(t.reused_from, p.id) AS origin, t.*
+          FROM enrich.requests q
+          JOIN enrich.requests p
+            ON p.input_key = q.input_key AND p.id <> q.id
+           AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
+          JOIN enrich.results t ON t.request_id = p.id
+         WHERE q.id = ANY (p_ids) AND q.state = 'queued'
+           AND t.received_at + p_window > now()
+           AND t.outcome IN ('found', 'partial', 'not_found')
+         ORDER BY q.id, t.received_at DESC
+    ), res AS (
+        SELECT src.*,
+               ('work_email' = ANY (want) AND work_email IS NOT NULL)::int
+               + ('personal_email' = ANY (want) AND personal_email IS NOT NULL)::int
+               + ('phone' = ANY (want) AND phone IS NOT NULL)::int AS nfound
+          FROM src
+    ), ins AS (
+        INSERT INTO enrich.results (request_id, batch_id, enrichment_id, outcome,
+                                    work_email, work_email_status, personal_email,
+                                    personal_email_status, phone, phone_region,
+                                    contact_info, profile, input, reused_from)
+        SELECT rid, NULL, enrichment_id,
+               -- a reverse lookup asks for the profile: its answer as it was
+               CASE WHEN want_kind = 'reverse' THEN outcome
+                    WHEN nfound = cardinality(want) THEN 'found'
+                    WHEN nfound > 0 THEN 'partial'
+                    ELSE 'not_found' END,
+               work_email, work_email_status, personal_email, personal_email_status,
+               phone, phone_region, contact_info, profile, input, origin
+          FROM res
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id, reused_from
+    ), dn AS (
+        UPDATE enrich.requests q
+           SET state = 'done', reused_from = ins.reused_from,
+               next_attempt_at = NULL, error_code = NULL, error_message = NULL
+          FROM ins
+         WHERE q.id = ins.request_id
+        RETURNING q.id
+    )
+    SELECT array_agg(id ORDER BY id) INTO v_served FROM dn;
+
+    IF v_served IS NOT NULL THEN
+        PERFORM pg_notify('enrich_result', r::text) FROM unnest(v_served) AS r;
+    END IF;
+    RETURN coalesce(v_served, '{}');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_next_batch(p_max integer, p_new boolean, p_reuse interval,
+                                            OUT batch_id bigint, OUT reused integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_ids       bigint[];
+    v_served    bigint[];
+    v_day       date;
+    v_month     date;
+    v_kinds     text[];
+    v_kind      text;
+BEGIN
+    reused := 0;
+    -- Due: never posted (attempts = 0, no time), or its resend time came.
+    -- In batches_sending_idx's order, so the scan stops at the first one.
+    SELECT b.id INTO batch_id
+      FROM enrich.batches b
+     WHERE b.state = 'sending'
+       AND coalesce(b.next_attempt_at, b.created_at) <= now()
+       AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        IF NOT EXISTS (SELECT FROM enrich.requests q
+                        WHERE q.batch_id = _dispatch_next_batch.batch_id
+                          AND q.state = 'sending') THEN
+            -- Every contact was answered or removed meanwhile.
+            UPDATE enrich.batches b
+               SET state = 'abandoned', finished_at = now(), next_attempt_at = NULL,
+                   error_code = coalesce(b.error_code, 'empty'),
+                   error_message = 'no contact of this batch was left to send'
+             WHERE b.id = _dispatch_next_batch.batch_id;
+            batch_id := NULL;
+            RETURN;
+        END IF;
+        UPDATE enrich.batches b
+           SET attempts = b.attempts + 1, next_attempt_at = NULL
+         WHERE b.id = _dispatch_next_batch.batch_id;
+        UPDATE enrich.requests q
+           SET attempts = q.attempts + 1, next_attempt_at = NULL
+         WHERE q.batch_id = _dispatch_next_batch.batch_id AND q.state = 'sending';
+        RETURN;
+    END IF;
+
+    IF NOT p_new THEN
+        RETURN;
+    END IF;
+
+    SELECT array_agg(c.id ORDER BY c.id) INTO v_ids
+      FROM (SELECT q.id
+              FROM enrich.requests q
+             WHERE q.id = ANY (ARRAY(SELECT r.id FROM enrich._dispatch_ready(p_max * 2) r))
+               AND q.state = 'queued'
+             ORDER BY q.id
+               FOR UPDATE SKIP LOCKED) c;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    v_served := enrich._dispatch_reuse(v_ids, p_reuse);
+    reused := cardinality(v_served);
+
+    -- One kind per batch (enrichments and reverse lookups are different
+    -- API calls): the kind of the oldest ready request.
+    SELECT array_agg(d.id ORDER BY d.id), array_agg(d.kind ORDER BY d.id)
+      INTO v_ids, v_kinds
+      FROM (SELECT DISTINCT ON (q.input_key) q.id, q.kind
+              FROM enrich.requests q
+             WHERE q.id = ANY (v_ids) AND q.state = 'queued'
+             ORDER BY q.input_key, q.id) d;
+    v_kind := v_kinds[1];
+    SELECT array_agg(x.id ORDER BY x.id) INTO v_ids
+      FROM (SELECT u.id
+              FROM unnest(v_ids, v_kinds) AS u(id, kind)
+             WHERE u.kind = v_kind
+             ORDER BY u.id
+             LIMIT p_max) x;
+    -- Only what fits the credit budgets (75_budget.sql); the rest waits.
+    v_ids := enrich._budget_fit(v_ids);
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+
+    batch_id := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count, attempts, kind)
+    OVERRIDING SYSTEM VALUE
+    VALUES (batch_id, CASE v_kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                      || batch_id,
+            cardinality(v_ids), 1, v_kind);
+    UPDATE enrich.requests q
+       SET state = 'sending', batch_id = _dispatch_next_batch.batch_id,
+           attempts = q.attempts + 1, next_attempt_at = NULL,
+           error_code = NULL, error_message = NULL
+     WHERE q.id = ANY (v_ids);
+    -- The reservation, durable with the claim: a crash before or after the
+    -- POST leaves it counted until the batch ends.
+    SELECT p.day, p.month INTO v_day, v_month FROM enrich._budget_period() p;
+    PERFORM enrich._budget_reserve(batch_id, v_day, v_month);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code text,
+                                          p_message text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_ids   bigint[];
+    v_n     integer;
+    v_half  integer;
+    v_a     bigint;
+    v_b     bigint;
+BEGIN
+    PERFORM FROM enrich.batches b WHERE b.id = p_batch AND b.state = 'sending' FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'gone';
+    END IF;
+    SELECT array_agg(q.id ORDER BY q.id) INTO v_ids
+      FROM enrich.requests q WHERE q.batch_id = p_batch AND q.state = 'sending';
+    v_n := coalesce(cardinality(v_ids), 0);
+
+    IF v_n <= 1 THEN
+        UPDATE enrich.batches b
+           SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+               http_status = p_http, error_code = p_code, error_message = p_message
+         WHERE b.id = p_batch;
+        UPDATE enrich.requests q
+           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
+               error_message = format('the API refused this contact: %s', p_message)
+         WHERE q.batch_id = p_batch AND q.state = 'sending';
+        RETURN 'failed';
+    END IF;
+
+    v_half := v_n / 2;
+    v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
+    INSERT INTO enrich.batches (id, name, contact_count, kind) OVERRIDING SYSTEM VALUE
+    SELECT x.id, CASE b.kind WHEN 'reverse' THEN 'enrich reverse batch ' ELSE 'enrich batch ' END
+                 || x.id, x.n, b.kind
+      FROM enrich.batches b,
+           (VALUES (v_a, v_half), (v_b, v_n - v_half)) AS x(id, n)
+     WHERE b.id = p_batch;
+    UPDATE enrich.requests q
+       SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
+     WHERE q.id = ANY (v_ids);
+    PERFORM enrich._budget_split(p_batch, v_a, v_b);
+    UPDATE enrich.batches b
+       SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
+           http_status = p_http, error_code = p_code,
+           error_message = format('%s; split into batches %s and %s to find the contact the API refused',
+                                  p_message, v_a, v_b)
+     WHERE b.id = p_batch;
+    RETURN 'split';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._budget_fit(p_ids bigint[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_p     record;
+    v_r     record;
+    v_used  jsonb := '{}'::jsonb;
+    v_lim   jsonb := '{}'::jsonb;
+    v_ok    bigint[] := '{}'::bigint[];
+    v_key   text;
+    v_scope text;
+    v_per   text;
+    v_limit numeric;
+    v_have  numeric;
+    v_why   text;
+    v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
+BEGIN
+    IF p_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO v_p FROM enrich._budget_period();
+    FOR v_r IN SELECT q.id, q.submitted_by,
+                      enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
+                      AS cost
+                 FROM enrich.requests q
+                WHERE q.id = ANY (p_ids)
+                ORDER BY q.id LOOP
+        v_why := NULL;
+        FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                     v_r.submitted_by || '/month'] LOOP
+            v_scope := split_part(v_key, '/', 1);
+            v_per := split_part(v_key, '/', 2);
+            IF NOT v_lim ? v_key THEN
+                v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
+                v_used := v_used || jsonb_build_object(v_key, coalesce(
+                    (SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                      WHERE t.scope = v_scope AND t.period = v_per
+                        AND t.period_start = CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END),
+                    0));
+            END IF;
+            v_limit := (v_lim ->> v_key)::numeric;
+            v_have := (v_used ->> v_key)::numeric;
+            IF v_limit IS NOT NULL AND v_have + v_r.cost > v_limit THEN
+                v_renew := CASE v_per WHEN 'day' THEN v_p.day_renews ELSE v_p.month_renews END;
+                v_why := format('waits for the %s credit budget%s: %s of %s credits spent or reserved, this contact may cost %s; it renews at %s',
+                                CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                                CASE WHEN v_scope = '' THEN ' (enrich.credit_budget_'
+                                                            || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                     ELSE format(' of role %s (enrich.budgets)', v_scope) END,
+                                v_have, v_limit, v_r.cost, v_renew);
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_why IS NULL THEN
+            v_ok := v_ok || v_r.id;
+            FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                         v_r.submitted_by || '/month'] LOOP
+                v_used := jsonb_set(v_used, ARRAY[v_key],
+                                    to_jsonb((v_used ->> v_key)::numeric + v_r.cost));
+            END LOOP;
+        ELSE
+            UPDATE enrich.requests q
+               SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
+             WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
+        END IF;
+    END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
+    RETURN nullif(v_ok, '{}'::bigint[]);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._budget_reserve(p_batch bigint, p_day date, p_month date)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_r record;
+BEGIN
+    FOR v_r IN
+        INSERT INTO enrich.credit_ledger (batch_id, submitted_by, source_table, day, month, reserved)
+        SELECT p_batch, q.submitted_by, q.source_table::text, p_day, p_month,
+               sum(enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END)
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+         GROUP BY q.submitted_by, q.source_table::text
+        RETURNING submitted_by, day, month, reserved
+    LOOP
+        PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month, v_r.reserved, 0);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE VIEW enrich.request_status AS
+SELECT r.id AS request_id,
+       r.state,
+       r.created_at,
+       r.updated_at,
+       r.submitted_by,
+       r.source_table,
+       r.source_id,
+       r.fields,
+       r.attempts,
+       r.next_attempt_at,
+       r.error_code,
+       r.error_message,
+       r.reused_from,
+       r.batch_id,
+       b.state AS batch_state,
+       b.enrichment_id,
+       b.sent_at,
+       res.outcome,
+       r.kind,
+       r.email
+FROM enrich.requests r
+LEFT JOIN enrich.batches b ON b.id = r.batch_id
+LEFT JOIN enrich.results res ON res.request_id = r.id;
+
+CREATE OR REPLACE VIEW enrich.batch_status AS
+SELECT b.id AS batch_id,
+       b.state,
+       b.enrichment_id,
+       b.contact_count,
+       b.created_at,
+       b.sent_at,
+       b.finished_at,
+       b.attempts,
+       b.next_attempt_at,
+       b.next_poll_at,
+       b.http_status,
+       b.api_status,
+       b.credits_used,
+       b.error_code,
+       b.error_message,
+       c.pending,
+       c.done,
+       c.failed,
+       b.kind
+FROM enrich.batches b
+CROSS JOIN LATERAL (
+    SELECT pg_catalog.count(*) FILTER (WHERE r.state IN ('sending', 'in_flight')) AS pending,
+           pg_catalog.count(*) FILTER (WHERE r.state = 'done') AS done,
+           pg_catalog.count(*) FILTER (WHERE r.state = 'failed') AS failed
+      FROM enrich.requests r
+     WHERE r.batch_id = b.id) c;
+
+CREATE OR REPLACE VIEW enrich.enriched_contacts AS
+SELECT r.id AS request_id,
+       r.source_table,
+       r.source_id,
+       r.first_name,
+       r.last_name,
+       r.domain,
+       r.company_name,
+       r.linkedin_url,
+       r.custom,
+       res.outcome,
+       res.work_email,
+       res.work_email_status,
+       res.personal_email,
+       res.personal_email_status,
+       res.phone,
+       res.phone_region,
+       res.profile ->> 'headline' AS headline,
+       coalesce(res.profile #>> '{employment,current,title}',
+                res.profile #>> '{employment,all,0,title}') AS job_title,
+       coalesce(res.profile #>> '{employment,current,company,name}',
+                res.profile #>> '{employment,all,0,company,name}') AS company,
+       res.profile #>> '{location,country_code}' AS country_code,
+       res.received_at,
+       res.reused_from,
+       res.contact_info,
+       res.profile,
+       r.kind,
+       r.email
+FROM enrich.results res
+JOIN enrich.requests r ON r.id = res.request_id;
+
+GRANT SELECT (kind) ON enrich.batches TO enrich_reader;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
