@@ -1220,7 +1220,7 @@ record_poll(DispatchCall *call, TimestampTz now)
 	return true;
 }
 
-/* Record the outcome of a credits check (no transaction needed). */
+/* Record the outcome of a credits check: the balance, for enrich.dispatcher. */
 static void
 record_credits(DispatchCall *call, TimestampTz now)
 {
@@ -1229,6 +1229,11 @@ record_credits(DispatchCall *call, TimestampTz now)
 	dispatch_parse_answer(call->response, call->response_len, &a);
 	if (call->result == CURLE_OK && call->http_status == 200 && a.has_balance)
 	{
+		Outcome		o = {.sql = "SELECT enrich._dispatch_credits_read(balance => $1, read_at => $2)", .nargs = 2};
+
+		arg_set(&o, 0, FLOAT8OID, Float8GetDatum(a.balance));
+		arg_set(&o, 1, TIMESTAMPTZOID, TimestampTzGetDatum(now));
+		(void) run_tx("recording the credit balance", tx_outcome, &o);
 		if (a.balance > 0)
 		{
 			credits_ok_at = now;

@@ -10,6 +10,7 @@
  *				dispatcher wakeup, the DROP EXTENSION guard
  *	dispatch_*	the dispatcher background worker (dispatch.h)
  *	search_http.c	synchronous search and lookup calls from backends
+ *	budget_search.c	the credit budgets of those calls
  *	control.c	enrich.wait() and enrich.cancel()
  *	ingest_*	webhook signature checks used by enrich.ingest_webhook()
  *

@@ -14,6 +14,10 @@
  * spinlock: a few comparisons and one store) before it starts a call, or
  * learns when the next slot frees; a 429 answer pauses everyone.
  *
+ * And the credits of the searches and lookups in progress, in slots that
+ * backends take, spend and free under their own LWLock (budget_search.c
+ * says when).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -45,6 +49,7 @@ enrich_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(EnrichShared)));
+	RequestNamedLWLockTranche("enrich searches", 1);
 }
 
 /* Create or attach to the shared state. */
@@ -63,6 +68,7 @@ enrich_shmem_startup(void)
 		memset(enrich_shared, 0, sizeof(EnrichShared));
 		SpinLockInit(&enrich_shared->mutex);
 		ConditionVariableInit(&enrich_shared->requests_cv);
+		enrich_shared->search_lock = &(GetNamedLWLockTranche("enrich searches"))->lock;
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -353,4 +359,148 @@ enrich_rate_recent(TimestampTz now)
 	}
 	SpinLockRelease(&enrich_shared->mutex);
 	return n;
+}
+
+/*-------------------------------------------------------------------------
+ * Searches in progress (see EnrichSearchSlot in shmem.h)
+ *-------------------------------------------------------------------------
+ */
+
+/* Take a free slot for a search about to be made: its index, or -1 when full. */
+int
+enrich_search_take(const EnrichSearchSlot *slot)
+{
+	int			found = -1;
+
+	Assert(enrich_shared != NULL);
+	LWLockAcquire(enrich_shared->search_lock, LW_EXCLUSIVE);
+	for (int i = 0; i < ENRICH_SEARCH_SLOTS; i++)
+	{
+		if (enrich_shared->search_slots[i].state == SEARCH_FREE)
+		{
+			enrich_shared->search_slots[i] = *slot;
+			enrich_shared->search_slots[i].state = SEARCH_RESERVED;
+			enrich_shared->search_slots[i].pid = MyProcPid;
+			found = i;
+			break;
+		}
+	}
+	LWLockRelease(enrich_shared->search_lock);
+	return found;
+}
+
+/*
+ * The search of slot i (ours, reserved) was made: keep its actual cost and
+ * ledger row (but the endpoint, kept since the reservation), counted in
+ * the subtransaction row->subid.  False when the
+ * slot is not a reservation of ours.
+ */
+bool
+enrich_search_spend(int i, const EnrichSearchSlot *row)
+{
+	EnrichSearchSlot *s;
+	bool		ok;
+
+	if (enrich_shared == NULL || i < 0 || i >= ENRICH_SEARCH_SLOTS)
+		return false;
+	LWLockAcquire(enrich_shared->search_lock, LW_EXCLUSIVE);
+	s = &enrich_shared->search_slots[i];
+	ok = s->state == SEARCH_RESERVED && s->pid == MyProcPid;
+	if (ok)
+	{
+		s->state = SEARCH_SPENT;
+		s->subid = row->subid;
+		s->credits = row->credits;
+		memcpy(s->hash, row->hash, sizeof(s->hash));
+		s->results = row->results;
+		s->total = row->total;
+		s->has_total = row->has_total;
+		s->called_at = row->called_at;
+	}
+	LWLockRelease(enrich_shared->search_lock);
+	return ok;
+}
+
+/* Copy the slots in use for database dboid into out (ENRICH_SEARCH_SLOTS long). */
+int
+enrich_search_list(Oid dboid, EnrichSearchSlot *out)
+{
+	int			n = 0;
+
+	if (enrich_shared == NULL)
+		return 0;
+	LWLockAcquire(enrich_shared->search_lock, LW_SHARED);
+	for (int i = 0; i < ENRICH_SEARCH_SLOTS; i++)
+	{
+		if (enrich_shared->search_slots[i].state != SEARCH_FREE &&
+			enrich_shared->search_slots[i].dboid == dboid)
+			out[n++] = enrich_shared->search_slots[i];
+	}
+	LWLockRelease(enrich_shared->search_lock);
+	return n;
+}
+
+/*
+ * Take the orphans of database dboid for our subtransaction subid to
+ * record: copied into out, adopted until our transaction ends.
+ */
+int
+enrich_search_adopt(Oid dboid, SubTransactionId subid, EnrichSearchSlot *out)
+{
+	int			n = 0;
+
+	if (enrich_shared == NULL)
+		return 0;
+	LWLockAcquire(enrich_shared->search_lock, LW_EXCLUSIVE);
+	for (int i = 0; i < ENRICH_SEARCH_SLOTS; i++)
+	{
+		EnrichSearchSlot *s = &enrich_shared->search_slots[i];
+
+		if (s->state == SEARCH_ORPHAN && s->dboid == dboid)
+		{
+			s->state = SEARCH_ADOPTING;
+			s->pid = MyProcPid;
+			s->subid = subid;
+			out[n++] = *s;
+		}
+	}
+	LWLockRelease(enrich_shared->search_lock);
+	return n;
+}
+
+/*
+ * Our transaction (top) or subtransaction subid ended.  Commit: the rows
+ * are in the ledger, the slots free (a subtransaction's pass to parent).
+ * Abort: reservations are freed, spent or adopted slots with a cost become
+ * orphans.  Returns the number of new orphans.
+ */
+int
+enrich_search_end(bool top, bool commit, SubTransactionId subid, SubTransactionId parent)
+{
+	int			orphans = 0;
+
+	if (enrich_shared == NULL)
+		return 0;
+	LWLockAcquire(enrich_shared->search_lock, LW_EXCLUSIVE);
+	for (int i = 0; i < ENRICH_SEARCH_SLOTS; i++)
+	{
+		EnrichSearchSlot *s = &enrich_shared->search_slots[i];
+
+		if (s->state == SEARCH_FREE || s->state == SEARCH_ORPHAN || s->pid != MyProcPid)
+			continue;
+		if (!top && s->subid != subid)
+			continue;
+		if (commit && !top)
+			s->subid = parent;
+		else if (commit || s->state == SEARCH_RESERVED || s->credits <= 0)
+			memset(s, 0, sizeof(*s));
+		else
+		{
+			s->state = SEARCH_ORPHAN;
+			s->pid = 0;
+			orphans++;
+		}
+	}
+	LWLockRelease(enrich_shared->search_lock);
+	return orphans;
 }

@@ -3,8 +3,9 @@
  * shmem.h
  *		The extension's shared memory, owned by shmem.c: the dispatcher
  *		worker's latch and status, the commit-time wakeup counter, the
- *		condition variable enrich.wait() sleeps on, and the API call budget
- *		the worker shares with backends.  Nothing else touches it.
+ *		condition variable enrich.wait() sleeps on, the API call budget
+ *		the worker shares with backends, and the credits of the searches
+ *		in progress.  Nothing else touches it.
  *
  *-------------------------------------------------------------------------
  */
@@ -12,8 +13,10 @@
 #define ENRICH_SHMEM_H
 
 #include "datatype/timestamp.h"
+#include "access/xact.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
+#include "storage/lwlock.h"
 #include "storage/spin.h"
 
 #include "enrich.h"
@@ -60,6 +63,47 @@ typedef struct DispatchStatus
 /* The rate window, with a little margin for clocks and latency. */
 #define ENRICH_RATE_WINDOW_US (INT64CONST(60500) * 1000)
 
+/*
+ * The credits of searches and lookups in progress (budget_search.c), so
+ * that the credit budgets count them before their ledger rows are
+ * committed.  A backend takes a slot before its call (SEARCH_RESERVED:
+ * the worst case), marks it spent with the actual cost and the ledger
+ * row's contents once the API answered (SEARCH_SPENT), and frees it when
+ * its transaction commits (the row is then visible).  When the
+ * transaction, or the subtransaction that wrote the row, aborts, a spent
+ * slot becomes SEARCH_ORPHAN: paid but in no ledger row, until a later
+ * transaction records it (SEARCH_ADOPTING while that one is open).
+ */
+#define ENRICH_SEARCH_SLOTS 256
+
+typedef enum EnrichSearchState
+{
+	SEARCH_FREE = 0,
+	SEARCH_RESERVED,
+	SEARCH_SPENT,
+	SEARCH_ORPHAN,
+	SEARCH_ADOPTING
+} EnrichSearchState;
+
+typedef struct EnrichSearchSlot
+{
+	EnrichSearchState state;
+	Oid			dboid;			/* the database of the budgets */
+	pid_t		pid;			/* owner (0 for an orphan) */
+	SubTransactionId subid;		/* owner's subtransaction of the last change */
+	NameData	role;			/* whose budgets */
+	int32		day;			/* DateADT of the budget periods */
+	int32		month;
+	double		credits;		/* worst case, then the actual cost */
+	/* The ledger row (enrich.search_calls) once spent. */
+	char		endpoint[16];
+	uint8		hash[32];
+	int32		results;
+	int64		total;
+	bool		has_total;
+	TimestampTz called_at;
+} EnrichSearchSlot;
+
 typedef struct EnrichShared
 {
 	slock_t		mutex;
@@ -73,6 +117,9 @@ typedef struct EnrichShared
 	TimestampTz rate_paused_until;	/* a 429 pauses every caller */
 	uint64		rate_total;
 	TimestampTz rate_ring[ENRICH_RATE_RING];
+	/* Searches in progress (under search_lock): see EnrichSearchSlot. */
+	LWLock	   *search_lock;
+	EnrichSearchSlot search_slots[ENRICH_SEARCH_SLOTS];
 } EnrichShared;
 
 /* shmem.c: the only file that touches EnrichShared. */
@@ -89,5 +136,11 @@ extern void enrich_rate_untake(TimestampTz t);
 extern void enrich_rate_seed(const TimestampTz *times, int n);
 extern void enrich_rate_pause(TimestampTz until);
 extern int	enrich_rate_recent(TimestampTz now);
+extern int	enrich_search_take(const EnrichSearchSlot *slot);
+extern bool enrich_search_spend(int i, const EnrichSearchSlot *row);
+extern int	enrich_search_list(Oid dboid, EnrichSearchSlot *out);
+extern int	enrich_search_adopt(Oid dboid, SubTransactionId subid, EnrichSearchSlot *out);
+extern int	enrich_search_end(bool top, bool commit, SubTransactionId subid,
+							  SubTransactionId parent);
 
 #endif							/* ENRICH_SHMEM_H */

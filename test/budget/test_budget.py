@@ -63,9 +63,11 @@ def sent(sb, ids):
     return sum(1 for i in ids if seen.get(str(i)))
 
 
-def quiet(c):
-    """No batch open, no reservation left."""
-    return c.scalar("SELECT count(*) FROM enrich.batches WHERE state IN ('sending', 'sent')") == "0" \
+def quiet(c, sb):
+    """No batch open, no reservation left, no job running at the sandbox."""
+    st = dl.control(sb, "stats")
+    return st["jobs_running"] == 0 and st["webhooks_pending"] == 0 and \
+        c.scalar("SELECT count(*) FROM enrich.batches WHERE state IN ('sending', 'sent')") == "0" \
         and c.scalar("SELECT coalesce(sum(reserved), 0) FROM enrich.credit_ledger "
                      "WHERE settled_at IS NULL") == "0"
 
@@ -113,13 +115,13 @@ def test_daily_budget(r, c, sb):
     detail = c.scalar("SELECT detail FROM enrich.dispatcher")
     r.check("daily credit budget" in detail and "renews at" in detail,
             "enrich.dispatcher's detail names the budget and when it renews", detail)
-    wait_for(lambda: quiet(c), timeout=60, what="the first batch to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="the first batch to end")
     spent = dl.sandbox_spent(sb)
     r.check(spent <= 100, "the sandbox was charged within the budget", spent)
     consistent(r, c, sb, "after the first batch")
     # What the job did not spend was released: more may go, never beyond 100.
     time.sleep(1.0)
-    wait_for(lambda: quiet(c), timeout=60, what="batches of released credits to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="batches of released credits to end")
     r.check(dl.sandbox_spent(sb) <= 100, "released credits never take the day beyond 100",
             dl.sandbox_spent(sb))
     r.check(c.scalar("SELECT reserved + spent <= 100 FROM enrich.credit_totals "
@@ -132,7 +134,7 @@ def test_raise_budget(r, c, sb):
     c.psql("ALTER SYSTEM SET enrich.credit_budget_daily = 10000; SELECT pg_reload_conf()")
     wait_for(lambda: sent(sb, ids) == 50, timeout=60, what="all 50 sent after the raise")
     r.eq(sent(sb, ids), 50, "after a reload raising the budget, the waiting requests are sent")
-    wait_for(lambda: quiet(c), timeout=60, what="all batches to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="all batches to end")
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id BETWEEN %d AND %d AND state IN ('done', 'failed')"
                   % (ids[0], ids[-1])), "50", "every request ended")
     consistent(r, c, sb, "after the raise")
@@ -153,7 +155,7 @@ def test_role_budgets(r, c, sb):
     r.check("of role carol (enrich.budgets)" in msg, "carol's waiting request names her budget", msg)
     r.eq(c.scalar("SELECT count(*) FROM enrich.credit_budgets WHERE role IN ('carol', 'dave')", user="rdr"),
          "2", "enrich.credit_budgets shows the per-role budgets to readers")
-    wait_for(lambda: quiet(c), timeout=60, what="carol and dave's batches to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="carol and dave's batches to end")
     consistent(r, c, sb, "per-role budgets")
 
 
@@ -162,7 +164,7 @@ def test_raise_role_budget(r, c, sb):
     c.psql("UPDATE enrich.budgets SET credits = 1000 WHERE role = 'carol'")
     wait_for(lambda: sent(sb, cids) == 10, timeout=30, what="carol's rest after her budget was raised")
     r.eq(sent(sb, cids), 10, "raising carol's row in enrich.budgets sends her waiting requests")
-    wait_for(lambda: quiet(c), timeout=60, what="carol's batches to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="carol's batches to end")
     consistent(r, c, sb, "after raising carol's budget")
 
 
@@ -201,7 +203,7 @@ def test_kill9(r, c, sb, dispatch_receiver):
     wait_for(lambda: c.scalar("SELECT count(*) FROM enrich.requests WHERE id BETWEEN %d AND %d "
                               "AND state IN ('done', 'failed')" % (eids[0], eids[-1])) == "5",
              timeout=90, what="the interrupted batch's requests to end")
-    wait_for(lambda: quiet(c), timeout=60, what="the interrupted batch to end")
+    wait_for(lambda: quiet(c, sb), timeout=60, what="the interrupted batch to end")
     r.eq(c.scalar("SELECT count(*) FROM enrich.credit_ledger l WHERE l.batch_id IN "
                   "(SELECT batch_id FROM enrich.requests WHERE id BETWEEN %d AND %d)" % (eids[0], eids[-1])),
          "1", "the interrupted batch was reserved once")
@@ -210,10 +212,10 @@ def test_kill9(r, c, sb, dispatch_receiver):
 
 def test_search_credits(r, c):
     # Searches count as spent in the overall and the caller's budgets.
-    before = c.scalar("SELECT spent FROM enrich.credit_totals WHERE scope = 'carol' AND period = 'day'")
+    before = c.scalar("SELECT spent FROM enrich.credit_budgets WHERE role = 'carol' AND period = 'day'")
     c.psql("INSERT INTO enrich.search_calls (called_by, endpoint, request_hash, results, credits, cached) "
            "VALUES ('carol', 'people/search', '\\x00', 7, 7, false)")
-    after = c.scalar("SELECT spent FROM enrich.credit_totals WHERE scope = 'carol' AND period = 'day'")
+    after = c.scalar("SELECT spent FROM enrich.credit_budgets WHERE role = 'carol' AND period = 'day'")
     r.eq(float(after) - float(before), 7.0, "a paid search counts as spent in its caller's daily budget")
     r.eq(c.scalar("SELECT spent FROM enrich.credit_usage WHERE source_table = 'search: people/search'"),
          "7", "enrich.credit_usage shows the search's credits")

@@ -111,6 +111,8 @@ AS $$
 BEGIN
     -- Budgets changed (a reload, enrich.budgets): what waited is ready.
     PERFORM enrich._dispatch_budget_check();
+    -- Credits of searches into the budgets' totals (75_budget.sql).
+    PERFORM enrich._dispatch_search_fold();
     SELECT count(*) INTO in_flight
       FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
     SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
@@ -784,11 +786,35 @@ LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
 COMMENT ON FUNCTION enrich.dispatcher_status() IS
 'The dispatcher worker''s state, why, and its counters since it started.';
 
+-- The workspace's credit balance as last read from /account/credits, and
+-- when (the dispatcher reads it at most every enrich.credits_check_interval).
+CREATE TABLE enrich.credit_balance (
+    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
+    balance numeric NOT NULL,
+    read_at timestamptz NOT NULL
+);
+
+COMMENT ON TABLE enrich.credit_balance IS
+'The credit balance the API last answered to GET /account/credits, and when it was read.';
+
+-- The dispatcher read the balance.
+CREATE FUNCTION enrich._dispatch_credits_read(balance double precision, read_at timestamptz)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO enrich.credit_balance AS b (id, balance, read_at)
+    VALUES (true, $1::numeric, $2)
+    ON CONFLICT (id) DO UPDATE SET balance = excluded.balance, read_at = excluded.read_at
+$$;
+
 CREATE VIEW enrich.dispatcher AS
-    SELECT * FROM enrich.dispatcher_status();
+    SELECT d.*, b.balance AS credits_balance, b.read_at AS credits_balance_at
+      FROM enrich.dispatcher_status() d
+      LEFT JOIN enrich.credit_balance b ON b.id;
 
 COMMENT ON VIEW enrich.dispatcher IS
-'The dispatcher worker: what it does and why (state, detail), pacing and counters since it started.';
+'The dispatcher worker: what it does and why (state, detail), pacing and counters since it started, and the credit balance last read.';
 
 GRANT EXECUTE ON FUNCTION enrich.dispatcher_status() TO enrich_submitter, enrich_reader;
 GRANT SELECT ON enrich.dispatcher TO enrich_submitter, enrich_reader;

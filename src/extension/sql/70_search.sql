@@ -20,10 +20,16 @@
 -- results, credits: metadata.credits of the answer, 0 from the cache).
 -- An identical request (same endpoint, same body, pages included) made
 -- within enrich.search_cache_ttl is answered from enrich.search_cache at
--- no cost.  Both are written in the caller's transaction, after the call:
--- a caller that rolls back loses the ledger row and the cached answer
--- although the API charged; the server log keeps a LOG line for every
--- paid call, so nothing paid goes unrecorded anywhere.
+-- no cost.  Both are written in the caller's transaction, after the call.
+--
+-- Budgets (75_budget.sql, budget_search.c).  Before a paid call its worst
+-- case (0.25 credits a result asked for, 0.25 for a lookup) is reserved
+-- against every credit budget that applies, or the call is refused; the
+-- reservation lives in shared memory (no lock is held across the call)
+-- and becomes the actual cost when the API answered.  If the caller's
+-- transaction rolls back, the paid call's ledger row is still written
+-- (rolled_back), by the next search or the dispatcher; a LOG line in the
+-- server log also keeps every paid call.
 --
 -- The public functions are SECURITY DEFINER (they write the ledger and
 -- the shared cache, and the API key is read by the server process); the
@@ -44,10 +50,15 @@ CREATE TABLE enrich.search_calls (
     total           bigint,
     credits         numeric NOT NULL,
     -- Answered from enrich.search_cache, at no cost, without an API call.
-    cached          boolean NOT NULL
+    cached          boolean NOT NULL,
+    -- In enrich.credit_totals yet (the dispatcher adds the credits later).
+    counted         boolean NOT NULL DEFAULT false,
+    -- Written after the caller's transaction rolled back (it was paid).
+    rolled_back     boolean NOT NULL DEFAULT false
 );
 
 CREATE INDEX search_calls_called_at ON enrich.search_calls (called_at);
+CREATE INDEX search_calls_uncounted_idx ON enrich.search_calls (id) WHERE NOT counted;
 
 COMMENT ON TABLE enrich.search_calls IS
 'One row per search or lookup call (paid, or answered from the cache at no cost): the credits ledger of synchronous calls.';
@@ -251,7 +262,8 @@ $$;
 COMMENT ON FUNCTION enrich._search_check(text, jsonb, integer) IS
 'Internal: refuse a filter object the API would refuse, naming the filter, and a bad max_results.';
 
--- One call: from the cache when fresh, else from the API; always in the ledger.
+-- One call: from the cache when fresh, else from the API within the
+-- credit budgets; always in the ledger.
 CREATE FUNCTION enrich._search_call(p_endpoint text, p_body jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -262,12 +274,19 @@ DECLARE
     v_who     name := enrich._calling_role();
     v_hash    bytea := sha256(convert_to(p_endpoint || ' ' || p_body::text, 'UTF8'));
     v_ttl     interval := current_setting('enrich.search_cache_ttl')::interval;
+    v_tz      text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
     v_list    text := CASE WHEN p_endpoint LIKE 'people/%' THEN 'people' ELSE 'companies' END;
     v_answer  jsonb;
     v_cached  boolean := false;
     v_results integer;
+    v_total   bigint;
     v_credits numeric;
+    v_day     date;
+    v_slot    integer;
+    v_at      timestamptz;
 BEGIN
+    -- Paid calls whose callers rolled back go into the ledger first.
+    PERFORM enrich._search_record_orphans();
     IF v_ttl > interval '0' THEN
         SELECT c.response INTO v_answer
           FROM enrich.search_cache c
@@ -277,24 +296,43 @@ BEGIN
         v_cached := FOUND;
     END IF;
     IF NOT v_cached THEN
+        -- The worst case must fit every credit budget: 0.25 a result asked
+        -- for, 0.25 for a lookup (one match at most).
+        v_day := (clock_timestamp() AT TIME ZONE v_tz)::date;
+        v_slot := enrich._search_reserve(
+            p_endpoint, v_who,
+            0.25 * CASE WHEN p_endpoint LIKE '%/search'
+                        THEN coalesce((p_body ->> 'limit')::integer, 100) ELSE 1 END,
+            v_day, date_trunc('month', v_day)::date);
         v_answer := enrich._api_post(p_endpoint, p_body);
+        v_at := clock_timestamp();
+    END IF;
+    v_results := CASE WHEN jsonb_typeof(v_answer -> v_list) = 'array'
+                      THEN jsonb_array_length(v_answer -> v_list) ELSE 0 END;
+    v_total := CASE WHEN jsonb_typeof(v_answer #> '{metadata,total}') = 'number'
+                    THEN (v_answer #>> '{metadata,total}')::numeric::bigint END;
+    v_credits := CASE WHEN v_cached THEN 0
+                      WHEN jsonb_typeof(v_answer #> '{metadata,credits}') = 'number'
+                      THEN (v_answer #>> '{metadata,credits}')::numeric
+                      ELSE 0.25 * v_results END;
+    IF NOT v_cached THEN
+        -- Paid: recorded even if what follows fails or the caller rolls back.
+        PERFORM enrich._search_spent(v_slot, v_credits, v_hash, v_results, v_total, v_at);
     END IF;
     IF jsonb_typeof(v_answer -> v_list) IS DISTINCT FROM 'array' THEN
         RAISE EXCEPTION 'the API answered the % request without a "%" list', p_endpoint, v_list
             USING ERRCODE = 'invalid_text_representation';
     END IF;
-    v_results := jsonb_array_length(v_answer -> v_list);
-    v_credits := CASE WHEN v_cached THEN 0
-                      WHEN jsonb_typeof(v_answer #> '{metadata,credits}') = 'number'
-                      THEN (v_answer #>> '{metadata,credits}')::numeric
-                      ELSE 0.25 * v_results END;
-    INSERT INTO enrich.search_calls (called_by, endpoint, request_hash, results, total, credits, cached)
-    VALUES (v_who, p_endpoint, v_hash, v_results,
-            CASE WHEN jsonb_typeof(v_answer #> '{metadata,total}') = 'number'
-                 THEN (v_answer #>> '{metadata,total}')::numeric::bigint END,
-            v_credits, v_cached);
+    INSERT INTO enrich.search_calls (called_at, called_by, endpoint, request_hash, results, total,
+                                     credits, cached, counted)
+    VALUES (coalesce(v_at, clock_timestamp()), v_who, p_endpoint, v_hash, v_results, v_total,
+            v_credits, v_cached, v_credits = 0);
+    IF v_credits > 0 THEN
+        -- At commit the dispatcher adds the credits to the budgets' totals.
+        PERFORM enrich._wake_dispatcher();
+    END IF;
     IF NOT v_cached THEN
-        -- Kept in the server log too: a rollback loses the row above, not this.
+        -- Kept in the server log too, whatever becomes of the transaction.
         RAISE LOG 'enrich: % call for role % cost % credits (% results, request %)',
                   p_endpoint, v_who, v_credits, v_results, encode(v_hash, 'hex');
         IF v_ttl > interval '0' THEN

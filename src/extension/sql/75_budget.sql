@@ -24,6 +24,17 @@
 -- never ran, plus other_job_credits: jobs of a resent POST the API had
 -- received), and what was not spent is released.  A batch split after a
 -- 400 hands its reservation to its halves.
+--
+-- Searches and lookups (70_search.sql) are paid by the backend that makes
+-- them: each call reserves its worst case in shared memory first, or is
+-- refused (budget_search.c, enrich._search_reserve); the claim takes the
+-- same lock and counts those reservations (_budget_inflight).  A paid
+-- call's ledger row (enrich.search_calls) is written in the caller's
+-- transaction without touching the totals (a row lock there would hold
+-- the dispatcher and every other search until the caller commits); the
+-- dispatcher adds it to enrich.credit_totals at its next look
+-- (_dispatch_search_fold), and until then the checks count it from the
+-- row (_budget_unfolded).
 ------------------------------------------------------------------------
 
 CREATE TABLE enrich.budgets (
@@ -184,11 +195,25 @@ DECLARE
     v_held  integer := 0;
     v_note  text;
     v_until timestamptz;
+    v_inflight jsonb;
+    v_start date;
 BEGIN
     IF p_ids IS NULL THEN
         RETURN NULL;
     END IF;
+    -- No search reserves between this check and the claim's commit.
+    PERFORM enrich._budget_lock();
     SELECT * INTO v_p FROM enrich._budget_period();
+    -- Searches in progress (shared memory), read before the totals: one
+    -- that ends between the two reads is in the totals' snapshot.
+    SELECT coalesce(jsonb_object_agg(x.k, x.s), '{}'::jsonb) INTO v_inflight
+      FROM (SELECT k.k, sum(i.credits) AS s
+              FROM enrich._budget_inflight() i
+             CROSS JOIN LATERAL (VALUES ('/day', i.day = v_p.day), ('/month', i.month = v_p.month),
+                                        (i.role || '/day', i.day = v_p.day),
+                                        (i.role || '/month', i.month = v_p.month)) k(k, ok)
+             WHERE k.ok
+             GROUP BY k.k) x;
     FOR v_r IN SELECT q.id, q.submitted_by,
                       enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
                       AS cost
@@ -202,11 +227,14 @@ BEGIN
             v_per := split_part(v_key, '/', 2);
             IF NOT v_lim ? v_key THEN
                 v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
+                v_start := CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END;
+                -- One statement: the totals and the searches not yet in
+                -- them, in one snapshot.
                 v_used := v_used || jsonb_build_object(v_key, coalesce(
                     (SELECT t.reserved + t.spent FROM enrich.credit_totals t
-                      WHERE t.scope = v_scope AND t.period = v_per
-                        AND t.period_start = CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END),
-                    0));
+                      WHERE t.scope = v_scope AND t.period = v_per AND t.period_start = v_start),
+                    0) + enrich._budget_unfolded(v_scope, v_per, v_start)
+                       + coalesce((v_inflight ->> v_key)::numeric, 0));
             END IF;
             v_limit := (v_lim ->> v_key)::numeric;
             v_have := (v_used ->> v_key)::numeric;
@@ -418,30 +446,171 @@ BEGIN
 END
 $$;
 
--- Searches and lookups are paid at once (enrich.search_calls): their
--- credits count as spent in the budgets of the day and month they were
--- made, overall and for the calling role.  Runs as the owner (the search
--- functions' callers have no rights on the totals).
-CREATE FUNCTION enrich._budget_search_spent()
-RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
+-- Searches and lookups: the C side (budget_search.c).
+CREATE FUNCTION enrich._search_reserve(endpoint text, role name, credits numeric,
+                                       day date, month date)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'enrich_search_reserve'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_reserve(text, name, numeric, date, date) IS
+'Internal: reserve the worst case of one search or lookup call against every credit budget that applies, or refuse it.';
+
+CREATE FUNCTION enrich._search_spent(slot integer, credits numeric, request_hash bytea,
+                                     results integer, total bigint, called_at timestamptz)
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_search_spent'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_spent(integer, numeric, bytea, integer, bigint, timestamptz) IS
+'Internal: a reserved search call was made and cost credits; kept until its ledger row is committed.';
+
+CREATE FUNCTION enrich._search_orphans()
+RETURNS TABLE (called_at timestamptz, called_by name, endpoint text, request_hash bytea,
+               results integer, total bigint, credits numeric)
+AS 'MODULE_PATHNAME', 'enrich_search_orphans'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_orphans() IS
+'Internal: paid search calls whose ledger row was rolled back, handed to the calling transaction to record.';
+
+CREATE FUNCTION enrich._budget_inflight()
+RETURNS TABLE (role name, day date, month date, credits numeric, spent boolean)
+AS 'MODULE_PATHNAME', 'enrich_budget_inflight'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._budget_inflight() IS
+'Internal: the credits of the searches in progress in this database (reserved, or spent and not yet in a committed ledger row).';
+
+CREATE FUNCTION enrich._budget_lock()
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_budget_lock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._budget_lock() IS
+'Internal: the budget lock until the end of the transaction (the dispatcher''s claim).';
+
+-- Credits of committed search calls not yet in enrich.credit_totals that
+-- count in p_scope's ('' for all roles) budget p_period from p_start.
+-- They are few (the dispatcher folds them in): read through
+-- search_calls_uncounted_idx.
+CREATE FUNCTION enrich._budget_unfolded(p_scope text, p_period text, p_start date)
+RETURNS numeric
+LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+    SELECT coalesce(sum(c.credits), 0)
+      FROM enrich.search_calls c
+     WHERE NOT c.counted
+       AND (p_scope = '' OR c.called_by = p_scope::name)
+       AND CASE p_period
+           WHEN 'day' THEN (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC'))::date
+           ELSE date_trunc('month', (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC'))::date)::date
+           END = p_start
+$$;
+
+-- Does a search call by p_role that may cost p_cost fit every budget in
+-- the periods p_day and p_month, given p_inflight (credits of the
+-- searches in progress: overall day and month, p_role's day and month)?
+-- No row when it does; else the first budget it does not fit, and why.
+-- STABLE: _search_reserve runs it with a new snapshot.
+CREATE FUNCTION enrich._budget_search_room(p_role name, p_cost numeric, p_day date, p_month date,
+                                           p_inflight double precision[])
+RETURNS TABLE (budget text, detail text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
 AS $$
 DECLARE
-    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
-    v_day date := (NEW.called_at AT TIME ZONE v_tz)::date;
+    v_tz    text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_scope text;
+    v_per   text;
+    v_start date;
+    v_limit numeric;
+    v_have  numeric;
 BEGIN
-    PERFORM enrich._budget_add_row(NEW.called_by, v_day, date_trunc('month', v_day)::date,
-                                   0, NEW.credits);
-    RETURN NULL;
+    FOR i IN 1..4 LOOP
+        v_scope := CASE WHEN i <= 2 THEN '' ELSE p_role::text END;
+        v_per := CASE WHEN i % 2 = 1 THEN 'day' ELSE 'month' END;
+        v_start := CASE v_per WHEN 'day' THEN p_day ELSE p_month END;
+        v_limit := enrich._budget_limit(v_scope, v_per);
+        CONTINUE WHEN v_limit IS NULL;
+        v_have := coalesce((SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                             WHERE t.scope = v_scope AND t.period = v_per AND t.period_start = v_start), 0)
+                  + enrich._budget_unfolded(v_scope, v_per, v_start)
+                  + coalesce(p_inflight[i], 0)::numeric;
+        IF v_have + p_cost > v_limit THEN
+            budget := format('%s credit budget%s', CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                             CASE WHEN v_scope = '' THEN
+                                  ' (enrich.credit_budget_' || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                  ELSE format(' of role %s (enrich.budgets)', v_scope) END);
+            detail := format('%s of %s credits are spent or reserved; the budget renews at %s.',
+                             round(v_have, 2), v_limit,
+                             CASE v_per WHEN 'day' THEN (p_day + 1)::timestamp AT TIME ZONE v_tz
+                                  ELSE (p_month + interval '1 month') AT TIME ZONE v_tz END);
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
 END
 $$;
 
-CREATE TRIGGER search_calls_budget
-    AFTER INSERT ON enrich.search_calls
-    FOR EACH ROW WHEN (NEW.credits > 0)
-    EXECUTE FUNCTION enrich._budget_search_spent();
+-- Write the ledger rows of paid search calls whose callers rolled back.
+CREATE FUNCTION enrich._search_record_orphans()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    INSERT INTO enrich.search_calls (called_at, called_by, endpoint, request_hash, results, total,
+                                     credits, cached, rolled_back)
+    SELECT o.called_at, o.called_by, o.endpoint, o.request_hash, o.results, o.total,
+           o.credits, false, true
+      FROM enrich._search_orphans() o;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        RAISE LOG 'enrich: recorded % paid search call(s) whose transaction rolled back', v_n;
+    END IF;
+    RETURN v_n;
+END
+$$;
+
+-- Called by _dispatch_plan: record the orphans, and add the credits of the
+-- committed search calls to the running totals of their day and month,
+-- overall and for the calling role (500 at a time, through
+-- search_calls_uncounted_idx).
+CREATE FUNCTION enrich._dispatch_search_fold()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_r   record;
+    v_day date;
+BEGIN
+    PERFORM enrich._search_record_orphans();
+    FOR v_r IN UPDATE enrich.search_calls c
+                  SET counted = true
+                WHERE c.id = ANY (ARRAY(SELECT u.id FROM enrich.search_calls u
+                                         WHERE NOT u.counted ORDER BY u.id LIMIT 500))
+                  AND NOT c.counted
+               RETURNING c.called_by, c.called_at, c.credits LOOP
+        v_day := (v_r.called_at AT TIME ZONE v_tz)::date;
+        PERFORM enrich._budget_add_row(v_r.called_by, v_day, date_trunc('month', v_day)::date,
+                                       0, v_r.credits);
+    END LOOP;
+END
+$$;
 
 -- A change of enrich.budgets wakes the dispatcher at commit.
 CREATE FUNCTION enrich._budgets_changed()
@@ -481,11 +650,15 @@ COMMENT ON VIEW enrich.credit_usage IS
 'Credits spent (the jobs'' cost.credits) and reserved (batches not yet ended, worst case) per day, month, submitting role and source table; searches and lookups as source ''search: <endpoint>''.';
 
 -- Every budget in force for the current periods: what is spent, reserved
--- and left, and when it renews.
+-- and left, and when it renews.  Spent counts the searches not yet in
+-- the totals and those whose ledger row is not committed yet; reserved,
+-- the worst case of the searches under way.
 CREATE VIEW enrich.credit_budgets AS
     SELECT b.scope AS role, b.period, b.credits,
-           coalesce(t.spent, 0) AS spent, coalesce(t.reserved, 0) AS reserved,
-           greatest(b.credits - coalesce(t.spent, 0) - coalesce(t.reserved, 0), 0) AS available,
+           coalesce(t.spent, 0) + u.unfolded + f.spent AS spent,
+           coalesce(t.reserved, 0) + f.reserved AS reserved,
+           greatest(b.credits - coalesce(t.spent, 0) - coalesce(t.reserved, 0)
+                    - u.unfolded - f.spent - f.reserved, 0) AS available,
            CASE b.period WHEN 'day' THEN p.day_renews ELSE p.month_renews END AS renews_at
       FROM enrich._budget_period() p
      CROSS JOIN LATERAL (
@@ -497,6 +670,15 @@ CREATE VIEW enrich.credit_budgets AS
       LEFT JOIN enrich.credit_totals t
         ON t.scope = coalesce(b.scope::text, '') AND t.period = b.period
        AND t.period_start = CASE b.period WHEN 'day' THEN p.day ELSE p.month END
+     CROSS JOIN LATERAL (
+            SELECT enrich._budget_unfolded(coalesce(b.scope::text, ''), b.period,
+                                           CASE b.period WHEN 'day' THEN p.day ELSE p.month END) AS unfolded) u
+     CROSS JOIN LATERAL (
+            SELECT coalesce(sum(i.credits) FILTER (WHERE i.spent), 0) AS spent,
+                   coalesce(sum(i.credits) FILTER (WHERE NOT i.spent), 0) AS reserved
+              FROM enrich._budget_inflight() i
+             WHERE (b.scope IS NULL OR i.role = b.scope)
+               AND CASE b.period WHEN 'day' THEN i.day = p.day ELSE i.month = p.month END) f
      WHERE b.credits IS NOT NULL;
 
 COMMENT ON VIEW enrich.credit_budgets IS

@@ -59,12 +59,24 @@ GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
                           enrich._budget_split(bigint, bigint, bigint),
                           enrich._budget_settle(bigint, numeric)
     TO enrich_dispatcher;
+-- Searches: the claim counts those under way and takes the budget lock;
+-- each look records the orphans and folds the paid calls into the totals.
+GRANT EXECUTE ON FUNCTION enrich._budget_lock(), enrich._budget_inflight(),
+                          enrich._budget_unfolded(text, text, date),
+                          enrich._search_orphans(), enrich._search_record_orphans()
+    TO enrich_dispatcher;
+GRANT SELECT, INSERT ON enrich.search_calls TO enrich_dispatcher;
+GRANT UPDATE (counted) ON enrich.search_calls TO enrich_dispatcher;
+GRANT USAGE ON SEQUENCE enrich.search_calls_id_seq TO enrich_dispatcher;
+GRANT SELECT, INSERT, UPDATE ON enrich.credit_balance TO enrich_dispatcher;
 GRANT SELECT ON enrich.budgets TO enrich_dispatcher;
 GRANT SELECT, INSERT, UPDATE, DELETE ON enrich.credit_ledger, enrich.credit_totals,
                                         enrich.budget_seen TO enrich_dispatcher;
 GRANT USAGE ON SEQUENCE enrich.credit_ledger_id_seq TO enrich_dispatcher;
 GRANT SELECT ON enrich.budgets, enrich.credit_usage, enrich.credit_budgets TO enrich_reader;
-GRANT EXECUTE ON FUNCTION enrich._budget_period(), enrich._budget_limit(text, text) TO enrich_reader;
+GRANT EXECUTE ON FUNCTION enrich._budget_period(), enrich._budget_limit(text, text),
+                          enrich._budget_unfolded(text, text, date), enrich._budget_inflight()
+    TO enrich_reader;
 GRANT SELECT, INSERT, UPDATE ON enrich.batches, enrich.requests, enrich.results TO enrich_dispatcher;
 GRANT USAGE ON SEQUENCE enrich.batches_id_seq, enrich.requests_id_seq TO enrich_dispatcher;
 GRANT SELECT (id, state, enrichment_id, name, contact_count, created_at, sent_at,

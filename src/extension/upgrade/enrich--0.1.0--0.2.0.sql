@@ -5005,6 +5005,524 @@ JOIN enrich.requests r ON r.id = res.request_id;
 
 GRANT SELECT (kind) ON enrich.batches TO enrich_reader;
 
+-- == budget: searches and balance ==
+-- Searches and lookups reserve their worst case against the credit
+-- budgets before the call (refused when it does not fit), in shared
+-- memory that the dispatcher's claim counts; a paid call's ledger row
+-- survives the caller's rollback; the search credits reach the totals
+-- through the dispatcher instead of a trigger in the caller's
+-- transaction (whose row locks held the dispatcher and other searches).
+-- The last credit balance read is kept and shown in enrich.dispatcher.
+ALTER TABLE enrich.search_calls
+    ADD COLUMN counted boolean NOT NULL DEFAULT false,
+    ADD COLUMN rolled_back boolean NOT NULL DEFAULT false;
+-- Rows written before this version were counted by the trigger.
+UPDATE enrich.search_calls SET counted = true;
+CREATE INDEX search_calls_uncounted_idx ON enrich.search_calls (id) WHERE NOT counted;
+DROP TRIGGER search_calls_budget ON enrich.search_calls;
+DROP FUNCTION enrich._budget_search_spent();
+-- Searches and lookups: the C side (budget_search.c).
+CREATE FUNCTION enrich._search_reserve(endpoint text, role name, credits numeric,
+                                       day date, month date)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'enrich_search_reserve'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_reserve(text, name, numeric, date, date) IS
+'Internal: reserve the worst case of one search or lookup call against every credit budget that applies, or refuse it.';
+
+CREATE FUNCTION enrich._search_spent(slot integer, credits numeric, request_hash bytea,
+                                     results integer, total bigint, called_at timestamptz)
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_search_spent'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_spent(integer, numeric, bytea, integer, bigint, timestamptz) IS
+'Internal: a reserved search call was made and cost credits; kept until its ledger row is committed.';
+
+CREATE FUNCTION enrich._search_orphans()
+RETURNS TABLE (called_at timestamptz, called_by name, endpoint text, request_hash bytea,
+               results integer, total bigint, credits numeric)
+AS 'MODULE_PATHNAME', 'enrich_search_orphans'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._search_orphans() IS
+'Internal: paid search calls whose ledger row was rolled back, handed to the calling transaction to record.';
+
+CREATE FUNCTION enrich._budget_inflight()
+RETURNS TABLE (role name, day date, month date, credits numeric, spent boolean)
+AS 'MODULE_PATHNAME', 'enrich_budget_inflight'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._budget_inflight() IS
+'Internal: the credits of the searches in progress in this database (reserved, or spent and not yet in a committed ledger row).';
+
+CREATE FUNCTION enrich._budget_lock()
+RETURNS void
+AS 'MODULE_PATHNAME', 'enrich_budget_lock'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION enrich._budget_lock() IS
+'Internal: the budget lock until the end of the transaction (the dispatcher''s claim).';
+
+-- Credits of committed search calls not yet in enrich.credit_totals that
+-- count in p_scope's ('' for all roles) budget p_period from p_start.
+-- They are few (the dispatcher folds them in): read through
+-- search_calls_uncounted_idx.
+CREATE FUNCTION enrich._budget_unfolded(p_scope text, p_period text, p_start date)
+RETURNS numeric
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+    SELECT coalesce(sum(c.credits), 0)
+      FROM enrich.search_calls c
+     WHERE NOT c.counted
+       AND (p_scope = '' OR c.called_by = p_scope::name)
+       AND CASE p_period
+           WHEN 'day' THEN (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC'))::date
+           ELSE date_trunc('month', (c.called_at AT TIME ZONE coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC'))::date)::date
+           END = p_start
+$$;
+
+-- Does a search call by p_role that may cost p_cost fit every budget in
+-- the periods p_day and p_month, given p_inflight (credits of the
+-- searches in progress: overall day and month, p_role's day and month)?
+-- No row when it does; else the first budget it does not fit, and why.
+-- STABLE: _search_reserve runs it with a new snapshot.
+CREATE FUNCTION enrich._budget_search_room(p_role name, p_cost numeric, p_day date, p_month date,
+                                           p_inflight double precision[])
+RETURNS TABLE (budget text, detail text)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    v_tz    text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_scope text;
+    v_per   text;
+    v_start date;
+    v_limit numeric;
+    v_have  numeric;
+BEGIN
+    FOR i IN 1..4 LOOP
+        v_scope := CASE WHEN i <= 2 THEN '' ELSE p_role::text END;
+        v_per := CASE WHEN i % 2 = 1 THEN 'day' ELSE 'month' END;
+        v_start := CASE v_per WHEN 'day' THEN p_day ELSE p_month END;
+        v_limit := enrich._budget_limit(v_scope, v_per);
+        CONTINUE WHEN v_limit IS NULL;
+        v_have := coalesce((SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                             WHERE t.scope = v_scope AND t.period = v_per AND t.period_start = v_start), 0)
+                  + enrich._budget_unfolded(v_scope, v_per, v_start)
+                  + coalesce(p_inflight[i], 0)::numeric;
+        IF v_have + p_cost > v_limit THEN
+            budget := format('%s credit budget%s', CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                             CASE WHEN v_scope = '' THEN
+                                  ' (enrich.credit_budget_' || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                  ELSE format(' of role %s (enrich.budgets)', v_scope) END);
+            detail := format('%s of %s credits are spent or reserved; the budget renews at %s.',
+                             round(v_have, 2), v_limit,
+                             CASE v_per WHEN 'day' THEN (p_day + 1)::timestamp AT TIME ZONE v_tz
+                                  ELSE (p_month + interval '1 month') AT TIME ZONE v_tz END);
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Write the ledger rows of paid search calls whose callers rolled back.
+CREATE FUNCTION enrich._search_record_orphans()
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    INSERT INTO enrich.search_calls (called_at, called_by, endpoint, request_hash, results, total,
+                                     credits, cached, rolled_back)
+    SELECT o.called_at, o.called_by, o.endpoint, o.request_hash, o.results, o.total,
+           o.credits, false, true
+      FROM enrich._search_orphans() o;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        RAISE LOG 'enrich: recorded % paid search call(s) whose transaction rolled back', v_n;
+    END IF;
+    RETURN v_n;
+END
+$$;
+
+-- Called by _dispatch_plan: record the orphans, and add the credits of the
+-- committed search calls to the running totals of their day and month,
+-- overall and for the calling role (500 at a time, through
+-- search_calls_uncounted_idx).
+CREATE FUNCTION enrich._dispatch_search_fold()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_tz  text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_r   record;
+    v_day date;
+BEGIN
+    PERFORM enrich._search_record_orphans();
+    FOR v_r IN UPDATE enrich.search_calls c
+                  SET counted = true
+                WHERE c.id = ANY (ARRAY(SELECT u.id FROM enrich.search_calls u
+                                         WHERE NOT u.counted ORDER BY u.id LIMIT 500))
+                  AND NOT c.counted
+               RETURNING c.called_by, c.called_at, c.credits LOOP
+        v_day := (v_r.called_at AT TIME ZONE v_tz)::date;
+        PERFORM enrich._budget_add_row(v_r.called_by, v_day, date_trunc('month', v_day)::date,
+                                       0, v_r.credits);
+    END LOOP;
+END
+$$;
+
+-- Of the queued requests p_ids, those whose worst-case cost fits every
+-- budget that applies, in id order; the others wait for the renewal of
+-- the budget they do not fit (error_code 'budget').
+CREATE OR REPLACE FUNCTION enrich._budget_fit(p_ids bigint[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_p     record;
+    v_r     record;
+    v_used  jsonb := '{}'::jsonb;
+    v_lim   jsonb := '{}'::jsonb;
+    v_ok    bigint[] := '{}'::bigint[];
+    v_key   text;
+    v_scope text;
+    v_per   text;
+    v_limit numeric;
+    v_have  numeric;
+    v_why   text;
+    v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
+    v_inflight jsonb;
+    v_start date;
+BEGIN
+    IF p_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- No search reserves between this check and the claim's commit.
+    PERFORM enrich._budget_lock();
+    SELECT * INTO v_p FROM enrich._budget_period();
+    -- Searches in progress (shared memory), read before the totals: one
+    -- that ends between the two reads is in the totals' snapshot.
+    SELECT coalesce(jsonb_object_agg(x.k, x.s), '{}'::jsonb) INTO v_inflight
+      FROM (SELECT k.k, sum(i.credits) AS s
+              FROM enrich._budget_inflight() i
+             CROSS JOIN LATERAL (VALUES ('/day', i.day = v_p.day), ('/month', i.month = v_p.month),
+                                        (i.role || '/day', i.day = v_p.day),
+                                        (i.role || '/month', i.month = v_p.month)) k(k, ok)
+             WHERE k.ok
+             GROUP BY k.k) x;
+    FOR v_r IN SELECT q.id, q.submitted_by,
+                      enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
+                      AS cost
+                 FROM enrich.requests q
+                WHERE q.id = ANY (p_ids)
+                ORDER BY q.id LOOP
+        v_why := NULL;
+        FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                     v_r.submitted_by || '/month'] LOOP
+            v_scope := split_part(v_key, '/', 1);
+            v_per := split_part(v_key, '/', 2);
+            IF NOT v_lim ? v_key THEN
+                v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
+                v_start := CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END;
+                -- One statement: the totals and the searches not yet in
+                -- them, in one snapshot.
+                v_used := v_used || jsonb_build_object(v_key, coalesce(
+                    (SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                      WHERE t.scope = v_scope AND t.period = v_per AND t.period_start = v_start),
+                    0) + enrich._budget_unfolded(v_scope, v_per, v_start)
+                       + coalesce((v_inflight ->> v_key)::numeric, 0));
+            END IF;
+            v_limit := (v_lim ->> v_key)::numeric;
+            v_have := (v_used ->> v_key)::numeric;
+            IF v_limit IS NOT NULL AND v_have + v_r.cost > v_limit THEN
+                v_renew := CASE v_per WHEN 'day' THEN v_p.day_renews ELSE v_p.month_renews END;
+                v_why := format('waits for the %s credit budget%s: %s of %s credits spent or reserved, this contact may cost %s; it renews at %s',
+                                CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                                CASE WHEN v_scope = '' THEN ' (enrich.credit_budget_'
+                                                            || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                     ELSE format(' of role %s (enrich.budgets)', v_scope) END,
+                                v_have, v_limit, v_r.cost, v_renew);
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_why IS NULL THEN
+            v_ok := v_ok || v_r.id;
+            FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                         v_r.submitted_by || '/month'] LOOP
+                v_used := jsonb_set(v_used, ARRAY[v_key],
+                                    to_jsonb((v_used ->> v_key)::numeric + v_r.cost));
+            END LOOP;
+        ELSE
+            UPDATE enrich.requests q
+               SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
+             WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
+        END IF;
+    END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
+    RETURN nullif(v_ok, '{}'::bigint[]);
+END
+$$;
+
+-- The worker's view of the queue, read before each decision: contacts in
+-- flight, how many (up to 100) are ready and since when, and when the next
+-- retry, resend or poll falls due.
+CREATE OR REPLACE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
+                                      OUT ready_since timestamptz, OUT next_ready timestamptz,
+                                      OUT batch_due boolean, OUT next_batch timestamptz,
+                                      OUT poll_due boolean, OUT next_poll timestamptz,
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+BEGIN
+    -- Budgets changed (a reload, enrich.budgets): what waited is ready.
+    PERFORM enrich._dispatch_budget_check();
+    -- Credits of searches into the budgets' totals (75_budget.sql).
+    PERFORM enrich._dispatch_search_fold();
+    SELECT count(*) INTO in_flight
+      FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
+    SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
+      FROM enrich._dispatch_ready(100) r;
+    SELECT min(r.next_attempt_at) INTO next_ready
+      FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
+    -- The batch checks read batches_sending_idx and batches_open_idx in
+    -- their order and stop at the first entry (an EXISTS lets the planner
+    -- hope a scan of every batch stops early; with stale statistics it
+    -- did, and read them all).
+    batch_due := coalesce((SELECT true
+                             FROM enrich.batches b
+                            WHERE b.state = 'sending'
+                              AND coalesce(b.next_attempt_at, b.created_at) <= now()
+                              AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+                            ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+                            LIMIT 1), false);
+    SELECT coalesce(b.next_attempt_at, b.created_at) INTO next_batch
+      FROM enrich.batches b
+     WHERE b.state = 'sending' AND coalesce(b.next_attempt_at, b.created_at) > now()
+       AND b.next_attempt_at IS NOT NULL
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1;
+    SELECT min(b.next_poll_at) INTO next_poll FROM enrich.batches b WHERE b.state = 'sent';
+    poll_due := coalesce(next_poll <= now(), false);
+    SELECT max(b.finished_at) INTO credits_out_at
+      FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
+END
+$$;
+
+-- One call: from the cache when fresh, else from the API within the
+-- credit budgets; always in the ledger.
+CREATE OR REPLACE FUNCTION enrich._search_call(p_endpoint text, p_body jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- First: a C function, so the library (and enrich.search_cache_ttl) is loaded.
+    v_who     name := enrich._calling_role();
+    v_hash    bytea := sha256(convert_to(p_endpoint || ' ' || p_body::text, 'UTF8'));
+    v_ttl     interval := current_setting('enrich.search_cache_ttl')::interval;
+    v_tz      text := coalesce(nullif(current_setting('enrich.budget_timezone', true), ''), 'UTC');
+    v_list    text := CASE WHEN p_endpoint LIKE 'people/%' THEN 'people' ELSE 'companies' END;
+    v_answer  jsonb;
+    v_cached  boolean := false;
+    v_results integer;
+    v_total   bigint;
+    v_credits numeric;
+    v_day     date;
+    v_slot    integer;
+    v_at      timestamptz;
+BEGIN
+    -- Paid calls whose callers rolled back go into the ledger first.
+    PERFORM enrich._search_record_orphans();
+    IF v_ttl > interval '0' THEN
+        SELECT c.response INTO v_answer
+          FROM enrich.search_cache c
+         WHERE c.request_hash = v_hash
+           AND c.request = p_body
+           AND c.fetched_at > clock_timestamp() - v_ttl;
+        v_cached := FOUND;
+    END IF;
+    IF NOT v_cached THEN
+        -- The worst case must fit every credit budget: 0.25 a result asked
+        -- for, 0.25 for a lookup (one match at most).
+        v_day := (clock_timestamp() AT TIME ZONE v_tz)::date;
+        v_slot := enrich._search_reserve(
+            p_endpoint, v_who,
+            0.25 * CASE WHEN p_endpoint LIKE '%/search'
+                        THEN coalesce((p_body ->> 'limit')::integer, 100) ELSE 1 END,
+            v_day, date_trunc('month', v_day)::date);
+        v_answer := enrich._api_post(p_endpoint, p_body);
+        v_at := clock_timestamp();
+    END IF;
+    v_results := CASE WHEN jsonb_typeof(v_answer -> v_list) = 'array'
+                      THEN jsonb_array_length(v_answer -> v_list) ELSE 0 END;
+    v_total := CASE WHEN jsonb_typeof(v_answer #> '{metadata,total}') = 'number'
+                    THEN (v_answer #>> '{metadata,total}')::numeric::bigint END;
+    v_credits := CASE WHEN v_cached THEN 0
+                      WHEN jsonb_typeof(v_answer #> '{metadata,credits}') = 'number'
+                      THEN (v_answer #>> '{metadata,credits}')::numeric
+                      ELSE 0.25 * v_results END;
+    IF NOT v_cached THEN
+        -- Paid: recorded even if what follows fails or the caller rolls back.
+        PERFORM enrich._search_spent(v_slot, v_credits, v_hash, v_results, v_total, v_at);
+    END IF;
+    IF jsonb_typeof(v_answer -> v_list) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'the API answered the % request without a "%" list', p_endpoint, v_list
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    INSERT INTO enrich.search_calls (called_at, called_by, endpoint, request_hash, results, total,
+                                     credits, cached, counted)
+    VALUES (coalesce(v_at, clock_timestamp()), v_who, p_endpoint, v_hash, v_results, v_total,
+            v_credits, v_cached, v_credits = 0);
+    IF v_credits > 0 THEN
+        -- At commit the dispatcher adds the credits to the budgets' totals.
+        PERFORM enrich._wake_dispatcher();
+    END IF;
+    IF NOT v_cached THEN
+        -- Kept in the server log too, whatever becomes of the transaction.
+        RAISE LOG 'enrich: % call for role % cost % credits (% results, request %)',
+                  p_endpoint, v_who, v_credits, v_results, encode(v_hash, 'hex');
+        IF v_ttl > interval '0' THEN
+            INSERT INTO enrich.search_cache AS c (request_hash, endpoint, request, response, fetched_at)
+            VALUES (v_hash, p_endpoint, p_body, v_answer, clock_timestamp())
+            ON CONFLICT (request_hash) DO UPDATE
+               SET endpoint = excluded.endpoint, request = excluded.request,
+                   response = excluded.response, fetched_at = excluded.fetched_at;
+            -- Expired answers go a few at a time (index on fetched_at).
+            DELETE FROM enrich.search_cache c
+             WHERE c.request_hash IN (SELECT o.request_hash FROM enrich.search_cache o
+                                       WHERE o.fetched_at < clock_timestamp() - v_ttl
+                                       ORDER BY o.fetched_at LIMIT 100);
+        END IF;
+    END IF;
+    RETURN v_answer;
+END
+$$;
+
+-- The workspace's credit balance as last read from /account/credits, and
+-- when (the dispatcher reads it at most every enrich.credits_check_interval).
+CREATE TABLE enrich.credit_balance (
+    id      boolean PRIMARY KEY DEFAULT true CHECK (id),
+    balance numeric NOT NULL,
+    read_at timestamptz NOT NULL
+);
+
+COMMENT ON TABLE enrich.credit_balance IS
+'The credit balance the API last answered to GET /account/credits, and when it was read.';
+
+-- The dispatcher read the balance.
+CREATE FUNCTION enrich._dispatch_credits_read(balance double precision, read_at timestamptz)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO enrich.credit_balance AS b (id, balance, read_at)
+    VALUES (true, $1::numeric, $2)
+    ON CONFLICT (id) DO UPDATE SET balance = excluded.balance, read_at = excluded.read_at
+$$;
+
+CREATE OR REPLACE VIEW enrich.dispatcher AS
+    SELECT d.*, b.balance AS credits_balance, b.read_at AS credits_balance_at
+      FROM enrich.dispatcher_status() d
+      LEFT JOIN enrich.credit_balance b ON b.id;
+
+COMMENT ON VIEW enrich.dispatcher IS
+'The dispatcher worker: what it does and why (state, detail), pacing and counters since it started, and the credit balance last read.';
+
+-- Every budget in force for the current periods: what is spent, reserved
+-- and left, and when it renews.  Spent counts the searches not yet in
+-- the totals and those whose ledger row is not committed yet; reserved,
+-- the worst case of the searches under way.
+CREATE OR REPLACE VIEW enrich.credit_budgets AS
+    SELECT b.scope AS role, b.period, b.credits,
+           coalesce(t.spent, 0) + u.unfolded + f.spent AS spent,
+           coalesce(t.reserved, 0) + f.reserved AS reserved,
+           greatest(b.credits - coalesce(t.spent, 0) - coalesce(t.reserved, 0)
+                    - u.unfolded - f.spent - f.reserved, 0) AS available,
+           CASE b.period WHEN 'day' THEN p.day_renews ELSE p.month_renews END AS renews_at
+      FROM enrich._budget_period() p
+     CROSS JOIN LATERAL (
+            SELECT NULL::name AS scope, 'day'::text AS period, enrich._budget_limit('', 'day') AS credits
+            UNION ALL
+            SELECT NULL, 'month', enrich._budget_limit('', 'month')
+            UNION ALL
+            SELECT bb.role, bb.period, bb.credits FROM enrich.budgets bb) b
+      LEFT JOIN enrich.credit_totals t
+        ON t.scope = coalesce(b.scope::text, '') AND t.period = b.period
+       AND t.period_start = CASE b.period WHEN 'day' THEN p.day ELSE p.month END
+     CROSS JOIN LATERAL (
+            SELECT enrich._budget_unfolded(coalesce(b.scope::text, ''), b.period,
+                                           CASE b.period WHEN 'day' THEN p.day ELSE p.month END) AS unfolded) u
+     CROSS JOIN LATERAL (
+            SELECT coalesce(sum(i.credits) FILTER (WHERE i.spent), 0) AS spent,
+                   coalesce(sum(i.credits) FILTER (WHERE NOT i.spent), 0) AS reserved
+              FROM enrich._budget_inflight() i
+             WHERE (b.scope IS NULL OR i.role = b.scope)
+               AND CASE b.period WHEN 'day' THEN i.day = p.day ELSE i.month = p.month END) f
+     WHERE b.credits IS NOT NULL;
+
+REVOKE ALL ON enrich.credit_balance FROM PUBLIC;
+REVOKE ALL ON FUNCTION enrich._search_reserve(text, name, numeric, date, date),
+    enrich._search_spent(integer, numeric, bytea, integer, bigint, timestamptz),
+    enrich._search_orphans(), enrich._budget_inflight(), enrich._budget_lock(),
+    enrich._budget_unfolded(text, text, date),
+    enrich._budget_search_room(name, numeric, date, date, double precision[]),
+    enrich._search_record_orphans(), enrich._dispatch_search_fold(),
+    enrich._dispatch_credits_read(double precision, timestamptz) FROM PUBLIC;
+-- Searches: the claim counts those under way and takes the budget lock;
+-- each look records the orphans and folds the paid calls into the totals.
+GRANT EXECUTE ON FUNCTION enrich._budget_lock(), enrich._budget_inflight(),
+                          enrich._budget_unfolded(text, text, date),
+                          enrich._search_orphans(), enrich._search_record_orphans()
+    TO enrich_dispatcher;
+GRANT SELECT, INSERT ON enrich.search_calls TO enrich_dispatcher;
+GRANT UPDATE (counted) ON enrich.search_calls TO enrich_dispatcher;
+GRANT USAGE ON SEQUENCE enrich.search_calls_id_seq TO enrich_dispatcher;
+GRANT SELECT, INSERT, UPDATE ON enrich.credit_balance TO enrich_dispatcher;
+GRANT EXECUTE ON FUNCTION enrich._budget_unfolded(text, text, date), enrich._budget_inflight()
+    TO enrich_reader;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
