@@ -65,11 +65,6 @@ def c(dispatch_cluster, dispatch_receiver):
     return dispatch_cluster
 
 
-@pytest.fixture(scope="module")
-def sb(sandbox):
-    return sandbox
-
-
 def calls(sb, method, part):
     """How many calls with this method had `part` in their path."""
     return sum(1 for x in dl.calls(sb) if x["method"] == method and part in x["path"])
@@ -91,7 +86,7 @@ def wait_all(c, ids, timeout="40s"):
 
 # --- 1. webhooks -----------------------------------------------------------
 
-def test_webhooks(r, c, sb, cleanup):
+def test_webhooks(r, c, sandbox, cleanup):
     # A session listening for enrich_result (read in test_notify).
     listener = subprocess.Popen(
         as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-At", "-h", c.sockdir, "-p", str(c.port),
@@ -125,12 +120,12 @@ def test_webhooks(r, c, sb, cleanup):
     r.eq(mixed, "0", "no batch mixes enrichments and reverse lookups")
     r.eq(c.psql("SELECT kind, count(DISTINCT batch_id) > 0 FROM enrich.requests GROUP BY kind ORDER BY kind"),
          "enrich|t\nreverse|t", "each kind went out in batches of its own")
-    r.check(calls(sb, "POST", "/contact/reverse/email/bulk") >= 1
-            and calls(sb, "POST", "/contact/enrich/bulk") >= 1,
+    r.check(calls(sandbox, "POST", "/contact/reverse/email/bulk") >= 1
+            and calls(sandbox, "POST", "/contact/enrich/bulk") >= 1,
             "POSTs went to /contact/reverse/email/bulk and /contact/enrich/bulk")
-    r.eq(calls(sb, "GET", "/contact/reverse/email/bulk/"), 0, "no reverse job was polled")
+    r.eq(calls(sandbox, "GET", "/contact/reverse/email/bulk/"), 0, "no reverse job was polled")
 
-    seen = [x for x in dl.control(sb, "contacts") if "email" in (x.get("input") or {})]
+    seen = [x for x in dl.control(sandbox, "contacts") if "email" in (x.get("input") or {})]
     r.eq(len(seen), 19, "the API received the 19 reverse lookups")
     r.check(all(set(x["input"]) == {"email", "custom"} and "enrich_request_id" in x["custom"] for x in seen),
             "each as {email, custom} with enrich_request_id", repr(seen[:1]))
@@ -203,8 +198,8 @@ def test_credits(r, c):
 
 # --- 2. reuse --------------------------------------------------------------
 
-def test_reuse(r, c, sb):
-    posts = calls(sb, "POST", "/contact/reverse/email/bulk")
+def test_reuse(r, c, sandbox):
+    posts = calls(sandbox, "POST", "/contact/reverse/email/bulk")
     found_email, nf_email = (c.scalar(
         "SELECT r.email FROM enrich.requests r JOIN enrich.results t ON t.request_id = r.id "
         "WHERE r.kind = 'reverse' AND t.outcome = '%s' ORDER BY r.id LIMIT 1" % outcome)
@@ -216,14 +211,14 @@ def test_reuse(r, c, sb):
                 "FROM enrich.results t WHERE t.request_id IN (%s) ORDER BY t.request_id" % ids_sql(again)),
          "found:true:true\nnot_found:true:false", "answered from the earlier results, outcome kept")
     time.sleep(0.5)
-    r.eq(calls(sb, "POST", "/contact/reverse/email/bulk"), posts, "without a call to the API")
+    r.eq(calls(sandbox, "POST", "/contact/reverse/email/bulk"), posts, "without a call to the API")
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id IN (%s) AND batch_id IS NOT NULL"
                   % ids_sql(again)), "0", "nor a batch (no credits reserved)")
 
 
 # --- 3. polling ------------------------------------------------------------
 
-def test_polling(r, c, sb):
+def test_polling(r, c, sandbox):
     # No webhook URL from here on (the later tests rely on it).
     c.psql("ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'; "
            "SELECT pg_reload_conf()")
@@ -238,14 +233,14 @@ def test_polling(r, c, sb):
                   "(SELECT count(*) FROM enrich.deliveries WHERE batch_id = %s) "
                   "FROM enrich.batches WHERE id = %s" % (pb, pb)), "finished:true:0",
          "the batch ended by a poll, no webhook")
-    r.check(calls(sb, "GET", "/contact/reverse/email/bulk/") >= 1,
+    r.check(calls(sandbox, "GET", "/contact/reverse/email/bulk/") >= 1,
             "read with GET /contact/reverse/email/bulk/{id}")
-    r.eq(calls(sb, "GET", "/contact/enrich/bulk/"), 0, "never under the enrichment path")
+    r.eq(calls(sandbox, "GET", "/contact/enrich/bulk/"), 0, "never under the enrichment path")
 
 
 # --- 4. a job the API does not know ----------------------------------------
 
-def test_lost_job(r, c, sb):
+def test_lost_job(r, c, sandbox):
     # Still without webhooks (test_polling), and no poll comes by itself
     # now: the test says when (next_poll_at, a wakeup).
     c.psql("ALTER SYSTEM SET enrich.poll_after = '1h'; SELECT pg_reload_conf()")
@@ -270,7 +265,7 @@ def test_lost_job(r, c, sb):
                          "WHERE id = %s" % lb), "abandoned:404:error.reverse.email.not_found",
                 "a 404 error.reverse.email.not_found ends the batch with that code"):
         print(c.psql("SELECT * FROM enrich.batches WHERE id = %s" % lb))
-        print([x for x in dl.calls(sb) if "reverse" in x["path"]][-4:])
+        print([x for x in dl.calls(sandbox) if "reverse" in x["path"]][-4:])
     r.eq(c.scalar("SELECT state || ':' || (batch_id = %s) || ':' || attempts FROM enrich.requests "
                   "WHERE id = %d" % (nb, lost)), "done:true:2", "and the lookup is sent again in a new batch")
 
