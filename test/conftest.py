@@ -195,7 +195,7 @@ def new_sandbox_cluster(new_cluster):
     overrides sandboxlib.CLUSTER_CONF.  Destroyed when the module ends."""
     def make(name, sb, conf=None):
         c = new_cluster(name, sandboxlib.cluster_conf(sb, conf), start=False)
-        c.write_conf({"enrich.api_key_file": "'%s'" % sandboxlib.key_file(c, "api.key", sb.key)})
+        c.write_conf({"enrich.api_key_file": "'%s'" % sandboxlib.key_file(c, sb.key, "api.key")})
         try:
             c.start()
         except RuntimeError as exc:  # say why: the log goes with the cluster
@@ -240,17 +240,16 @@ def receiver(request, cluster, new_receiver):
 def dispatch_cluster(request, sandbox, new_cluster):
     """The module's cluster pointed at the module's `sandbox` (its API URL
     and key), with CLUSTER_CONF applied and CLUSTER_SETUP run."""
-    import dispatchlib
     mod = request.module
     name = mod.__name__.rsplit(".", 1)[-1].replace("test_", "")
-    conf = dispatchlib.sandbox_conf(sandbox)
+    conf = sandboxlib.sandbox_conf(sandbox)
     conf.update(getattr(mod, "CLUSTER_CONF", None) or {})
     return new_cluster(name, conf, getattr(mod, "CLUSTER_SETUP", None))
 
 
 @pytest.fixture(scope="module")
-def dispatch_receiver(dispatch_cluster, new_daemon):
+def dispatch_receiver(dispatch_cluster, new_receiver):
     """enrich-receiver for `dispatch_cluster`, connected as role recv (made
     here), with enrich.webhook_base_url pointed at it: (daemon, port)."""
     import dispatchlib
-    return dispatchlib.start_receiver(dispatch_cluster, new_daemon)
+    return dispatchlib.start_receiver(dispatch_cluster, new_receiver)

@@ -34,6 +34,7 @@ import time
 import pytest
 
 import dispatchlib as dl
+import sandboxlib
 from dispatchlib import seen_once, states, submit, submits, wait_settled
 from enrichtest import wait_for
 
@@ -79,7 +80,7 @@ def ids_sql(ids):
 # ---------------------------------------------------------------------------
 def test_setup(r, new_sandbox, new_cluster):
     sb = new_sandbox(delay_ms=20, retry_ms=60000, rate_limit=60)
-    c = new_cluster("dispatch-setup", dl.sandbox_conf(sb, key=False, **POLLING))
+    c = new_cluster("dispatch-setup", sandboxlib.sandbox_conf(sb, key=False, **POLLING))
     wait_for(lambda: "is not installed in database" in c.log(), 15, 0.2, "the hint")
     r.check("Run CREATE EXTENSION enrich" in c.log(), "no extension: the worker waits and logs a hint")
     pid = dl.dispatcher_pid(c)
@@ -94,7 +95,7 @@ def test_setup(r, new_sandbox, new_cluster):
     r.eq(states(c, ids), "queued=3", "without a key nothing is sent")
     # The key file, readable by the server only (PostgreSQL itself would log
     # a key set with enrich.api_key on reload; a file name is all it logs).
-    keyfile = dl.key_file(c, sb.key)
+    keyfile = sandboxlib.key_file(c, sb.key)
     c.psql("ALTER SYSTEM SET enrich.api_key_file = '%s'; SELECT pg_reload_conf()" % keyfile)
     r.check(wait_settled(c, ids, 30), "a key file set by reload: the queued contacts go out (polling mode)")
     r.eq(c.scalar("SELECT api_key_source FROM enrich.dispatcher"), "enrich.api_key_file",
@@ -324,7 +325,7 @@ def polling(new_sandbox, new_cluster):
     GETs answer the documented 400 in_progress while a job runs: (c, sb)."""
     sb = new_sandbox("--get-in-progress", "400", "--seed", "7",
                      delay_ms=1500, retry_ms=60000, rate_limit=60)
-    c = new_cluster("dispatch-poll", dl.sandbox_conf(sb, **POLLING), "CREATE EXTENSION enrich")
+    c = new_cluster("dispatch-poll", sandboxlib.sandbox_conf(sb, **POLLING), "CREATE EXTENSION enrich")
     return c, sb
 
 

@@ -356,12 +356,12 @@ def test_retry_and_refusal(r, c, sb):
     r.check(wait_settled(c, ids4), "a refused contact: the batch settles")
 
 
-def test_webhook_mode(r, c, new_daemon):
+def test_webhook_mode(r, c, new_receiver):
     # Webhook mode through enrich-receiver (ingest as SECURITY DEFINER).
     # The receiver's login role takes the database's hostile search_path:
     # the receiver pins its sessions' own (its statements name a type, and
     # the planted `text` domain and operators are waiting in public).
-    _, S["receiver_port"] = dl.start_receiver(c, new_daemon, poll_after="'1min'")
+    _, S["receiver_port"] = dl.start_receiver(c, new_receiver, poll_after="'1min'")
     time.sleep(0.5)
     idsw = submit(c, "Hooked", 30)
     S["ids"] += idsw

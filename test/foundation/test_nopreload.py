@@ -23,7 +23,7 @@ import os
 
 import pytest
 
-import dispatchlib as dl
+import sandboxlib
 
 KEY = "nopreload-file-key-0123456789"
 DIRECT_KEY = "nopreload-direct-key-9876543210"
@@ -67,7 +67,7 @@ def nopre(new_cluster):
     """A cluster without enrich in shared_preload_libraries, its key in
     enrich.api_key_file (mode 0600), an ordinary role alice."""
     c = new_cluster("nopreload", conf={"shared_preload_libraries": "''"}, start=False)
-    dl.key_file(c, KEY)
+    sandboxlib.key_file(c, KEY)
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile(c)})
     c.start()
     c.psql("CREATE ROLE alice LOGIN")

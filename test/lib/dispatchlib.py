@@ -2,10 +2,12 @@
 enrich-sandbox (dispatch, hostile, budget, control, watch).
 
 The sandbox itself is sandboxlib.Sandbox (the `sandbox` / `new_sandbox`
-fixtures); what these suites need beyond it is here: the cluster settings
-that point a cluster at a sandbox, the sandbox's control endpoint (what
-reached the API, credits spent, faults), enrich-receiver wired to a
-cluster, submitting contacts and waiting for them to settle.
+fixtures), and the settings that point a cluster at it are
+sandboxlib.sandbox_conf and sandboxlib.key_file; what these suites need
+beyond them is here: the sandbox's control endpoint (what reached the API,
+credits spent, faults), enrich-receiver (receiverlib's, the `new_receiver`
+fixture) wired to a cluster's webhooks, submitting contacts and waiting
+for them to settle.
 
 Every statement these helpers run is schema-qualified and runs with
 search_path pinned, so they work unchanged in a database whose owner
@@ -33,27 +35,6 @@ def scalar(c, sql, **kw):
 
 def id_list(ids):
     return ",".join(map(str, ids))
-
-
-# -- cluster settings -------------------------------------------------------
-
-def sandbox_conf(sb, key=True, **settings):
-    """postgresql.conf settings pointing a cluster at sandbox sb: the API URL,
-    the key (key=False leaves it out), and `settings` given without the
-    enrich. prefix and already quoted (batch_delay="'300ms'")."""
-    conf = {"enrich.api_url": "'%s/api/v2'" % sb.base}
-    if key:
-        conf["enrich.api_key"] = "'%s'" % sb.key
-    conf.update(("enrich." + k, v) for k, v in settings.items())
-    return conf
-
-
-def key_file(c, key, name="fullenrich.key"):
-    """Write key to a file in the cluster's directory that only the server's
-    user may read (mode 0600, as enrich.api_key_file wants); its path."""
-    path = os.path.join(c.base, name)
-    c._run(["sh", "-c", "umask 077 && cat > '%s'" % path], input=key + "\n")
-    return path
 
 
 # -- the sandbox's control endpoint ------------------------------------------
@@ -112,17 +93,15 @@ def seen_once(sb, ids):
 
 # -- enrich-receiver ------------------------------------------------------
 
-def start_receiver(c, new_daemon, role="recv", create_role=True, **settings):
-    """enrich-receiver on a free port, connected as `role` (created as a
-    member of enrich_receiver unless create_role=False), and the cluster's
-    enrich.webhook_base_url pointed at it (plus `settings`, as in
-    sandbox_conf) by ALTER SYSTEM and a reload.  Returns (daemon, port)."""
+def start_receiver(c, new_receiver, role="recv", create_role=True, **settings):
+    """enrich-receiver (the `new_receiver` fixture's factory) on a free port,
+    connected as `role` (created as a member of enrich_receiver unless
+    create_role=False), and the cluster's enrich.webhook_base_url pointed at
+    it (plus `settings`, as in sandboxlib.sandbox_conf) by ALTER SYSTEM and
+    a reload.  Returns (daemon, port)."""
     if create_role:
         c.psql("CREATE ROLE %s LOGIN IN ROLE enrich_receiver" % role)
-    port = et.free_port()
-    d = new_daemon([et.daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
-                    "--dsn", c.dsn(user=role)], "receiver")
-    et.wait_port(port)
+    d, port = new_receiver(c, user=role)
     settings = dict(settings, webhook_base_url="'http://127.0.0.1:%d'" % port)
     q(c, "".join("ALTER SYSTEM SET enrich.%s = %s; " % kv for kv in settings.items())
       + "SELECT pg_catalog.pg_reload_conf()")

@@ -3,8 +3,10 @@
 Sandbox starts enrich-sandbox on a free loopback port with the options a
 test asks for; Receiver is a webhook receiver in this process that records
 every delivery (raw body bytes, headers, path) and can be told to fail the
-first N deliveries of a path; cluster_conf and key_file point a cluster's
-enrich at a sandbox.  test/conftest.py turns them into fixtures
+first N deliveries of a path; sandbox_conf, cluster_conf and key_file
+point a cluster's enrich at a sandbox (the one place for it: the dispatch
+suites and the sandbox suites both use them).  test/conftest.py turns them
+into fixtures
 (new_sandbox, sandbox, new_hook_receiver, hook_receiver,
 new_sandbox_cluster); scripts outside pytest (memcheck, benchmarks) use
 them directly.
@@ -114,18 +116,32 @@ CLUSTER_CONF = {
 }
 
 
+def sandbox_conf(sb, key=True, **settings):
+    """postgresql.conf settings pointing a cluster at sandbox sb: the API URL,
+    the key (key=False leaves it out, e.g. for key_file), and `settings`
+    given without the enrich. prefix and already quoted
+    (batch_delay="'300ms'")."""
+    conf = {"enrich.api_url": "'%s/api/v2'" % sb.base}
+    if key:
+        conf["enrich.api_key"] = "'%s'" % sb.key
+    conf.update(("enrich." + k, v) for k, v in settings.items())
+    return conf
+
+
 def cluster_conf(sb, extra=None):
     """postgresql.conf settings for a cluster whose enrich calls sandbox sb
-    (CLUSTER_CONF, then extra)."""
-    conf = dict(CLUSTER_CONF, **{"enrich.api_url": "'%s/api/v2'" % sb.base})
+    with short delays: CLUSTER_CONF, the API URL (no key: see key_file),
+    then extra."""
+    conf = dict(CLUSTER_CONF, **sandbox_conf(sb, key=False))
     conf.update(extra or {})
     return conf
 
 
-def key_file(c, name, key):
+def key_file(c, key, name="fullenrich.key"):
     """Write key to file `name` in cluster c's directory, readable by the
-    server only; returns its path.  (A key set by file never shows in the
-    server log, which logs a changed enrich.api_key value on reload.)"""
+    server's user only (mode 0600, as enrich.api_key_file wants); returns
+    its path.  (A key set by file never shows in the server log, which logs
+    a changed enrich.api_key value on reload.)"""
     path = os.path.join(c.base, name)
     with open(path, "w") as f:
         f.write(key + "\n")

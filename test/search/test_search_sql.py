@@ -290,7 +290,7 @@ def test_privileges(r, c, sb):
     r.check('is not a search or lookup endpoint' in err, "_api_post calls only the four endpoints", err)
 
     # A wrong key: the error says so without the key; no key in the log.
-    c.psql("ALTER SYSTEM SET enrich.api_key_file = '%s'" % sl.key_file(c, "wrong.key", "wrong-key-0123456789-abcdef"))
+    c.psql("ALTER SYSTEM SET enrich.api_key_file = '%s'" % sl.key_file(c, "wrong-key-0123456789-abcdef", "wrong.key"))
     c.reload()
     time.sleep(0.5)
     err = psql_err(c, "SET enrich.search_cache_ttl = 0;\n" + q, user="sub")

@@ -23,6 +23,7 @@ import pytest
 
 import dispatchlib as dl
 import enrichtest
+import sandboxlib
 
 # The module's cluster: the worker runs, but sends nowhere (answers are
 # filed by answer() below); test_end_to_end has its own with a sandbox.
@@ -388,17 +389,17 @@ def test_dump_restore(r, c):
          "and its triggers work in the restored database")
 
 
-def test_end_to_end(r, new_sandbox, new_cluster, new_daemon):
+def test_end_to_end(r, new_sandbox, new_cluster, new_receiver):
     """The whole path: the dispatcher (as an ordinary enrich_dispatcher role)
     sends the watched rows to enrich-sandbox, whose webhooks reach
     enrich-receiver, and the answers come back into the table by themselves,
     written as the watch's owner."""
     sandbox = new_sandbox("--seed", "7", delay_ms=20, rate_limit=0, retry_ms=500)
-    c = new_cluster("watch-e2e", dl.sandbox_conf(
+    c = new_cluster("watch-e2e", sandboxlib.sandbox_conf(
         sandbox, key=False, batch_delay="'200ms'",
         # the worker as an ordinary role (write-back still runs as the owner)
         worker_role="'e2e_dispatch'"), start=False)
-    keyfile = dl.key_file(c, sandbox.key, "api.key")
+    keyfile = sandboxlib.key_file(c, sandbox.key, "api.key")
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
     c.start()
     c.psql("""
@@ -413,7 +414,7 @@ CREATE TABLE leads.leads (id int PRIMARY KEY, first_name text, last_name text, c
                           website text, email text, title text);
 SELECT enrich.watch('leads.leads', write_back => '{"email": "work_email", "title": "job_title"}');
 """, user="e2e_owner")
-    dl.start_receiver(c, new_daemon, role="e2e_receiver", create_role=False)
+    dl.start_receiver(c, new_receiver, role="e2e_receiver", create_role=False)
     enrichtest.wait_for(lambda: c.scalar("SELECT usename FROM pg_stat_activity WHERE backend_type = 'enrich dispatcher'")
                         == "e2e_dispatch", timeout=30, what="the worker as e2e_dispatch")
     c.psql("""INSERT INTO leads.leads (id, first_name, last_name, company, website)
