@@ -11,13 +11,13 @@ the cluster and daemons running and prints how to reach them).
 """
 import argparse
 import os
-import pwd
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import enrichtest as et  # noqa: E402
+import sandboxlib  # noqa: E402
 
 API_KEY = "demo-key-0123456789abcdef"
 
@@ -77,13 +77,7 @@ def main():
         "enrich.batch_delay": "'500ms'",
     })
     cluster.dbname = "crm_demo"
-    keyfile = os.path.join(cluster.base, "fullenrich.key")
-    with open(keyfile, "w") as f:
-        f.write(API_KEY + "\n")
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(et.PG_USER)
-        os.chown(keyfile, pw.pw_uid, pw.pw_gid)
-    os.chmod(keyfile, 0o600)
+    keyfile = sandboxlib.key_file(cluster, API_KEY)
     cluster.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
 
     sandbox = et.Daemon([et.daemon_path("enrich-sandbox"),

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write-back and the rights around it, where more than one session matters:
 
 - apply_results() never waits for a CRM row another transaction holds: it
@@ -10,13 +9,12 @@
   pg_dump keeps the data, and SET enrich.allow_drop = on forces the drop."""
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-import enrichtest  # noqa: E402
+import enrichtest
 
-SETUP = """
+CLUSTER_CONF = {"enrich.api_url": "'http://127.0.0.1:9/v2'"}
+CLUSTER_SETUP = """
 CREATE EXTENSION enrich;
 CREATE SCHEMA crm;
 CREATE TABLE crm.people (id int PRIMARY KEY, first_name text, last_name text,
@@ -52,7 +50,8 @@ class Session:
         self.proc.wait(10)
 
 
-def test_locked_rows(r, c):
+def test_locked_rows(r, cluster):
+    c = cluster
     holder = Session(c)
     try:
         holder.send("BEGIN; SELECT 1 FROM crm.people WHERE id = 2 FOR UPDATE;")
@@ -89,7 +88,8 @@ def test_locked_rows(r, c):
     r.eq(c.scalar("SELECT enrich.apply_results(%s)" % MAP), "0", "a further run changes nothing")
 
 
-def test_dropped_submitter(r, c):
+def test_dropped_submitter(r, cluster):
+    c = cluster
     # A role that could read (not update) the table submits a forged row
     # and is dropped before the answer comes: the answer is not written.
     c.psql("""
@@ -111,7 +111,8 @@ DROP ROLE eve;
          "the row keeps its own answer")
 
 
-def test_drop_guard(r, c):
+def test_drop_guard(r, cluster):
+    c = cluster
     c.psql("""
 UPDATE enrich.requests SET state = 'done';
 SELECT enrich.submit('{"linkedin_url": "https://www.linkedin.com/in/still-queued"}');
@@ -150,19 +151,3 @@ CREATE EXTENSION citext;
     out = c.psql("DROP EXTENSION enrich", check=False)
     r.eq(out.returncode, 0, "with nothing in flight DROP EXTENSION enrich just works (%s)" % out.stderr.strip())
 
-
-def main():
-    r = enrichtest.Results("apply")
-    c = enrichtest.Cluster("apply", conf={"enrich.api_url": "'http://127.0.0.1:9/v2'"}).start()
-    try:
-        c.psql(SETUP)
-        test_locked_rows(r, c)
-        test_dropped_submitter(r, c)
-        test_drop_guard(r, c)
-    finally:
-        c.destroy()
-    r.finish()
-
-
-if __name__ == "__main__":
-    main()

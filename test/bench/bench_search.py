@@ -35,7 +35,6 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sandbox"))
 import enrichtest as et  # noqa: E402
 import sandboxlib as sl  # noqa: E402
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The dispatcher worker in a hostile database.
 
 The worker runs as a superuser inside enrich.database_name, whose owner need
@@ -29,16 +28,31 @@ worker's SQL resolves to:
 
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import (ROOT, Cluster, Daemon, Results, daemon_path, free_port, http,  # noqa: E402
-                        wait_for, wait_port)
+import pytest
 
-KEY = "hostile-test-key-0123456789"
-R = Results("hostile")
-cleanup = []
+import dispatchlib as dl
+from dispatchlib import dispatcher_pid, q, submit, wait_settled
+from enrichtest import ROOT, http, wait_for
+
+# The module's sandbox and cluster (`dispatch_cluster`): polling mode to
+# begin with (enrich.poll_after 1 s, no webhook URL).
+SANDBOX_ARGS = ("--retry-interval-ms", "1000", "--rate-limit", "60", "--seed", "3")
+CLUSTER_CONF = {
+    "enrich.batch_delay": "'200ms'",
+    "enrich.resend_grace": "'2s'",
+    "enrich.retry_base": "'200ms'",
+    "enrich.retry_max": "'2s'",
+    "enrich.poll_after": "'1s'",
+    "enrich.poll_interval": "'1s'",
+}
+CLUSTER_SETUP = "CREATE EXTENSION enrich"
+
+# The tests after test_catalog build one scenario in file order: the owner
+# plants the traps, then the worker sends contacts in every mode; what they
+# submitted and where the log stood are kept here for the closing checks.
+S = {"ids": [], "log_from": 0}
 
 # ---------------------------------------------------------------------------
 # Lint of the worker's SQL text.
@@ -125,7 +139,7 @@ def sql_problems(sql):
     return problems
 
 
-def test_lint():
+def test_lint(r):
     bad = {
         "SELECT array_to_string(fields, ',') FROM enrich.x()": "unqualified function",
         "SELECT enrich.f(make_interval(secs => $1))": "unqualified function",
@@ -136,10 +150,10 @@ def test_lint():
         "SELECT 1 FROM enrich.t WHERE a OPERATOR(public.=) $1": "OPERATOR() without pg_catalog",
     }
     caught = [w for s, w in bad.items() if not any(p.startswith(w) for p in sql_problems(s))]
-    R.eq(caught, [], "the lint catches each kind of unqualified name it looks for")
+    r.eq(caught, [], "the lint catches each kind of unqualified name it looks for")
     good = ("SELECT pg_catalog.array_to_string(f, ','), c::pg_catalog.text, count(*) "
             "FROM enrich.x($1, pg_catalog.make_interval(secs => $2)) WHERE a OPERATOR(pg_catalog.=) $1")
-    R.eq([p for p in sql_problems(good) if "count" not in p], [], "and passes qualified text")
+    r.eq([p for p in sql_problems(good) if "count" not in p], [], "and passes qualified text")
 
     srcdir = os.path.join(ROOT, "src", "extension")
     statements = []
@@ -151,21 +165,18 @@ def test_lint():
             for sql in c_string_literals(f.read()):
                 statements.append(sql)
                 problems += ["%s: %s in: %s" % (name, p, sql) for p in sql_problems(sql)]
-    R.check(len(statements) >= 10, "the lint found the worker's statements (%d)" % len(statements))
-    R.eq(problems, [], "every SQL statement of dispatch_*.c is schema-qualified")
+    r.check(len(statements) >= 10, "the lint found the worker's statements (%d)" % len(statements))
+    r.eq(problems, [], "every SQL statement of dispatch_*.c is schema-qualified")
     # The traps must keep up with the worker's statements.
     used_functions = {m.lower() for sql in statements
                       for m in re.findall(r"pg_catalog\.(\w+)\s*\(", sql)}
     used_types = {m.lower() for sql in statements for m in re.findall(r"::\s*pg_catalog\.(\w+)", sql)}
-    R.eq(sorted(used_functions - TRAPPED_FUNCTIONS) + sorted(used_types - TRAPPED_TYPES), [],
+    r.eq(sorted(used_functions - TRAPPED_FUNCTIONS) + sorted(used_types - TRAPPED_TYPES), [],
          "every pg_catalog function and type the worker's statements use has a trap below")
-    return statements
 
 
 # ---------------------------------------------------------------------------
 # The hostile database.
-
-PIN = "SET search_path = pg_catalog, pg_temp;\n"
 
 # What TRAPS below plants a look-alike of in public.
 TRAPPED_FUNCTIONS = {"array_to_string", "make_interval", "now", "to_regprocedure"}
@@ -274,69 +285,23 @@ CREATE OPERATOR public.|| (LEFTARG = pg_catalog.text, RIGHTARG = pg_catalog.text
 """
 
 
-class Sandbox:
-    """enrich-sandbox on a free loopback port."""
-
-    def __init__(self, *args):
-        self.port = free_port()
-        self.daemon = Daemon([daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % self.port,
-                              "--api-key", KEY] + list(args), "sandbox").start()
-        cleanup.append(self.daemon.stop)
-        wait_port(self.port)
-        self.url = "http://127.0.0.1:%d" % self.port
-
-    def faults(self, **kw):
-        st, body, _ = http("POST", "%s/_sandbox/faults" % self.url, kw)
-        assert st == 200, (st, body)
-
-
-def q(c, sql, **kw):
-    """SQL in a session whose search_path is pinned (the test's own sessions)."""
-    return c.psql(PIN + sql, **kw)
-
-
-def submit(c, prefix, n):
-    out = q(c, """
-        SELECT enrich.submit(pg_catalog.jsonb_build_object(
-                   'first_name', pg_catalog.concat('%s', g), 'last_name', 'Tester',
-                   'domain', 'example.com'))
-          FROM pg_catalog.generate_series(1, %d) g;""" % (prefix, n))
-    return [int(x) for x in out.split("\n") if x.strip().isdigit()]
-
-
-def open_count(c, ids):
-    try:
-        return int(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) "
-                        "ANY('{%s}') AND state OPERATOR(pg_catalog.<>) ALL('{done,failed}')"
-                     % ",".join(map(str, ids))).split("\n")[-1])
-    except RuntimeError:
-        return None
-
-
-def wait_settled(c, ids, timeout=60):
-    try:
-        wait_for(lambda: open_count(c, ids) == 0, timeout, 0.2, "requests to settle")
-        return True
-    except TimeoutError:
-        print(q(c, "SELECT * FROM enrich.dispatcher"))
-        print(q(c, "SELECT id, state, error_code, error_message FROM enrich.requests WHERE id "
-                   "OPERATOR(pg_catalog.=) ANY('{%s}')" % ",".join(map(str, ids))))
-        return False
-
-
-def dispatcher_pid(c):
-    try:
-        return q(c, "SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type "
-                    "OPERATOR(pg_catalog.=) 'enrich dispatcher'")
-    except RuntimeError:
-        return ""
-
-
 def superuser_traps(c):
     return q(c, "SELECT pg_catalog.string_agg(DISTINCT what, ', ') FROM public.trap_log WHERE superuser")
 
 
-def test_catalog(c):
+
+
+@pytest.fixture(scope="module")
+def c(dispatch_cluster):
+    return dispatch_cluster
+
+
+@pytest.fixture(scope="module")
+def sb(sandbox):
+    return sandbox
+
+
+def test_catalog(r, c):
     bad = q(c, """
         SELECT pg_catalog.string_agg(p.oid::pg_catalog.regprocedure::pg_catalog.text, ', ')
           FROM pg_catalog.pg_proc p
@@ -346,156 +311,135 @@ def test_catalog(c):
            AND p.prosqlbody IS NULL
            AND NOT coalesce(p.proconfig, '{}') OPERATOR(pg_catalog.@>)
                    '{"search_path=pg_catalog, pg_temp"}'""")
-    R.eq(bad, "", "every SQL/PL/pgSQL function of the extension pins search_path = pg_catalog, pg_temp")
+    r.eq(bad, "", "every SQL/PL/pgSQL function of the extension pins search_path = pg_catalog, pg_temp")
 
 
-def test_traps():
-    sb = Sandbox("--contact-delay-ms", "20", "--retry-interval-ms", "1000", "--seed", "3")
-    c = Cluster("hostile", conf={
-        "enrich.api_url": "'%s/api/v2'" % sb.url,
-        "enrich.api_key": "'%s'" % KEY,
-        "enrich.batch_delay": "'200ms'",
-        "enrich.resend_grace": "'2s'",
-        "enrich.retry_base": "'200ms'",
-        "enrich.retry_max": "'2s'",
-        "enrich.poll_after": "'1s'",
-        "enrich.poll_interval": "'1s'",
-    })
-    cleanup.append(c.destroy)
-    c.start()
-    c.psql("CREATE EXTENSION enrich")
-    test_catalog(c)
-
+def test_traps_planted(r, c):
     # The database belongs to an ordinary role, who plants the traps.
     c.psql("CREATE ROLE mallory LOGIN; ALTER DATABASE %s OWNER TO mallory" % c.dbname)
     c.psql(TRAPS, user="mallory")
     c.psql("ALTER DATABASE %s SET search_path = public, pg_catalog" % c.dbname, user="mallory")
-    R.eq(q(c, "SELECT pg_catalog.has_schema_privilege('mallory', 'enrich', 'CREATE')"), "f",
+    r.eq(q(c, "SELECT pg_catalog.has_schema_privilege('mallory', 'enrich', 'CREATE')"), "f",
          "the owner cannot plant anything in schema enrich itself")
 
     # The traps are live: a superuser session with the owner's search_path trips them.
     c.psql("SELECT array_to_string(ARRAY['a'], ','), make_interval(secs => 1), now(), 1::bigint = 2::bigint, "
            "'x'::text")
-    R.eq(superuser_traps(c), "= bigint, array_to_string(text[]), cast to text, make_interval, now",
+    r.eq(superuser_traps(c), "= bigint, array_to_string(text[]), cast to text, make_interval, now",
          "the traps fire for a superuser who uses the database's search_path")
     q(c, "TRUNCATE public.trap_log; ALTER ROLE mallory NOSUPERUSER")
-    log_from = len(c.log())
+    S["log_from"] = len(c.log())
 
     # The worker reconnects and so picks up the database's settings.
     old = wait_for(lambda: dispatcher_pid(c), 15, 0.1, "the worker")
     q(c, "SELECT pg_catalog.pg_terminate_backend(%s)" % old)
     wait_for(lambda: dispatcher_pid(c) not in ("", old), 15, 0.1, "the worker to come back")
 
+
+def test_polling_mode(r, c):
     # Polling mode (no webhook URL): claim, POST, accepted, poll, polled.
     ids = submit(c, "Polled", 30)
-    R.check(wait_settled(c, ids), "polling mode: 30 contacts settle")
+    S["ids"] += ids
+    r.check(wait_settled(c, ids), "polling mode: 30 contacts settle")
 
+
+def test_retry_and_refusal(r, c, sb):
     # A 5xx (retry after the resend grace), then a refused contact (bisection).
-    sb.faults(submit_fail_next=1, submit_fail_status=503)
+    dl.faults(sb, submit_fail_next=1, submit_fail_status=503)
     ids5 = submit(c, "Fivexx", 10)
-    R.check(wait_settled(c, ids5), "a 503 then success: contacts settle")
+    S["ids"] += ids5
+    r.check(wait_settled(c, ids5), "a 503 then success: contacts settle")
     bad = q(c, "INSERT INTO enrich.requests (first_name, domain, fields, input_key) "
                "VALUES ('Nolast', 'example.com', '{work_email}', 'hostile-bad') RETURNING id;")
     ids4 = submit(c, "Bisect", 3) + [int(bad.split("\n")[-1])]
-    R.check(wait_settled(c, ids4), "a refused contact: the batch settles")
+    S["ids"] += ids4
+    r.check(wait_settled(c, ids4), "a refused contact: the batch settles")
 
+
+def test_webhook_mode(r, c, new_receiver):
     # Webhook mode through enrich-receiver (ingest as SECURITY DEFINER).
     # The receiver's login role takes the database's hostile search_path:
     # the receiver pins its sessions' own (its statements name a type, and
     # the planted `text` domain and operators are waiting in public).
-    c.psql("CREATE ROLE recv LOGIN IN ROLE enrich_receiver")
-    port = free_port()
-    d = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % port,
-                "--dsn", c.dsn(user="recv")], "receiver").start()
-    cleanup.append(d.stop)
-    wait_port(port)
-    q(c, "ALTER SYSTEM SET enrich.webhook_base_url = 'http://127.0.0.1:%d'; "
-         "ALTER SYSTEM SET enrich.poll_after = '1min'; SELECT pg_catalog.pg_reload_conf()" % port)
+    _, S["receiver_port"] = dl.start_receiver(c, new_receiver, poll_after="'1min'")
     time.sleep(0.5)
     idsw = submit(c, "Hooked", 30)
-    R.check(wait_settled(c, idsw), "webhook mode: 30 contacts settle")
+    S["ids"] += idsw
+    r.check(wait_settled(c, idsw), "webhook mode: 30 contacts settle")
+
+
+def test_restart(r, c):
     # Startup recovery and the rate window's seed run again at a restart.
     c.restart()
     wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker after a restart")
-    wait_for(lambda: http("GET", "http://127.0.0.1:%d/healthz" % port)[0] == 200, 15, 0.1,
+    wait_for(lambda: http("GET", "http://127.0.0.1:%d/healthz" % S["receiver_port"])[0] == 200, 15, 0.1,
              "the receiver to reach the database again")
     idsr = submit(c, "Restarted", 5)
-    R.check(wait_settled(c, idsr), "after a restart: contacts settle")
+    S["ids"] += idsr
+    r.check(wait_settled(c, idsr), "after a restart: contacts settle")
 
-    everything = ids + ids5 + ids4 + idsw + idsr
-    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+
+def test_no_trap_fired(r, c):
+    everything = S["ids"]
+    r.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
               "AND state OPERATOR(pg_catalog.=) 'done'" % ",".join(map(str, everything))),
          str(len(everything) - 1), "every valid contact is done")
-    R.eq(q(c, "SELECT pg_catalog.string_agg(DISTINCT b.state, ',' ORDER BY b.state) FROM enrich.batches b"),
+    r.eq(q(c, "SELECT pg_catalog.string_agg(DISTINCT b.state, ',' ORDER BY b.state) FROM enrich.batches b"),
          "finished,rejected", "batches finished (and the refused halves say rejected)")
-    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.batches WHERE last_polled_at IS NOT NULL")
+    r.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.batches WHERE last_polled_at IS NOT NULL")
          != "0", True, "some batches were polled")
-    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.deliveries") != "0", True,
+    r.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.deliveries") != "0", True,
          "webhooks were delivered")
-    R.eq(superuser_traps(c), "", "no trap ran as a superuser while the worker sent, polled and recorded")
-    R.eq(q(c, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'mallory'"),
+    r.eq(superuser_traps(c), "", "no trap ran as a superuser while the worker sent, polled and recorded")
+    r.eq(q(c, "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'mallory'"),
          "f", "the database owner is still an ordinary role")
-    R.check("enrich-trap fired" not in c.log()[log_from:], "the server log shows no trap since")
-    R.check('as role "%s" (a superuser)' % "postgres" in c.log() or "(a superuser)" in c.log(),
+    r.check("enrich-trap fired" not in c.log()[S["log_from"]:], "the server log shows no trap since")
+    r.check('as role "%s" (a superuser)' % "postgres" in c.log() or "(a superuser)" in c.log(),
             "by default the worker says it runs as the bootstrap superuser")
-    return c, sb
 
 
-def test_worker_role(c, sb):
-    """enrich.worker_role: the same work as an ordinary member of enrich_dispatcher."""
+# enrich.worker_role: the same work as an ordinary member of enrich_dispatcher
+# (in the same hostile database, after the tests above).
+
+def test_worker_role_login(r, c):
     c.psql("CREATE ROLE dispatch_login LOGIN IN ROLE enrich_dispatcher")
     q(c, "ALTER SYSTEM SET enrich.worker_role = 'dispatch_login'; "
          "ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'; "
          "ALTER SYSTEM SET enrich.retention_interval = '1s'")
     # History past its retention, for the worker's retention step to delete.
-    old = q(c, "INSERT INTO enrich.deliveries (received_at, path, body_size, outcome, http_status) "
-               "VALUES (pg_catalog.now() OPERATOR(pg_catalog.-) interval '40 days', '/old', 0, 'accepted', 200) "
-               "RETURNING id")
-    log_from = len(c.log())
+    S["old_delivery"] = q(c, "INSERT INTO enrich.deliveries (received_at, path, body_size, outcome, http_status) "
+                             "VALUES (pg_catalog.now() OPERATOR(pg_catalog.-) interval '40 days', '/old', 0, "
+                             "'accepted', 200) RETURNING id")
+    S["log_from"] = log_from = len(c.log())
     c.restart()
     wait_for(lambda: dispatcher_pid(c) != "", 15, 0.1, "the worker as dispatch_login")
-    R.eq(q(c, "SELECT usename FROM pg_catalog.pg_stat_activity WHERE backend_type "
+    r.eq(q(c, "SELECT usename FROM pg_catalog.pg_stat_activity WHERE backend_type "
               "OPERATOR(pg_catalog.=) 'enrich dispatcher'"), "dispatch_login",
          "worker_role: pg_stat_activity shows the worker as dispatch_login")
-    R.check('started in database "%s" as role "dispatch_login"\n' % c.dbname in c.log()[log_from:],
+    r.check('started in database "%s" as role "dispatch_login"\n' % c.dbname in c.log()[log_from:],
             "the log says as whom it runs, and not as a superuser")
 
+
+def test_worker_role_work(r, c, sb):
+    log_from, old = S["log_from"], S["old_delivery"]
     ids = submit(c, "Asrole", 20)
-    R.check(wait_settled(c, ids), "worker_role: 20 contacts POSTed, polled and settled")
+    r.check(wait_settled(c, ids), "worker_role: 20 contacts POSTed, polled and settled")
     again = submit(c, "Asrole", 2)
-    R.check(wait_settled(c, again), "worker_role: a repeat is served from earlier results")
-    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+    r.check(wait_settled(c, again), "worker_role: a repeat is served from earlier results")
+    r.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
               "AND reused_from IS NOT NULL" % ",".join(map(str, again))), "2",
          "worker_role: both repeats say reused_from")
-    sb.faults(submit_fail_next=1, submit_fail_status=503)
+    dl.faults(sb, submit_fail_next=1, submit_fail_status=503)
     ids5 = submit(c, "Asrole5xx", 5)
-    R.check(wait_settled(c, ids5), "worker_role: a 503 is retried and the contacts settle")
-    R.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
+    r.check(wait_settled(c, ids5), "worker_role: a 503 is retried and the contacts settle")
+    r.eq(q(c, "SELECT pg_catalog.count(*) FROM enrich.requests WHERE id OPERATOR(pg_catalog.=) ANY('{%s}') "
               "AND state OPERATOR(pg_catalog.=) 'done'" % ",".join(map(str, ids + again + ids5))),
          str(len(ids + again + ids5)), "worker_role: every contact is done")
-    R.check("enrich dispatcher:" not in "".join(l for l in c.log()[log_from:].splitlines(True)
-                                                  if "WARNING" in l or "ERROR" in l),
+    r.check("enrich dispatcher:" not in "".join(line for line in c.log()[log_from:].splitlines(True)
+                                                  if "WARNING" in line or "ERROR" in line),
             "worker_role: no failed transaction (no missing privilege)")
-    R.check(wait_for(lambda: q(c, "SELECT NOT EXISTS (SELECT FROM enrich.deliveries WHERE id "
+    r.check(wait_for(lambda: q(c, "SELECT NOT EXISTS (SELECT FROM enrich.deliveries WHERE id "
                                   "OPERATOR(pg_catalog.=) %s)" % old) == "t", 15, 0.2,
                      "retention as dispatch_login"),
             "worker_role: the retention step deletes old deliveries without DELETE rights of its own")
-    R.eq(superuser_traps(c), "", "worker_role: no trap ran as a superuser")
-
-
-def main():
-    try:
-        test_lint()
-        c, sb = test_traps()
-        test_worker_role(c, sb)
-    finally:
-        for f in reversed(cleanup):
-            try:
-                f()
-            except Exception as e:  # noqa: BLE001
-                print("cleanup: %s" % e)
-    R.finish()
-
-
-if __name__ == "__main__":
-    main()
+    r.eq(superuser_traps(c), "", "worker_role: no trap ran as a superuser")

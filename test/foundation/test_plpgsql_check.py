@@ -1,14 +1,11 @@
-#!/usr/bin/env python3
 """plpgsql_check over every PL/pgSQL function of the extension: no errors and
 no warnings (extra and security warnings included, which also flag dynamic
 SQL open to injection).  Trigger functions are checked against each table
 they are attached to.  A finding that is right to keep goes into ALLOWED with
 the reason; everything else fails the suite."""
-import os
-import sys
+import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-import enrichtest  # noqa: E402
+CLUSTER_SETUP = "CREATE EXTENSION enrich; CREATE EXTENSION plpgsql_check;"
 
 # (function signature, message fragment) -> why the finding is fine.
 ALLOWED = {
@@ -58,27 +55,28 @@ ORDER BY 1;
 """
 
 
-def main():
-    r = enrichtest.Results("plpgsql_check")
-    c = enrichtest.Cluster("plpgsql-check").start()
-    try:
-        c.psql("CREATE EXTENSION enrich; CREATE EXTENSION plpgsql_check;")
-        n = int(c.scalar("""SELECT count(*) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-                            WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace"""))
-        r.check(n > 0, "the extension has PL/pgSQL functions to check (%d)" % n)
-        findings = [line for line in c.psql(CHECK).splitlines() if line]
-        unexplained = []
-        for line in findings:
-            fn, level, msg = line.split("|")[:3]
-            if not any(f == fn and m in msg for (f, m) in ALLOWED):
-                unexplained.append(line)
-        r.check(not unexplained,
-                "%d functions checked, %d findings, none unexplained" % (n, len(findings)),
-                "\n".join(unexplained))
-    finally:
-        c.destroy()
-    r.finish()
+FUNCTIONS = """SELECT count(*) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+               WHERE l.lanname = 'plpgsql' AND p.pronamespace = 'enrich'::regnamespace"""
 
 
-if __name__ == "__main__":
-    main()
+@pytest.fixture(scope="module")
+def c(cluster):
+    return cluster
+
+
+def test_functions_to_check(r, c):
+    n = int(c.scalar(FUNCTIONS))
+    r.check(n > 0, "the extension has PL/pgSQL functions to check (%d)" % n)
+
+
+def test_no_unexplained_findings(r, c):
+    n = int(c.scalar(FUNCTIONS))
+    findings = [line for line in c.psql(CHECK).splitlines() if line]
+    unexplained = []
+    for line in findings:
+        fn, level, msg = line.split("|")[:3]
+        if not any(f == fn and m in msg for (f, m) in ALLOWED):
+            unexplained.append(line)
+    r.check(not unexplained,
+            "%d functions checked, %d findings, none unexplained" % (n, len(findings)),
+            "\n".join(unexplained))

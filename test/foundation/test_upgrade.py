@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Upgrade path: a database that installed enrich 0.1.0 and runs
 ALTER EXTENSION enrich UPDATE ends with exactly the schema of a fresh install
 of the current version (functions, tables, columns, constraints, indexes,
@@ -7,11 +6,22 @@ views, triggers, grants, comments, dump registrations), and keeps its data.
 Every schema change after 0.1.0 must therefore appear both in the fragments
 of src/extension/sql/ and in src/extension/upgrade/enrich--0.1.0--X.sql."""
 import difflib
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-import enrichtest  # noqa: E402
+import pytest
+
+# A database that has run 0.1.0 for a while: a queued request and an
+# answered one.
+CLUSTER_SETUP = """
+CREATE EXTENSION enrich VERSION '0.1.0';
+SELECT enrich.submit_bulk('[
+  {"first_name": "Ada", "last_name": "Lovelace", "domain": "example.com", "custom": {"crm": "1"}},
+  {"linkedin_url": "https://www.linkedin.com/in/grace"}]', '{work_email,phone}');
+INSERT INTO enrich.batches (name, contact_count, state, enrichment_id, sent_at)
+VALUES ('enrich batch 1', 1, 'finished', 'e-1', now());
+UPDATE enrich.requests SET state = 'done', batch_id = 1 WHERE id = 1;
+INSERT INTO enrich.results (request_id, batch_id, outcome, work_email, profile)
+VALUES (1, 1, 'found', 'ada@example.com', '{"headline": "Analyst"}');
+"""
 
 # One line per schema object of the extension, in a stable order; anything
 # that differs between the two databases is a missing (or extra) upgrade step.
@@ -78,56 +88,52 @@ SELECT string_agg(line, E'\n' ORDER BY line) FROM lines;
 """
 
 
-def main():
-    r = enrichtest.Results("upgrade")
-    c = enrichtest.Cluster("upgrade").start()
-    try:
-        current = c.scalar("SELECT default_version FROM pg_available_extensions WHERE name = 'enrich'",
-                           db="postgres")
-        versions = c.scalar("SELECT string_agg(version, ',' ORDER BY version) "
-                            "FROM pg_available_extension_versions WHERE name = 'enrich'", db="postgres")
-        r.check("0.1.0" in versions.split(","), "0.1.0 is installable (%s)" % versions)
-        r.check(current != "0.1.0", "the current version (%s) is newer than 0.1.0" % current)
-
-        # A database that has run 0.1.0 for a while: a queued request and an
-        # answered one.
-        c.psql("""
-CREATE EXTENSION enrich VERSION '0.1.0';
-SELECT enrich.submit_bulk('[
-  {"first_name": "Ada", "last_name": "Lovelace", "domain": "example.com", "custom": {"crm": "1"}},
-  {"linkedin_url": "https://www.linkedin.com/in/grace"}]', '{work_email,phone}');
-INSERT INTO enrich.batches (name, contact_count, state, enrichment_id, sent_at)
-VALUES ('enrich batch 1', 1, 'finished', 'e-1', now());
-UPDATE enrich.requests SET state = 'done', batch_id = 1 WHERE id = 1;
-INSERT INTO enrich.results (request_id, batch_id, outcome, work_email, profile)
-VALUES (1, 1, 'found', 'ada@example.com', '{"headline": "Analyst"}');
-""")
-        c.psql("ALTER EXTENSION enrich UPDATE")
-        r.eq(c.scalar("SELECT extversion FROM pg_extension WHERE extname = 'enrich'"), current,
-             "ALTER EXTENSION enrich UPDATE reaches %s" % current)
-
-        c.psql("CREATE DATABASE fresh", db="postgres")
-        c.psql("CREATE EXTENSION enrich", db="fresh")
-        upgraded = c.psql(CATALOG)
-        fresh = c.psql(CATALOG, db="fresh")
-        diff = "\n".join(difflib.unified_diff(fresh.splitlines(), upgraded.splitlines(),
-                                              "fresh install", "upgraded", lineterm="", n=1))
-        r.check(upgraded == fresh, "upgraded schema equals a fresh install of %s" % current,
-                diff[:6000])
-
-        r.eq(c.scalar("SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM enrich.requests"),
-             "1:done,2:queued", "requests kept")
-        r.eq(c.scalar("SELECT work_email || ' ' || (profile->>'headline') FROM enrich.results"),
-             "ada@example.com Analyst", "results kept")
-        r.eq(c.scalar("SELECT string_agg(state || '=' || requests, ',') FROM enrich.queue"),
-             "queued=1,sending=0,in_flight=0,done=1,failed=0,canceled=0",
-             "the queue counts the requests the upgraded database had")
-        new_id = c.scalar("""SELECT enrich.submit('{"linkedin_url": "https://www.linkedin.com/in/new"}')""")
-        r.eq(new_id, "3", "submission works after the upgrade, ids continue")
-    finally:
-        c.destroy()
-    r.finish()
+@pytest.fixture(scope="module")
+def c(cluster):
+    return cluster
 
 
-if __name__ == "__main__":
-    main()
+def current_version(c):
+    return c.scalar("SELECT default_version FROM pg_available_extensions WHERE name = 'enrich'",
+                    db="postgres")
+
+
+def test_versions(r, c):
+    current = current_version(c)
+    versions = c.scalar("SELECT string_agg(version, ',' ORDER BY version) "
+                        "FROM pg_available_extension_versions WHERE name = 'enrich'", db="postgres")
+    r.check("0.1.0" in versions.split(","), "0.1.0 is installable (%s)" % versions)
+    r.check(current != "0.1.0", "the current version (%s) is newer than 0.1.0" % current)
+
+
+# The tests below run in file order on the database CLUSTER_SETUP made.
+
+def test_update(r, c):
+    current = current_version(c)
+    c.psql("ALTER EXTENSION enrich UPDATE")
+    r.eq(c.scalar("SELECT extversion FROM pg_extension WHERE extname = 'enrich'"), current,
+         "ALTER EXTENSION enrich UPDATE reaches %s" % current)
+
+
+def test_schema_equals_fresh_install(r, c):
+    current = current_version(c)
+    c.psql("CREATE DATABASE fresh", db="postgres")
+    c.psql("CREATE EXTENSION enrich", db="fresh")
+    upgraded = c.psql(CATALOG)
+    fresh = c.psql(CATALOG, db="fresh")
+    diff = "\n".join(difflib.unified_diff(fresh.splitlines(), upgraded.splitlines(),
+                                          "fresh install", "upgraded", lineterm="", n=1))
+    r.check(upgraded == fresh, "upgraded schema equals a fresh install of %s" % current,
+            diff[:6000])
+
+
+def test_data_kept(r, c):
+    r.eq(c.scalar("SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM enrich.requests"),
+         "1:done,2:queued", "requests kept")
+    r.eq(c.scalar("SELECT work_email || ' ' || (profile->>'headline') FROM enrich.results"),
+         "ada@example.com Analyst", "results kept")
+    r.eq(c.scalar("SELECT string_agg(state || '=' || requests, ',') FROM enrich.queue"),
+         "queued=1,sending=0,in_flight=0,done=1,failed=0,canceled=0",
+         "the queue counts the requests the upgraded database had")
+    new_id = c.scalar("""SELECT enrich.submit('{"linkedin_url": "https://www.linkedin.com/in/new"}')""")
+    r.eq(new_id, "3", "submission works after the upgrade, ids continue")

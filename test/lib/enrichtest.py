@@ -218,6 +218,7 @@ class Results:
         self.suite = suite
         self.passed = 0
         self.failed = 0
+        self.failures = []
 
     def check(self, cond, what, detail=""):
         if cond:
@@ -225,6 +226,7 @@ class Results:
             print("ok - %s: %s" % (self.suite, what), flush=True)
         else:
             self.failed += 1
+            self.failures.append(("%s %s" % (what, detail)).strip())
             print("not ok - %s: %s %s" % (self.suite, what, detail), flush=True)
         return cond
 

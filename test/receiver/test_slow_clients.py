@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Slow-header clients cannot lock the vendor out of enrich-receiver.
 
 Hundreds of clients open connections and trickle a request's headers a byte
@@ -15,19 +14,16 @@ addresses (127.0.0.2-4) other than the vendor's (127.0.0.1):
                 deadline has closed the tricklers a delivery goes through.
 """
 
-import os
 import selectors
 import socket
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import Results  # noqa: E402
-from receiverlib import (envelope, make_batch, metric, post, record, run_suite,  # noqa: E402
-                         start_receiver)
+from batches import envelope, make_batch, record
+from receiverlib import metric, post
+import receiverlib
 
-R = Results("receiver-slow-clients")
+CLUSTER_CONF = receiverlib.CLUSTER_CONF
+CLUSTER_SETUP = receiverlib.CLUSTER_SETUP
 HEAD = b"POST /webhooks/%s/contact HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: "
 
 
@@ -91,14 +87,23 @@ class Tricklers:
         self.sel.close()
 
 
-def deliver_timed(c, port, n):
-    """n signed deliveries from 127.0.0.1, one by one: [(status, seconds)]."""
+def new_batch(c, n):
+    """A batch of n requests to deliver results for (made before the clock
+    runs, so that the time goes to deliveries, not to psql)."""
     _, token, ids, eid = make_batch(c, n)
+    return {"token": token, "eid": eid, "ids": list(ids)}
+
+
+def deliver_timed(port, batch, n):
+    """n signed deliveries from 127.0.0.1 for the batch's next requests, one
+    by one: [(status, seconds)]."""
     out = []
-    for rid in ids:
+    for _ in range(n):
+        rid = batch["ids"].pop(0)
         t0 = time.monotonic()
         try:
-            st = post(port, token, envelope(eid, "IN_PROGRESS", [record(rid, we="v%d@example.com" % rid)]),
+            st = post(port, batch["token"], envelope(batch["eid"], "IN_PROGRESS",
+                                                     [record(rid, we="v%d@example.com" % rid)]),
                       timeout=5)[0]
         except OSError as exc:
             st = type(exc).__name__
@@ -106,50 +111,55 @@ def deliver_timed(c, port, n):
     return out
 
 
-def test_per_ip(c, daemons):
-    d, port = start_receiver(c, "--max-connections-per-ip", "16", "--request-timeout", "3",
-                             "--idle-timeout", "10", name="receiver-slow")
-    daemons.append(d)
+def test_per_ip(r, cluster, new_receiver):
+    c = cluster
+    d, port = new_receiver(c, "--max-connections-per-ip", "16", "--request-timeout", "3",
+                           "--idle-timeout", "10", name="receiver-slow")
     sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    batch = new_batch(c, 60)
     t = Tricklers(port, 300, sources)
     try:
         t.pump(0.5)
-        R.check(t.closed_within(0.6) >= 300 - 3 * 16 - 3,
+        r.check(t.closed_within(0.6) >= 300 - 3 * 16 - 3,
                 "connections past --max-connections-per-ip closed at once",
                 "(%d of 300 closed within 0.6 s)" % t.closed_within(0.6))
         held = t.still_open()
-        R.check(0 < held <= 3 * 16, "the per-address cap holds (%d trickling connections open)" % held)
+        r.check(0 < held <= 3 * 16, "the per-address cap holds (%d trickling connections open)" % held)
         answers = []
         end = time.monotonic() + 2.0
-        while time.monotonic() < end:
-            answers += deliver_timed(c, port, 2)
+        while time.monotonic() < end and len(batch["ids"]) > 2:
+            answers += deliver_timed(port, batch, 2)
             t.pump(0.2)
-        R.check(len(answers) >= 4 and all(st == 200 and secs < 1.0 for st, secs in answers),
+        r.check(len(answers) >= 4 and all(st == 200 and secs < 1.0 for st, secs in answers),
                 "signed deliveries answered 200 within a second while hundreds trickle",
                 "%d answers, slowest %r" % (len(answers), max(answers, key=lambda a: a[1]) if answers else None))
         t.pump(2.5)
-        R.eq(t.still_open(), 0, "every trickling connection closed by --request-timeout although never idle")
+        r.eq(t.still_open(), 0, "every trickling connection closed by --request-timeout although never idle")
         late = [secs for secs in t.closed.values() if secs > 0.6]
-        R.check(late and max(late) < 3 + 1.0, "closed close to the 3 s deadline",
+        r.check(late and max(late) < 3 + 1.0, "closed close to the 3 s deadline",
                 "(latest after %.2fs)" % max(late or [0]))
-        R.check(metric(port, 'enrich_receiver_rejected_total{reason="per_ip_limit"}') >= 300 - 3 * 16 - 3,
+        r.check(metric(port, 'enrich_receiver_rejected_total{reason="per_ip_limit"}') >= 300 - 3 * 16 - 3,
                 "per-address refusals counted")
-        R.check(metric(port, 'enrich_receiver_rejected_total{reason="request_timeout"}') >= held,
+        r.check(metric(port, 'enrich_receiver_rejected_total{reason="request_timeout"}') >= held,
                 "deadline closes counted")
-        R.eq(deliver_timed(c, port, 1)[0][0], 200, "still serving afterwards")
+        r.eq(deliver_timed(port, batch, 1)[0][0], 200, "still serving afterwards")
     finally:
         t.close()
     d.stop()
 
 
-def test_total_cap(c, daemons):
-    d, port = start_receiver(c, "--max-connections", "40", "--max-connections-per-ip", "0",
-                             "--request-timeout", "2", "--idle-timeout", "10", name="receiver-cap")
-    daemons.append(d)
+def test_total_cap(r, cluster, new_receiver):
+    c = cluster
+    d, port = new_receiver(c, "--max-connections", "40", "--max-connections-per-ip", "0",
+                           "--request-timeout", "2", "--idle-timeout", "10", name="receiver-cap")
+    batch = new_batch(c, 2)
     t = Tricklers(port, 60, ["127.0.0.2", "127.0.0.3"])
     try:
         t.pump(0.5)
-        R.check(t.closed_within(0.6) >= 60 - 40 - 2 and t.still_open() <= 40,
+        # The receiver's two HTTP threads may each admit one connection at
+        # the same moment (receiver_conn.c: "can overshoot a cap"), so the
+        # cap holds to within one connection.
+        r.check(t.closed_within(0.6) >= 60 - 40 - 2 and t.still_open() <= 40 + 1,
                 "connections past --max-connections closed at once, not left in the backlog",
                 "(%d closed within 0.6 s, %d open)" % (t.closed_within(0.6), t.still_open()))
         t0 = time.monotonic()
@@ -157,24 +167,16 @@ def test_total_cap(c, daemons):
             st = post(port, "0" * 64, b"{}", timeout=5)[0]
         except OSError:
             st = 0
-        R.check(st == 0 and time.monotonic() - t0 < 0.5, "a sender over the cap learns at once",
+        r.check(st == 0 and time.monotonic() - t0 < 0.5, "a sender over the cap learns at once",
                 "(got %r after %.2fs)" % (st, time.monotonic() - t0))
         t.pump(2.2)
-        R.eq(t.still_open(), 0, "the deadline frees every slot")
-        answers = deliver_timed(c, port, 2)
-        R.check(all(st == 200 and secs < 1.0 for st, secs in answers),
+        r.eq(t.still_open(), 0, "the deadline frees every slot")
+        answers = deliver_timed(port, batch, 2)
+        r.check(all(st == 200 and secs < 1.0 for st, secs in answers),
                 "then signed deliveries are answered within a second", repr(answers))
-        R.check(metric(port, 'enrich_receiver_rejected_total{reason="connection_limit"}') >= 60 - 40 - 2,
+        r.check(metric(port, 'enrich_receiver_rejected_total{reason="connection_limit"}') >= 60 - 40 - 2,
                 "refusals over the cap counted")
     finally:
         t.close()
     d.stop()
 
-
-def main(c, daemons):
-    test_per_ip(c, daemons)
-    test_total_cap(c, daemons)
-
-
-if __name__ == "__main__":
-    run_suite(R, "slow", main)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Reverse email lookups end to end: enrich.submit_reverse() through the
 dispatcher to enrich-sandbox and back through enrich-receiver (webhooks) or
 by polling.
@@ -20,85 +19,81 @@ by polling.
   5. Validation and roles: a bad address inserts nothing; a role without
      enrich_submitter is refused; a submitter cannot submit rows of a table
      it may not read.
+
+The tests share one cluster, sandbox and receiver and run in file order:
+the webhook round trip (test_webhooks) queues the lookups the next tests
+look at (results, views, NOTIFY, credits, reuse); polling and the lost
+job change the cluster's settings for what follows.
 """
 
-import collections
 import json
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import (Cluster, Daemon, Results, as_pg_user, daemon_path, free_port,  # noqa: E402
-                        http, wait_for, wait_port)
+import pytest
 
-KEY = "reverse-test-key-0123456789"
-R = Results("reverse")
-cleanup = []
+import dispatchlib as dl
+from enrichtest import as_pg_user, wait_for
+
+SANDBOX_ARGS = ("--contact-delay-ms", "30", "--retry-interval-ms", "300")
+CLUSTER_CONF = {
+    "enrich.batch_delay": "'100ms'",
+    "enrich.poll_after": "'1h'",
+    "enrich.credits_check_interval": "'1h'",
+}
+CLUSTER_SETUP = """
+CREATE EXTENSION enrich;
+CREATE ROLE sub LOGIN IN ROLE enrich_submitter;
+CREATE ROLE nobody LOGIN;
+CREATE SCHEMA crm;
+CREATE TABLE crm.leads (id int PRIMARY KEY, email text);
+INSERT INTO crm.leads VALUES (1, 'lead.one@acme.example'), (2, 'lead.two@acme.example');
+CREATE TABLE crm.secret (id int PRIMARY KEY, email text);
+INSERT INTO crm.secret VALUES (1, 'hidden@acme.example');
+GRANT USAGE ON SCHEMA crm TO sub;
+GRANT SELECT ON crm.leads TO sub;
+"""
+
+# What the webhook round trip leaves for the later tests.
+S = {}
 
 
-def sandbox(url, what):
-    st, body, _ = http("GET", url + "/_sandbox/" + what)
-    assert st == 200, (what, st, body)
-    return json.loads(body)
+@pytest.fixture(scope="module")
+def c(dispatch_cluster, dispatch_receiver):
+    """The cluster, its webhooks going to enrich-receiver."""
+    return dispatch_cluster
 
 
-def calls(url, method, part):
-    return sum(1 for x in sandbox(url, "calls") if x["method"] == method and part in x["path"])
+def calls(sb, method, part):
+    """How many calls with this method had `part` in their path."""
+    return sum(1 for x in dl.calls(sb) if x["method"] == method and part in x["path"])
 
 
-def main():
-    sb_port = free_port()
-    sb = Daemon([daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % sb_port,
-                 "--api-key", KEY, "--contact-delay-ms", "30", "--rate-limit", "0",
-                 "--retry-interval-ms", "300"], "sandbox").start()
-    cleanup.append(sb.stop)
-    wait_port(sb_port)
-    sb_url = "http://127.0.0.1:%d" % sb_port
+def ids_of(text):
+    return [int(x) for x in text.split("\n") if x.strip()]
 
-    c = Cluster("reverse", conf={
-        "enrich.api_url": "'%s/api/v2'" % sb_url,
-        "enrich.api_key": "'%s'" % KEY,
-        "enrich.batch_delay": "'100ms'",
-        "enrich.poll_after": "'1h'",
-        "enrich.credits_check_interval": "'1h'",
-    })
-    cleanup.append(c.destroy)
-    c.start()
-    c.psql("""
-        CREATE EXTENSION enrich;
-        CREATE ROLE sub LOGIN IN ROLE enrich_submitter;
-        CREATE ROLE nobody LOGIN;
-        CREATE ROLE recv LOGIN IN ROLE enrich_receiver;
-        CREATE SCHEMA crm;
-        CREATE TABLE crm.leads (id int PRIMARY KEY, email text);
-        INSERT INTO crm.leads VALUES (1, 'lead.one@acme.example'), (2, 'lead.two@acme.example');
-        CREATE TABLE crm.secret (id int PRIMARY KEY, email text);
-        INSERT INTO crm.secret VALUES (1, 'hidden@acme.example');
-        GRANT USAGE ON SCHEMA crm TO sub;
-        GRANT SELECT ON crm.leads TO sub;
-    """)
-    rport = free_port()
-    recv = Daemon([daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % rport,
-                   "--dsn", c.dsn(user="recv")], "receiver").start()
-    cleanup.append(recv.stop)
-    wait_port(rport)
-    c.psql("ALTER SYSTEM SET enrich.webhook_base_url = 'http://127.0.0.1:%d'; SELECT pg_reload_conf()" % rport)
 
-    def ids_of(text):
-        return [int(x) for x in text.split("\n") if x.strip()]
+def ids_sql(ids):
+    return ",".join(map(str, ids))
 
-    def wait_all(ids, timeout="40s"):
-        return c.psql("SELECT count(*) FILTER (WHERE state NOT IN ('done', 'failed', 'canceled')) "
-                      "FROM enrich.wait(ARRAY[%s]::bigint[], '%s')" % (",".join(map(str, ids)), timeout))
 
-    # --- 1. webhooks --------------------------------------------------------
+def wait_all(c, ids, timeout="40s"):
+    """enrich.wait() for ids: how many had not ended at the timeout."""
+    return c.psql("SELECT count(*) FILTER (WHERE state NOT IN ('done', 'failed', 'canceled')) "
+                  "FROM enrich.wait(ARRAY[%s]::bigint[], '%s')" % (ids_sql(ids), timeout))
+
+
+# --- 1. webhooks -----------------------------------------------------------
+
+def test_webhooks(r, c, sandbox, cleanup):
+    # A session listening for enrich_result (read in test_notify).
     listener = subprocess.Popen(
         as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-At", "-h", c.sockdir, "-p", str(c.port),
                     "-d", c.dbname]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cleanup.append(listener.kill)
+    S["listener"] = listener
     listener.stdin.write("LISTEN enrich_result;\nSELECT 'listening';\n")
     listener.stdin.flush()
     time.sleep(0.5)
@@ -114,119 +109,140 @@ def main():
         COMMIT;
     """ % json.dumps(emails))
     ids = ids_of(out)
-    rev = ids[:17] + ids[19:]
-    enr = ids[17:19]
-    R.eq(len(ids), 21, "21 requests queued (19 reverse lookups, 2 enrichments)")
-    R.eq(wait_all(ids), "0", "every request ended (webhooks through the receiver)")
-    R.eq(c.psql("SELECT state, count(*) FROM enrich.requests GROUP BY 1 ORDER BY 1"), "done|21",
+    S["rev"] = ids[:17] + ids[19:]
+    r.eq(len(ids), 21, "21 requests queued (19 reverse lookups, 2 enrichments)")
+    r.eq(wait_all(c, ids), "0", "every request ended (webhooks through the receiver)")
+    r.eq(c.psql("SELECT state, count(*) FROM enrich.requests GROUP BY 1 ORDER BY 1"), "done|21",
          "all done")
 
     mixed = c.scalar("SELECT count(*) FROM enrich.requests q JOIN enrich.batches b ON b.id = q.batch_id "
                      "WHERE q.kind <> b.kind")
-    R.eq(mixed, "0", "no batch mixes enrichments and reverse lookups")
-    R.eq(c.psql("SELECT kind, count(DISTINCT batch_id) > 0 FROM enrich.requests GROUP BY kind ORDER BY kind"),
+    r.eq(mixed, "0", "no batch mixes enrichments and reverse lookups")
+    r.eq(c.psql("SELECT kind, count(DISTINCT batch_id) > 0 FROM enrich.requests GROUP BY kind ORDER BY kind"),
          "enrich|t\nreverse|t", "each kind went out in batches of its own")
-    R.check(calls(sb_url, "POST", "/contact/reverse/email/bulk") >= 1
-            and calls(sb_url, "POST", "/contact/enrich/bulk") >= 1,
+    r.check(calls(sandbox, "POST", "/contact/reverse/email/bulk") >= 1
+            and calls(sandbox, "POST", "/contact/enrich/bulk") >= 1,
             "POSTs went to /contact/reverse/email/bulk and /contact/enrich/bulk")
-    R.eq(calls(sb_url, "GET", "/contact/reverse/email/bulk/"), 0, "no reverse job was polled")
+    r.eq(calls(sandbox, "GET", "/contact/reverse/email/bulk/"), 0, "no reverse job was polled")
 
-    seen = [x for x in sandbox(sb_url, "contacts") if "email" in (x.get("input") or {})]
-    R.eq(len(seen), 19, "the API received the 19 reverse lookups")
-    R.check(all(set(x["input"]) == {"email", "custom"} and "enrich_request_id" in x["custom"] for x in seen),
+    seen = [x for x in dl.control(sandbox, "contacts") if "email" in (x.get("input") or {})]
+    r.eq(len(seen), 19, "the API received the 19 reverse lookups")
+    r.check(all(set(x["input"]) == {"email", "custom"} and "enrich_request_id" in x["custom"] for x in seen),
             "each as {email, custom} with enrich_request_id", repr(seen[:1]))
-    R.check(any(x["input"]["email"] == "solo.person@gmail.example" and x["custom"].get("crm_id") == "9"
+    r.check(any(x["input"]["email"] == "solo.person@gmail.example" and x["custom"].get("crm_id") == "9"
                 for x in seen), "the address lower-cased and the caller's custom sent")
 
-    rev_in = ",".join(map(str, rev))
-    R.eq(c.scalar("SELECT count(*) FROM enrich.results WHERE request_id IN (%s) "
+
+def test_results(r, c):
+    rev_in = ids_sql(S["rev"])
+    r.eq(c.scalar("SELECT count(*) FROM enrich.results WHERE request_id IN (%s) "
                   "AND contact_info IS NULL AND work_email IS NULL AND phone IS NULL" % rev_in), "19",
          "reverse results carry no contact_info")
-    outcomes = dict(l.split("|") for l in c.psql(
+    outcomes = dict(line.split("|") for line in c.psql(
         "SELECT outcome, count(*) FROM enrich.results WHERE request_id IN (%s) GROUP BY 1" % rev_in).split("\n"))
-    R.check(int(outcomes.get("found", 0)) > 0 and int(outcomes.get("not_found", 0)) > 0
+    S["outcomes"] = outcomes
+    r.check(int(outcomes.get("found", 0)) > 0 and int(outcomes.get("not_found", 0)) > 0
             and set(outcomes) <= {"found", "not_found"},
             "identified addresses are found, the others not_found", repr(outcomes))
-    R.eq(c.scalar("SELECT count(*) FROM enrich.results WHERE request_id IN (%s) AND "
+    r.eq(c.scalar("SELECT count(*) FROM enrich.results WHERE request_id IN (%s) AND "
                   "((outcome = 'found') <> (profile IS NOT NULL))" % rev_in), "0",
          "found means a profile, not_found none")
-    R.eq(c.scalar("SELECT count(*) FROM enrich.batches WHERE kind = 'reverse' AND state <> 'finished'"), "0",
+    r.eq(c.scalar("SELECT count(*) FROM enrich.batches WHERE kind = 'reverse' AND state <> 'finished'"), "0",
          "reverse batches finished")
-    R.check(int(c.scalar("SELECT count(*) FROM enrich.deliveries d JOIN enrich.batches b ON b.id = d.batch_id "
+    r.check(int(c.scalar("SELECT count(*) FROM enrich.deliveries d JOIN enrich.batches b ON b.id = d.batch_id "
                          "WHERE b.kind = 'reverse' AND d.outcome = 'accepted'")) >= 2,
             "their results came as webhooks through the receiver")
-    R.eq(c.scalar("SELECT count(*) FROM enrich.batches WHERE last_polled_at IS NOT NULL"), "0",
+    r.eq(c.scalar("SELECT count(*) FROM enrich.batches WHERE last_polled_at IS NOT NULL"), "0",
          "nothing was polled")
 
+
+def test_views(r, c):
     # the views, beside the input email
     found_email = c.scalar("SELECT r.email FROM enrich.requests r JOIN enrich.results t ON t.request_id = r.id "
                            "WHERE r.kind = 'reverse' AND t.outcome = 'found' ORDER BY r.id LIMIT 1")
     row = c.scalar("SELECT kind || '|' || outcome || '|' || (job_title IS NOT NULL) || '|' || "
                    "(profile IS NOT NULL) || '|' || (first_name IS NULL) "
                    "FROM enrich.enriched_contacts WHERE email = '%s' LIMIT 1" % found_email)
-    R.eq(row, "reverse|found|true|true|true", "enriched_contacts shows the lookup beside its email")
-    R.eq(c.scalar("SELECT string_agg(DISTINCT kind || ':' || state || ':' || outcome, ',') "
+    r.eq(row, "reverse|found|true|true|true", "enriched_contacts shows the lookup beside its email")
+    r.eq(c.scalar("SELECT string_agg(DISTINCT kind || ':' || state || ':' || outcome, ',') "
                   "FROM enrich.request_status WHERE email = 'lead.one@acme.example'"),
          "reverse:done:" + c.scalar("SELECT outcome FROM enrich.results t JOIN enrich.requests r "
                                     "ON r.id = t.request_id WHERE r.email = 'lead.one@acme.example'"),
          "request_status shows it by email")
-    R.eq(c.scalar("SELECT source_table || ':' || source_id FROM enrich.enriched_contacts "
+    r.eq(c.scalar("SELECT source_table || ':' || source_id FROM enrich.enriched_contacts "
                   "WHERE email = 'lead.two@acme.example'"), "crm.leads:2",
          "a row's lookup keeps its table and id")
 
-    # NOTIFY
-    time.sleep(0.3)
-    out, _ = listener.communicate("SELECT 'done';\n", timeout=20)
-    notified = {int(l.split('payload "')[1].split('"')[0]) for l in out.splitlines() if "enrich_result" in l}
-    R.check(set(rev) <= notified, "NOTIFY enrich_result for every reverse lookup",
-            "(missing %s)" % sorted(set(rev) - notified))
 
-    # credits: 1 reserved per lookup, settled at the job's cost
-    R.eq(c.scalar("SELECT count(*) FROM enrich.batches b WHERE b.kind = 'reverse' AND b.contact_count <> "
+def test_notify(r):
+    time.sleep(0.3)
+    out, _ = S["listener"].communicate("SELECT 'done';\n", timeout=20)
+    notified = {int(line.split('payload "')[1].split('"')[0])
+                for line in out.splitlines() if "enrich_result" in line}
+    rev = set(S["rev"])
+    r.check(rev <= notified, "NOTIFY enrich_result for every reverse lookup",
+            "(missing %s)" % sorted(rev - notified))
+
+
+def test_credits(r, c):
+    # 1 reserved per lookup, settled at the job's cost
+    r.eq(c.scalar("SELECT count(*) FROM enrich.batches b WHERE b.kind = 'reverse' AND b.contact_count <> "
                   "(SELECT sum(l.reserved) FROM enrich.credit_ledger l WHERE l.batch_id = b.id)"), "0",
          "each reverse batch reserved 1 credit per lookup")
     spent = c.scalar("SELECT sum(l.spent) FROM enrich.credit_ledger l JOIN enrich.batches b "
                      "ON b.id = l.batch_id WHERE b.kind = 'reverse'")
-    R.eq(spent, c.scalar("SELECT sum(credits_used) FROM enrich.batches WHERE kind = 'reverse'"),
+    r.eq(spent, c.scalar("SELECT sum(credits_used) FROM enrich.batches WHERE kind = 'reverse'"),
          "and settled at the jobs' cost")
-    R.eq(int(float(spent)), int(outcomes.get("found", 0)), "1 credit per identified person")
+    r.eq(int(float(spent)), int(S["outcomes"].get("found", 0)), "1 credit per identified person")
 
-    # --- 2. reuse -----------------------------------------------------------
-    posts = calls(sb_url, "POST", "/contact/reverse/email/bulk")
-    nf_email = c.scalar("SELECT r.email FROM enrich.requests r JOIN enrich.results t ON t.request_id = r.id "
-                        "WHERE r.kind = 'reverse' AND t.outcome = 'not_found' ORDER BY r.id LIMIT 1")
+
+# --- 2. reuse --------------------------------------------------------------
+
+def test_reuse(r, c, sandbox):
+    posts = calls(sandbox, "POST", "/contact/reverse/email/bulk")
+    found_email, nf_email = (c.scalar(
+        "SELECT r.email FROM enrich.requests r JOIN enrich.results t ON t.request_id = r.id "
+        "WHERE r.kind = 'reverse' AND t.outcome = '%s' ORDER BY r.id LIMIT 1" % outcome)
+        for outcome in ("found", "not_found"))
     again = ids_of(c.psql("SELECT unnest(enrich.submit_reverse_bulk('[\"%s\", \"%s\"]'))"
                           % (found_email.upper(), nf_email)))
-    R.eq(wait_all(again, "20s"), "0", "the same addresses again ended")
-    R.eq(c.psql("SELECT t.outcome || ':' || (t.reused_from IS NOT NULL) || ':' || (t.profile IS NOT NULL) "
-                "FROM enrich.results t WHERE t.request_id IN (%s) ORDER BY t.request_id"
-                % ",".join(map(str, again))),
+    r.eq(wait_all(c, again, "20s"), "0", "the same addresses again ended")
+    r.eq(c.psql("SELECT t.outcome || ':' || (t.reused_from IS NOT NULL) || ':' || (t.profile IS NOT NULL) "
+                "FROM enrich.results t WHERE t.request_id IN (%s) ORDER BY t.request_id" % ids_sql(again)),
          "found:true:true\nnot_found:true:false", "answered from the earlier results, outcome kept")
     time.sleep(0.5)
-    R.eq(calls(sb_url, "POST", "/contact/reverse/email/bulk"), posts, "without a call to the API")
-    R.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id IN (%s) AND batch_id IS NOT NULL"
-                  % ",".join(map(str, again))), "0", "nor a batch (no credits reserved)")
+    r.eq(calls(sandbox, "POST", "/contact/reverse/email/bulk"), posts, "without a call to the API")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id IN (%s) AND batch_id IS NOT NULL"
+                  % ids_sql(again)), "0", "nor a batch (no credits reserved)")
 
-    # --- 3. polling -----------------------------------------------------------
+
+# --- 3. polling ------------------------------------------------------------
+
+def test_polling(r, c, sandbox):
+    # No webhook URL from here on (the later tests rely on it).
     c.psql("ALTER SYSTEM SET enrich.webhook_base_url = ''; ALTER SYSTEM SET enrich.poll_after = '1s'; "
            "SELECT pg_reload_conf()")
     time.sleep(0.5)
     polled = ids_of(c.psql("SELECT unnest(enrich.submit_reverse_bulk('[\"poll.one@acme0.example\", "
                            "\"poll.two@acme1.example\", \"poll.three@gmail.example\"]'))"))
-    R.eq(wait_all(polled, "30s"), "0", "lookups without webhooks ended")
-    R.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id IN (%s) AND state = 'done'"
-                  % ",".join(map(str, polled))), "3", "done by polling")
+    r.eq(wait_all(c, polled, "30s"), "0", "lookups without webhooks ended")
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE id IN (%s) AND state = 'done'"
+                  % ids_sql(polled)), "3", "done by polling")
     pb = c.scalar("SELECT DISTINCT batch_id FROM enrich.requests WHERE id = %d" % polled[0])
-    R.eq(c.scalar("SELECT state || ':' || (last_polled_at IS NOT NULL) || ':' || "
+    r.eq(c.scalar("SELECT state || ':' || (last_polled_at IS NOT NULL) || ':' || "
                   "(SELECT count(*) FROM enrich.deliveries WHERE batch_id = %s) "
                   "FROM enrich.batches WHERE id = %s" % (pb, pb)), "finished:true:0",
          "the batch ended by a poll, no webhook")
-    R.check(calls(sb_url, "GET", "/contact/reverse/email/bulk/") >= 1,
+    r.check(calls(sandbox, "GET", "/contact/reverse/email/bulk/") >= 1,
             "read with GET /contact/reverse/email/bulk/{id}")
-    R.eq(calls(sb_url, "GET", "/contact/enrich/bulk/"), 0, "never under the enrichment path")
+    r.eq(calls(sandbox, "GET", "/contact/enrich/bulk/"), 0, "never under the enrichment path")
 
-    # --- 4. a job the API does not know ---------------------------------------
-    # No poll comes by itself now: the test says when (next_poll_at, a wakeup).
+
+# --- 4. a job the API does not know ----------------------------------------
+
+def test_lost_job(r, c, sandbox):
+    # Still without webhooks (test_polling), and no poll comes by itself
+    # now: the test says when (next_poll_at, a wakeup).
     c.psql("ALTER SYSTEM SET enrich.poll_after = '1h'; SELECT pg_reload_conf()")
     time.sleep(1.0)
 
@@ -244,47 +260,33 @@ def main():
     poll_now(lb, lose=True)
     nb = wait_for(lambda: batch_sent(lost, lb), 30, 0.1, "the lookup to be sent again")
     poll_now(nb)
-    R.eq(wait_all([lost], "30s"), "0", "the lookup of a lost job ended")
-    if not R.eq(c.scalar("SELECT concat_ws(':', state, http_status, error_code) FROM enrich.batches "
+    r.eq(wait_all(c, [lost], "30s"), "0", "the lookup of a lost job ended")
+    if not r.eq(c.scalar("SELECT concat_ws(':', state, http_status, error_code) FROM enrich.batches "
                          "WHERE id = %s" % lb), "abandoned:404:error.reverse.email.not_found",
                 "a 404 error.reverse.email.not_found ends the batch with that code"):
         print(c.psql("SELECT * FROM enrich.batches WHERE id = %s" % lb))
-        print([x for x in sandbox(sb_url, "calls") if "reverse" in x["path"]][-4:])
-    R.eq(c.scalar("SELECT state || ':' || (batch_id = %s) || ':' || attempts FROM enrich.requests "
+        print([x for x in dl.calls(sandbox) if "reverse" in x["path"]][-4:])
+    r.eq(c.scalar("SELECT state || ':' || (batch_id = %s) || ':' || attempts FROM enrich.requests "
                   "WHERE id = %d" % (nb, lost)), "done:true:2", "and the lookup is sent again in a new batch")
 
-    # --- 5. validation and roles ----------------------------------------------
+
+# --- 5. validation and roles -----------------------------------------------
+
+def test_validation_and_roles(r, c):
     before = c.scalar("SELECT count(*) FROM enrich.requests")
-    r = c.psql("SELECT enrich.submit_reverse_bulk('[\"ok@acme.example\", \"not-an-address\"]')", check=False)
-    R.check(r.returncode != 0 and 'email "not-an-address" is not a valid email address' in r.stderr
-            and "email 2 of the array" in r.stderr, "a bad address is refused, naming it", r.stderr)
-    r = c.psql("SELECT enrich.submit_reverse('ok@acme.example', '{\"n\": 1}')", check=False)
-    R.check(r.returncode != 0 and 'custom value for key "n" must be a string' in r.stderr,
-            "custom is checked as for enrich", r.stderr)
-    R.eq(c.scalar("SELECT count(*) FROM enrich.requests"), before, "nothing inserted on error")
-    r = c.psql("SELECT enrich.submit_reverse('nobody@acme.example')", user="nobody", check=False)
-    R.check(r.returncode != 0 and "permission denied" in r.stderr, "a role without enrich_submitter is refused",
-            r.stderr)
-    r = c.psql("SELECT enrich.submit_reverse(ROW(1, 'hidden@acme.example')::crm.secret)", user="sub",
-               check=False)
-    R.check(r.returncode != 0 and "permission denied to submit rows of table crm.secret" in r.stderr,
-            "a submitter cannot submit rows of a table it may not read", r.stderr)
-    R.check(int(c.scalar("SELECT enrich.submit_reverse(l) FROM crm.leads l WHERE id = 1", user="sub")) > 0,
+    code, err = dl.psql_error(c, "SELECT enrich.submit_reverse_bulk('[\"ok@acme.example\", \"not-an-address\"]')")
+    r.check(code != 0 and 'email "not-an-address" is not a valid email address' in err
+            and "email 2 of the array" in err, "a bad address is refused, naming it", err)
+    code, err = dl.psql_error(c, "SELECT enrich.submit_reverse('ok@acme.example', '{\"n\": 1}')")
+    r.check(code != 0 and 'custom value for key "n" must be a string' in err,
+            "custom is checked as for enrich", err)
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests"), before, "nothing inserted on error")
+    code, err = dl.psql_error(c, "SELECT enrich.submit_reverse('nobody@acme.example')", user="nobody")
+    r.check(code != 0 and "permission denied" in err, "a role without enrich_submitter is refused", err)
+    code, err = dl.psql_error(c, "SELECT enrich.submit_reverse(ROW(1, 'hidden@acme.example')::crm.secret)",
+                              user="sub")
+    r.check(code != 0 and "permission denied to submit rows of table crm.secret" in err,
+            "a submitter cannot submit rows of a table it may not read", err)
+    r.check(int(c.scalar("SELECT enrich.submit_reverse(l) FROM crm.leads l WHERE id = 1", user="sub")) > 0,
             "but may submit rows of one it reads")
-    R.eq(c.scalar("SELECT count(*) FROM enrich.requests"), str(int(before) + 1), "only that one was queued")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # a crash is a failure, not a silent pass
-        import traceback
-        traceback.print_exc()
-        R.check(False, "suite ran to the end", repr(exc))
-    finally:
-        for f in reversed(cleanup):
-            try:
-                f()
-            except Exception:
-                pass
-    R.finish()
+    r.eq(c.scalar("SELECT count(*) FROM enrich.requests"), str(int(before) + 1), "only that one was queued")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """enrich-sandbox under bad input and at its edges: malformed and hostile
 bodies, huge bodies, wrong methods, unknown paths, garbage on the socket,
 many clients at once, a body fuzzer; clean exit on SIGTERM/SIGINT with
@@ -11,16 +10,23 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sandboxlib as sl  # noqa: E402
-from sandboxlib import et  # noqa: E402
+import pytest
 
-R = et.Results("sandbox-robustness")
+import enrichtest as et
+import sandboxlib as sl
+
 BULK = "/api/v2/contact/enrich/bulk"
+
+
+# The tests up to test_clean_exit share the module's sandbox, in file order:
+# test_logs counts the log lines of every call the earlier tests made, and
+# test_clean_exit stops it after all that.
+@pytest.fixture(scope="module")
+def sb(new_sandbox):
+    return new_sandbox("--max-in-flight", "1000", delay_ms=1)
 
 
 def raw(sb, method, path, body=b"", headers=None, auth=True):
@@ -39,7 +45,7 @@ def body_of(resp):
         return None
 
 
-def test_bad_bodies(sb):
+def test_bad_bodies(r, sb):
     cases = [(b"{", "truncated JSON"), (b'{"name": "x",}', "trailing comma"),
              (b"{'name': 'x'}", "single quotes"), (b"\xff\xfe{}", "invalid UTF-8"),
              (b"[" * 5000 + b"]" * 5000, "nesting 5000 deep"), (b'{"a":1} {"b":2}', "two documents"),
@@ -47,25 +53,25 @@ def test_bad_bodies(sb):
              (b'{"name":"x","data":[' + b'{"first_name":"a"},' * 5 + b']}', "trailing comma in an array"),
              (b'{"name":"\x00"}', "a raw NUL")]
     for data, what in cases:
-        r = raw(sb, "POST", BULK, data)
-        js = body_of(r)
-        R.check(sl.status_of(r) == 400 and isinstance(js, dict) and set(js) == {"code", "message"},
-                "%s: 400 with an error body" % what, r[:120])
-    r = raw(sb, "POST", BULK, b'{"name":"x","data":[{"first_name":"A\\u0000B","last_name":"C",'
-                              b'"domain":"c.com","enrich_fields":["contact.work_emails"]}]}')
-    R.eq(sl.status_of(r), 200, "an escaped NUL inside a string is data, not an error")
-    r = raw(sb, "POST", BULK, json.dumps({"name": "x", "data": [sl.person(1, custom={"k": "v\u0000w"})]}).encode())
-    eid = body_of(r)["enrichment_id"]
+        resp = raw(sb, "POST", BULK, data)
+        js = body_of(resp)
+        r.check(sl.status_of(resp) == 400 and isinstance(js, dict) and set(js) == {"code", "message"},
+                "%s: 400 with an error body" % what, resp[:120])
+    resp = raw(sb, "POST", BULK, b'{"name":"x","data":[{"first_name":"A\\u0000B","last_name":"C",'
+                                 b'"domain":"c.com","enrich_fields":["contact.work_emails"]}]}')
+    r.eq(sl.status_of(resp), 200, "an escaped NUL inside a string is data, not an error")
+    resp = raw(sb, "POST", BULK, json.dumps({"name": "x", "data": [sl.person(1, custom={"k": "v\u0000w"})]}).encode())
+    eid = body_of(resp)["enrichment_id"]
     job = sb.wait_job(eid)
-    R.eq(job["data"][0]["custom"], {"k": "v\u0000w"}, "custom values with NUL bytes are echoed intact")
+    r.eq(job["data"][0]["custom"], {"k": "v\u0000w"}, "custom values with NUL bytes are echoed intact")
 
 
-def test_huge(sb):
+def test_huge(r, sb):
     big = b'{"name":"x","pad":"' + b"a" * (11 * 1024 * 1024) + b'"}'
     st, js, _ = et.http("POST", sb.base + BULK, big, {"Authorization": "Bearer " + sl.KEY}, timeout=30)
-    R.eq((st, json.loads(js)["code"]), (413, "error.request.too_large"), "an 11 MiB body: 413")
-    r = raw(sb, "POST", BULK, b"", {"Content-Length": str(500 * 1024 * 1024)})
-    R.eq(sl.status_of(r), 413, "a declared 500 MiB body: 413 at once")
+    r.eq((st, json.loads(js)["code"]), (413, "error.request.too_large"), "an 11 MiB body: 413")
+    resp = raw(sb, "POST", BULK, b"", {"Content-Length": str(500 * 1024 * 1024)})
+    r.eq(sl.status_of(resp), 413, "a declared 500 MiB body: 413 at once")
     s = socket.create_connection(("127.0.0.1", sb.port), timeout=10)
     s.sendall(("POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
                "Transfer-Encoding: chunked\r\n\r\n" % (BULK, sl.KEY)).encode())
@@ -86,41 +92,41 @@ def test_huge(sb):
     except OSError:
         pass
     s.close()
-    R.eq(sl.status_of(resp), 413, "a chunked 12 MiB body: 413")
+    r.eq(sl.status_of(resp), 413, "a chunked 12 MiB body: 413")
     ok = raw(sb, "POST", BULK, json.dumps({"name": "x", "data": [sl.person(i) for i in range(100)]}).encode())
-    R.eq(sl.status_of(ok), 200, "a normal 100-contact body still passes")
+    r.eq(sl.status_of(ok), 200, "a normal 100-contact body still passes")
 
 
-def test_paths_methods(sb):
+def test_paths_methods(r, sb):
     routes = [("/api/v2/account/keys/verify", "GET, HEAD"), ("/api/v2/account/credits", "GET, HEAD"),
               (BULK, "POST"), (BULK + "/00000000-0000-4000-8000-000000000000", "GET, HEAD"),
               ("/api/v2/contact/reverse/email/bulk", "POST"),
               ("/api/v2/contact/reverse/email/bulk/00000000-0000-4000-8000-000000000000", "GET, HEAD")]
     for path, allow in routes:
         for m in ("PUT", "DELETE", "PATCH", "OPTIONS", "GET" if allow == "POST" else "POST"):
-            r = raw(sb, m, path)
-            R.check(sl.status_of(r) == 405 and b"Allow: " + allow.encode() in r and
-                    body_of(r) == {"code": "error.method.not_allowed", "message": "Method not allowed"},
-                    "%s %s: 405 with Allow: %s" % (m, path, allow), r[:100])
-    r = raw(sb, "HEAD", "/api/v2/account/credits")
-    R.eq(sl.status_of(r), 200, "HEAD works where GET does")
+            resp = raw(sb, m, path)
+            r.check(sl.status_of(resp) == 405 and b"Allow: " + allow.encode() in resp and
+                    body_of(resp) == {"code": "error.method.not_allowed", "message": "Method not allowed"},
+                    "%s %s: 405 with Allow: %s" % (m, path, allow), resp[:100])
+    resp = raw(sb, "HEAD", "/api/v2/account/credits")
+    r.eq(sl.status_of(resp), 200, "HEAD works where GET does")
     for path in ("/", "/api/v2", "/api/v2/", "/api/v2/nothing", "/api/v1/account/credits",
                  BULK + "/a/b", "/api/v2/account/credits/extra", "/%00", "/../../etc/passwd",
                  "/_sandbox/nothing", "/_sandbox/"):
-        r = raw(sb, "GET", path)
-        js = body_of(r)
-        R.check(sl.status_of(r) == 404 and isinstance(js, dict) and "code" in js,
-                "GET %s: 404 with an error body" % path, r[:100])
-    R.eq(sl.status_of(raw(sb, "GET", "/api/v2/account/credits/")), 200, "a trailing slash is tolerated")
-    R.eq(sl.status_of(raw(sb, "POST", "/_sandbox/stats")), 405, "control: wrong method 405")
-    R.eq(sl.status_of(raw(sb, "GET", "/_sandbox/reset")), 405, "control: GET reset is 405")
+        resp = raw(sb, "GET", path)
+        js = body_of(resp)
+        r.check(sl.status_of(resp) == 404 and isinstance(js, dict) and "code" in js,
+                "GET %s: 404 with an error body" % path, resp[:100])
+    r.eq(sl.status_of(raw(sb, "GET", "/api/v2/account/credits/")), 200, "a trailing slash is tolerated")
+    r.eq(sl.status_of(raw(sb, "POST", "/_sandbox/stats")), 405, "control: wrong method 405")
+    r.eq(sl.status_of(raw(sb, "GET", "/_sandbox/reset")), 405, "control: GET reset is 405")
     st, js = sb.api("POST", "/people/search", {"filters": {}})
-    R.eq((st, js.get("code")), (400, "error.search.filter.unknown"),
+    r.eq((st, js.get("code")), (400, "error.search.filter.unknown"),
          "search: a body nesting filters under 'filters' is refused (filters are top-level)")
-    R.eq(sb.api("POST", "/people/search", {}, key="bad")[0], 401, "search still checks the key")
+    r.eq(sb.api("POST", "/people/search", {}, key="bad")[0], 401, "search still checks the key")
 
 
-def test_garbage(sb):
+def test_garbage(r, sb):
     junk = [b"\x00\x01\x02\x03\r\n\r\n", b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\r\n" * 100,
             b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", b"GET /api/v2/account/credits HTTP/1.1\r\nHost: x\r\nX: "
             + b"a" * 300000 + b"\r\n\r\n",
@@ -132,14 +138,14 @@ def test_garbage(sb):
             sl.raw_request(sb.port, j, read_timeout=0.5)
         except OSError:
             pass
-    R.eq(sb.api("GET", "/account/credits")[0], 200, "after garbage on the socket the sandbox still serves")
+    r.eq(sb.api("GET", "/account/credits")[0], 200, "after garbage on the socket the sandbox still serves")
     half = socket.create_connection(("127.0.0.1", sb.port))
     half.sendall(b"POST " + BULK.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     half.close()
-    R.eq(sb.api("GET", "/account/credits")[0], 200, "a client vanishing mid-body harms nothing")
+    r.eq(sb.api("GET", "/account/credits")[0], 200, "a client vanishing mid-body harms nothing")
 
 
-def test_concurrency(sb):
+def test_concurrency(r, sb):
     errors = []
     codes = []
     lock = threading.Lock()
@@ -151,10 +157,10 @@ def test_concurrency(sb):
                 body = json.dumps({"name": "c", "data": [sl.person(n * 100 + i)]})
                 c.request("POST", BULK, body, {"Authorization": "Bearer " + sl.KEY,
                                                "Content-Type": "application/json"})
-                r = c.getresponse()
-                r.read()
+                resp = c.getresponse()
+                resp.read()
                 with lock:
-                    codes.append(r.status)
+                    codes.append(resp.status)
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
         finally:
@@ -165,13 +171,13 @@ def test_concurrency(sb):
         t.start()
     for t in threads:
         t.join()
-    R.eq((errors, len(codes), set(codes)), ([], 800, {200}), "40 clients x 20 submits, all answered 200")
-    R.eq(sb.stats()["submits_accepted"] - before, 800, "every one of them counted")
+    r.eq((errors, len(codes), set(codes)), ([], 800, {200}), "40 clients x 20 submits, all answered 200")
+    r.eq(sb.stats()["submits_accepted"] - before, 800, "every one of them counted")
     et.wait_for(lambda: sb.stats()["jobs_running"] == 0, 30, 0.05, "jobs to finish")
-    R.eq(sb.stats()["contacts_in_flight"], 0, "all contacts processed")
+    r.eq(sb.stats()["contacts_in_flight"], 0, "all contacts processed")
 
 
-def test_fuzz(sb):
+def test_fuzz(r, sb):
     rnd = random.Random(7)
     base = json.dumps({"name": "fz", "webhook_url": "http://127.0.0.1:9/x",
                        "data": [sl.person(i, enrich_fields=sl.ALL_FIELDS) for i in range(3)]}).encode()
@@ -188,68 +194,79 @@ def test_fuzz(sb):
             else:
                 b[pos:pos] = rnd.choice([b"{", b"}", b"[", b"]", b",", b'"', b"\\u0000", b"null", b"1e999",
                                          b"-", b"\xc3", b"\\ud800"])
-        r = raw(sb, "POST", BULK, bytes(b))
-        st = sl.status_of(r)
-        js = body_of(r)
+        resp = raw(sb, "POST", BULK, bytes(b))
+        st = sl.status_of(resp)
+        js = body_of(resp)
         if st not in (200, 400) or not isinstance(js, dict):
             bad.append((st, bytes(b)[:80]))
-    R.eq(bad, [], "300 mutated bodies: each answered 200 or 400 with JSON")
-    R.eq(sb.api("GET", "/account/credits")[0], 200, "alive after the fuzzer")
+    r.eq(bad, [], "300 mutated bodies: each answered 200 or 400 with JSON")
+    r.eq(sb.api("GET", "/account/credits")[0], 200, "alive after the fuzzer")
 
 
-def test_logs(sb_log_path, sb):
+def test_logs(r, sb, hook_receiver):
+    # some webhook attempts for the log check
+    rcv = hook_receiver
+    sb.submit([sl.person(i) for i in range(3)], webhook_url=rcv.url + "/log",
+              webhook_events={"contact_finished": rcv.url + "/logc"})
+    rcv.wait(3, "/logc")
+    rcv.wait(1, "/log")
+    time.sleep(0.2)
     s = sb.stats()
     log = sb.log()
     requests = [ln for ln in log.splitlines() if " enrich-sandbox: request " in ln]
     attempts = [ln for ln in log.splitlines() if " enrich-sandbox: webhook " in ln and " attempt=" in ln]
-    R.eq(len(requests), s["calls"], "one log line per API request")
-    R.eq(len(attempts), s["webhooks_attempted"], "one log line per webhook attempt")
-    R.check(sl.KEY not in log, "the API key never appears in the log")
-    R.check(all(" id=" in ln and " status=" in ln and " url=" in ln for ln in attempts),
+    r.eq(len(requests), s["calls"], "one log line per API request")
+    r.eq(len(attempts), s["webhooks_attempted"], "one log line per webhook attempt")
+    r.check(sl.KEY not in log, "the API key never appears in the log")
+    r.check(all(" id=" in ln and " status=" in ln and " url=" in ln for ln in attempts),
             "webhook lines name the job, status and (redacted) URL")
 
 
-def test_signals():
-    rcv_port = et.free_port()
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", rcv_port))
-    silent.listen(64)
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            sb = sl.Sandbox("--webhook-timeout-ms", "60000", delay_ms=10000)
-            sb.submit([sl.person(i) for i in range(50)], webhook_url="http://127.0.0.1:%d/x" % rcv_port)
-            fast = sl.Sandbox(delay_ms=1)
-            fast.stop()
-            sb2 = sb
-            sb2.ctl("POST", "faults", {"response_delay_ms": 60000})
-            th = threading.Thread(target=lambda: _swallow(lambda: sb2.api("GET", "/account/credits", timeout=30)))
-            th.start()
-            time.sleep(0.3)
-            t0 = time.monotonic()
-            sb.daemon.proc.send_signal(sig)
-            rc = sb.daemon.proc.wait(15)
-            R.eq(rc, 0, "%s with jobs running and a delayed request: exit 0" % sig.name)
-            R.check(time.monotonic() - t0 < 5, "... promptly")
-            R.check(sb.log().rstrip().endswith("enrich-sandbox: stopped"), "... logging 'stopped'")
-            th.join()
-        # in-flight webhook to a receiver that never answers
-        sb = sl.Sandbox("--webhook-timeout-ms", "60000", delay_ms=1)
-        sb.submit([sl.person(1)], webhook_url="http://127.0.0.1:%d/x" % rcv_port)
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        R.eq(sb.stop(), 0, "SIGTERM while a webhook is in flight: exit 0")
-        R.check(time.monotonic() - t0 < 5, "... promptly")
-        sb = sl.Sandbox(delay_ms=1)
-        sb.ctl("POST", "faults", {"hang_rate": 1})
-        th = threading.Thread(target=lambda: _swallow(lambda: sb.api("GET", "/account/credits", timeout=30)))
+def test_clean_exit(r, sb):
+    r.eq(sb.stop(), 0, "exit 0 after all that")
+
+
+def test_signals(r, new_sandbox, silent_port):
+    rcv_port = silent_port
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        sb = new_sandbox("--webhook-timeout-ms", "60000", delay_ms=10000)
+        sb.submit([sl.person(i) for i in range(50)], webhook_url="http://127.0.0.1:%d/x" % rcv_port)
+        fast = new_sandbox(delay_ms=1)
+        fast.stop()
+        sb2 = sb
+        sb2.ctl("POST", "faults", {"response_delay_ms": 60000})
+        th = threading.Thread(target=lambda: _swallow(lambda: sb2.api("GET", "/account/credits", timeout=30)))
         th.start()
         time.sleep(0.3)
         t0 = time.monotonic()
-        R.eq(sb.stop(), 0, "SIGTERM while a request hangs: exit 0")
-        R.check(time.monotonic() - t0 < 5, "... promptly")
+        sb.daemon.proc.send_signal(sig)
+        rc = sb.daemon.proc.wait(15)
+        r.eq(rc, 0, "%s with jobs running and a delayed request: exit 0" % sig.name)
+        r.check(time.monotonic() - t0 < 5, "... promptly")
+        r.check(sb.log().rstrip().endswith("enrich-sandbox: stopped"), "... logging 'stopped'")
         th.join()
-    finally:
-        silent.close()
+
+
+def test_stop_webhook_in_flight(r, new_sandbox, silent_port):
+    # in-flight webhook to a receiver that never answers
+    sb = new_sandbox("--webhook-timeout-ms", "60000", delay_ms=1)
+    sb.submit([sl.person(1)], webhook_url="http://127.0.0.1:%d/x" % silent_port)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    r.eq(sb.stop(), 0, "SIGTERM while a webhook is in flight: exit 0")
+    r.check(time.monotonic() - t0 < 5, "... promptly")
+
+
+def test_stop_request_hangs(r, new_sandbox):
+    sb = new_sandbox(delay_ms=1)
+    sb.ctl("POST", "faults", {"hang_rate": 1})
+    th = threading.Thread(target=lambda: _swallow(lambda: sb.api("GET", "/account/credits", timeout=30)))
+    th.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    r.eq(sb.stop(), 0, "SIGTERM while a request hangs: exit 0")
+    r.check(time.monotonic() - t0 < 5, "... promptly")
+    th.join()
 
 
 def _swallow(fn):
@@ -259,40 +276,47 @@ def _swallow(fn):
         pass
 
 
-def test_cli():
+def test_cli_usage(r):
     b = et.daemon_path("enrich-sandbox")
-    r = subprocess.run([b, "--help"], capture_output=True, text=True)
-    R.check(r.returncode == 0 and "--contact-delay-ms" in r.stdout and "--get-in-progress" in r.stdout,
+    resp = subprocess.run([b, "--help"], capture_output=True, text=True)
+    r.check(resp.returncode == 0 and "--contact-delay-ms" in resp.stdout and "--get-in-progress" in resp.stdout,
             "--help lists the options")
-    r = subprocess.run([b, "--listen", "127.0.0.1:1"], capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k != "ENRICH_SANDBOX_API_KEY"})
-    R.check(r.returncode == 2 and "no API key" in r.stderr, "no API key: usage error, exit 2")
-    r = subprocess.run([b, "--api-key", "k", "--contact-delay-ms", "soon"], capture_output=True, text=True)
-    R.check(r.returncode == 2 and "contact-delay-ms" in r.stderr, "a bad number: usage error")
-    r = subprocess.run([b, "--api-key", "k", "--get-in-progress", "300"], capture_output=True, text=True)
-    R.eq(r.returncode, 2, "a bad choice: usage error")
-    r = subprocess.run([b, "--api-key", "k", "--bogus"], capture_output=True, text=True)
-    R.eq(r.returncode, 2, "an unknown option: usage error")
+    resp = subprocess.run([b, "--listen", "127.0.0.1:1"], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "ENRICH_SANDBOX_API_KEY"})
+    r.check(resp.returncode == 2 and "no API key" in resp.stderr, "no API key: usage error, exit 2")
+    resp = subprocess.run([b, "--api-key", "k", "--contact-delay-ms", "soon"], capture_output=True, text=True)
+    r.check(resp.returncode == 2 and "contact-delay-ms" in resp.stderr, "a bad number: usage error")
+    resp = subprocess.run([b, "--api-key", "k", "--get-in-progress", "300"], capture_output=True, text=True)
+    r.eq(resp.returncode, 2, "a bad choice: usage error")
+    resp = subprocess.run([b, "--api-key", "k", "--bogus"], capture_output=True, text=True)
+    r.eq(resp.returncode, 2, "an unknown option: usage error")
     port = et.free_port()
     taken = socket.socket()
     taken.bind(("127.0.0.1", port))
     taken.listen(1)
-    r = subprocess.run([b, "--api-key", "k", "--listen", "127.0.0.1:%d" % port], capture_output=True,
-                       text=True, timeout=10)
+    resp = subprocess.run([b, "--api-key", "k", "--listen", "127.0.0.1:%d" % port], capture_output=True,
+                          text=True, timeout=10)
     taken.close()
-    R.check(r.returncode == 1 and "cannot listen" in r.stderr, "a port in use: exit 1 with a message")
-    sb = sl.Sandbox(key="secret-key-on-the-command-line")
+    r.check(resp.returncode == 1 and "cannot listen" in resp.stderr, "a port in use: exit 1 with a message")
+
+
+def test_cli_key_hidden(r, new_sandbox):
+    sb = new_sandbox(key="secret-key-on-the-command-line")
     try:
         with open("/proc/%d/cmdline" % sb.daemon.proc.pid, "rb") as f:
             cmdline = f.read()
-        R.check(b"secret-key-on-the-command-line" not in cmdline, "--api-key is wiped from the process arguments")
-        R.eq(sb.api("GET", "/account/credits")[0], 200, "... and still works")
+        r.check(b"secret-key-on-the-command-line" not in cmdline, "--api-key is wiped from the process arguments")
+        r.eq(sb.api("GET", "/account/credits")[0], 200, "... and still works")
     finally:
         sb.stop()
+
+
+def test_cli_ipv6_env_key(r, cleanup):
     port = et.free_port()
     env = dict(os.environ, ENRICH_SANDBOX_API_KEY="env-key")
-    d = et.Daemon([b, "--listen", "[::1]:%d" % port, "--rate-limit", "0"], "v6")
+    d = et.Daemon([et.daemon_path("enrich-sandbox"), "--listen", "[::1]:%d" % port, "--rate-limit", "0"], "v6")
     d.proc = subprocess.Popen(d.argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup.append(d.stop)
     try:
         ok = False
         for _ in range(100):
@@ -303,36 +327,6 @@ def test_cli():
                 break
             except OSError:
                 time.sleep(0.05)
-        R.check(ok, "IPv6 listen address and a key from ENRICH_SANDBOX_API_KEY")
+        r.check(ok, "IPv6 listen address and a key from ENRICH_SANDBOX_API_KEY")
     finally:
         d.stop()
-
-
-def main():
-    rcv = sl.Receiver()
-    sb = sl.Sandbox("--max-in-flight", "1000", delay_ms=1)
-    try:
-        test_bad_bodies(sb)
-        test_huge(sb)
-        test_paths_methods(sb)
-        test_garbage(sb)
-        test_concurrency(sb)
-        test_fuzz(sb)
-        # some webhook attempts for the log check
-        sb.submit([sl.person(i) for i in range(3)], webhook_url=rcv.url + "/log",
-                  webhook_events={"contact_finished": rcv.url + "/logc"})
-        rcv.wait(3, "/logc")
-        rcv.wait(1, "/log")
-        time.sleep(0.2)
-        test_logs(sb.daemon.logfile, sb)
-        R.eq(sb.stop(), 0, "exit 0 after all that")
-        test_signals()
-        test_cli()
-    finally:
-        sb.stop()
-        rcv.stop()
-    R.finish()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """enrich-sandbox search and lookup (reference section 15): each endpoint,
 each filter kind checked against the whole population fetched page by page
 (text tolerant and exact, exclude, integer, range; OR within a filter, AND
@@ -11,15 +10,13 @@ through /contact/enrich/bulk coming back as the same person.
 import base64
 import datetime
 import json
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sandboxlib as sl  # noqa: E402
-from sandboxlib import et  # noqa: E402
+import pytest
 
-R = et.Results("sandbox-search")
+import enrichtest as et
+import sandboxlib as sl
+
 ASOF = datetime.date(2026, 12, 1)
 PEOPLE_SMALL = 10250
 
@@ -188,24 +185,43 @@ def walk(sb, what, body=None, step=100):
             cursor = js["metadata"]["search_after"]
 
 
-def test_pagination(sb):
+@pytest.fixture(scope="module")
+def sb(new_sandbox):
+    """The module's sandbox: a population of PEOPLE_SMALL people (more than
+    an offset reaches) and 200 companies.  The tests on it run in file
+    order; test_credits resets it."""
+    return new_sandbox("--search-people", str(PEOPLE_SMALL), "--search-companies", "200",
+                       "--credits", "1000000", rate_limit=0)
+
+
+@pytest.fixture(scope="module")
+def population(sb):
+    """Every person and company of sb's population, fetched page by page
+    (offset pages to 10,000, then search_after): (people, their total,
+    the calls made, companies, their total)."""
     people, total, calls = walk(sb, "people")
+    companies, ctotal, _ = walk(sb, "company")
+    return people, total, calls, companies, ctotal
+
+
+def test_pagination(r, sb, population):
+    people, total, calls, companies, ctotal = population
     ids = [p["id"] for p in people]
-    R.eq(total, PEOPLE_SMALL, "metadata.total counts the whole population (no filter)")
-    R.eq(len(ids), PEOPLE_SMALL, "offset pages to 10,000 then search_after reach every person (%d calls)" % calls)
-    R.eq(len(set(ids)), len(ids), "no person twice across offset and search_after pages")
-    R.eq(ids, sorted(ids), "results come in id order, so nothing is skipped between pages")
+    r.eq(total, PEOPLE_SMALL, "metadata.total counts the whole population (no filter)")
+    r.eq(len(ids), PEOPLE_SMALL, "offset pages to 10,000 then search_after reach every person (%d calls)" % calls)
+    r.eq(len(set(ids)), len(ids), "no person twice across offset and search_after pages")
+    r.eq(ids, sorted(ids), "results come in id order, so nothing is skipped between pages")
     st, js = search(sb, {"offset": 10000, "limit": 100})
-    R.eq((st, [p["id"] for p in js["people"]]), (200, ids[10000:10100]), "offset 10,000 is allowed")
-    R.eq(err(sb, {"offset": 10001})[:2], (400, "error.search.offset.invalid"), "offset 10,001 is refused")
+    r.eq((st, [p["id"] for p in js["people"]]), (200, ids[10000:10100]), "offset 10,000 is allowed")
+    r.eq(err(sb, {"offset": 10001})[:2], (400, "error.search.offset.invalid"), "offset 10,001 is refused")
     cur = js["metadata"]["search_after"]
     st, js = search(sb, {"search_after": cur, "limit": 100})
-    R.eq([p["id"] for p in js["people"]], ids[10100:10200], "search_after continues right after offset 10,000's page")
-    R.eq(js["metadata"]["total"], PEOPLE_SMALL, "total is the same with a cursor")
+    r.eq([p["id"] for p in js["people"]], ids[10100:10200], "search_after continues right after offset 10,000's page")
+    r.eq(js["metadata"]["total"], PEOPLE_SMALL, "total is the same with a cursor")
     js2 = search(sb, {"search_after": cur, "offset": 5, "limit": 10})[1]
-    R.eq([p["id"] for p in js2["people"]], ids[10105:10115], "an offset with a cursor skips after the cursor")
+    r.eq([p["id"] for p in js2["people"]], ids[10105:10115], "an offset with a cursor skips after the cursor")
     raw = base64.b64decode(cur)
-    R.check(json.loads(raw)[1] == ids[10099], "the cursor is base64 of [score, last id], as the vendor's")
+    r.check(json.loads(raw)[1] == ids[10099], "the cursor is base64 of [score, last id], as the vendor's")
     # search_after alone from the start gives the same sequence
     seq, cursor = [], None
     for _ in range(3):
@@ -215,13 +231,13 @@ def test_pagination(sb):
         js = search(sb, b)[1]
         seq += [p["id"] for p in js["people"]]
         cursor = js["metadata"]["search_after"]
-    R.eq(seq, ids[:300], "pages chained by search_after alone equal the offset pages")
+    r.eq(seq, ids[:300], "pages chained by search_after alone equal the offset pages")
     js = search(sb, {})[1]
-    R.eq(len(js["people"]), 10, "limit defaults to 10")
-    R.eq(err(sb, {"limit": 101})[:2], (400, "error.search.limit.invalid"), "limit 101 refused")
-    R.eq(err(sb, {"limit": 0})[:2], (400, "error.search.limit.invalid"), "limit 0 refused")
-    R.eq(err(sb, {"limit": "5"})[:2], (400, "error.search.limit.invalid"), "a string limit refused")
-    R.eq(len(search(sb, {"limit": 100})[1]["people"]), 100, "limit 100 allowed")
+    r.eq(len(js["people"]), 10, "limit defaults to 10")
+    r.eq(err(sb, {"limit": 101})[:2], (400, "error.search.limit.invalid"), "limit 101 refused")
+    r.eq(err(sb, {"limit": 0})[:2], (400, "error.search.limit.invalid"), "limit 0 refused")
+    r.eq(err(sb, {"limit": "5"})[:2], (400, "error.search.limit.invalid"), "a string limit refused")
+    r.eq(len(search(sb, {"limit": 100})[1]["people"]), 100, "limit 100 allowed")
     last = search(sb, {"offset": 10000, "limit": 100})[1]["metadata"]["search_after"]
     tail = []
     while True:
@@ -230,34 +246,33 @@ def test_pagination(sb):
         if len(js["people"]) < 100:
             break
         last = js["metadata"]["search_after"]
-    R.eq(len(tail), PEOPLE_SMALL - 10100, "the last page is short: a client stops there")
+    r.eq(len(tail), PEOPLE_SMALL - 10100, "the last page is short: a client stops there")
     empty = search(sb, {"search_after": base64.b64encode(json.dumps([1.0, "f" * 8 + "-ffff-5fff-bfff-" + "f" * 12]).encode()).decode()})[1]
-    R.eq((empty["people"], "search_after" in empty["metadata"]), ([], False),
+    r.eq((empty["people"], "search_after" in empty["metadata"]), ([], False),
          "past the end: no people and no cursor")
     for bad in ("nonsense", base64.b64encode(b"[1,2]").decode(), 12):
-        R.eq(err(sb, {"search_after": bad})[:2], (400, "error.search.search_after.invalid"),
+        r.eq(err(sb, {"search_after": bad})[:2], (400, "error.search.search_after.invalid"),
              "a bad search_after refused: %r" % (bad,))
-    companies, ctotal, _ = walk(sb, "company")
-    R.eq((ctotal, len(companies), len({c["id"] for c in companies})), (200, 200, 200),
+    r.eq((ctotal, len(companies), len({c["id"] for c in companies})), (200, 200, 200),
          "company search pages through every company once")
-    return people, companies
 
 
-def check_filter(sb, records, body, what, label, within_all=False):
+def check_filter(r, sb, records, body, what, label, within_all=False):
     key = "people" if what == "people" else "companies"
     want = expected(records, body, company=(what == "company"), within_all=within_all)
     st, js = search(sb, dict(body, limit=100), what)
     if st != 200:
-        R.check(False, label, "(%d %r)" % (st, js))
+        r.check(False, label, "(%d %r)" % (st, js))
         return
-    got = [r["id"] for r in js[key]]
-    R.check(js["metadata"]["total"] == len(want) and got == want[:100] and len(want) > 0
+    got = [rec["id"] for rec in js[key]]
+    r.check(js["metadata"]["total"] == len(want) and got == want[:100] and len(want) > 0
             and len(want) < len(records),
             "%s: %d of %d match, as computed from the records" % (label, len(want), len(records)),
             "(total %d, first ids equal: %s)" % (js["metadata"]["total"], got == want[:100]))
 
 
-def test_filters(sb, people, companies):
+def test_filters(r, sb, population):
+    people, companies = population[0], population[3]
     p0 = people[123]
     comp = p0["employment"]["current"]["company"]
     P = "people"
@@ -308,23 +323,23 @@ def test_filters(sb, people, companies):
         ({"person_ids": [{"value": p0["id"]}, {"value": people[5]["id"].upper()}]}, "person ids (any case)"),
     ]
     for body, label in cases:
-        check_filter(sb, people, body, P, label)
+        check_filter(r, sb, people, body, P, label)
     st, js = search(sb, {"person_professional_network_urls": [
         {"value": p0["social_profiles"]["professional_network"]["url"].replace("https://www.", "http://") + "/"}]})
-    R.eq([p["id"] for p in js["people"]], [p0["id"]], "person LinkedIn URL, tolerant (scheme, www, slash)")
+    r.eq([p["id"] for p in js["people"]], [p0["id"]], "person LinkedIn URL, tolerant (scheme, www, slash)")
     st, js = search(sb, {"person_professional_network_urls": [
         {"value": p0["social_profiles"]["professional_network"]["url"] + "/", "exact_match": True}]})
-    R.eq(js["people"], [], "person LinkedIn URL, exact: the URL as stored only")
+    r.eq(js["people"], [], "person LinkedIn URL, exact: the URL as stored only")
     st, js = search(sb, {"current_company_professional_network_urls": [
         {"value": comp["social_profiles"]["professional_network"]["url"]}]})
-    R.check(st == 200 and js["people"] and all(p["employment"]["current"]["company"]["id"] == comp["id"]
+    r.check(st == 200 and js["people"] and all(p["employment"]["current"]["company"]["id"] == comp["id"]
                                                for p in js["people"]), "current company LinkedIn URL")
     for p in search(sb, {"person_skills": [{"value": "python"}], "limit": 100})[1]["people"]:
         if "Python" not in p["skills"]:
-            R.check(False, "every returned person satisfies the filter", p["skills"])
+            r.check(False, "every returned person satisfies the filter", p["skills"])
             break
     else:
-        R.check(True, "every returned person satisfies the filter")
+        r.check(True, "every returned person satisfies the filter")
 
     c0 = companies[17]
     ccases = [
@@ -342,36 +357,37 @@ def test_filters(sb, people, companies):
         ({"company_ids": [{"value": c0["id"]}]}, "company ids"),
     ]
     for body, label in ccases:
-        check_filter(sb, companies, body, "company", label)
+        check_filter(r, sb, companies, body, "company", label)
     js = search(sb, {"professional_network_urls": [{"value": c0["social_profiles"]["professional_network"]["url"]}]},
                 "company")[1]
-    R.eq([c["id"] for c in js["companies"]], [c0["id"]], "company LinkedIn URL")
+    r.eq([c["id"] for c in js["companies"]], [c0["id"]], "company LinkedIn URL")
     js = search(sb, {"person_skills": [{"value": "no such skill anywhere"}]})[1]
-    R.eq((js["people"], js["metadata"]["total"], js["metadata"]["credits"]), ([], 0, 0.0),
+    r.eq((js["people"], js["metadata"]["total"], js["metadata"]["credits"]), ([], 0, 0.0),
          "no match: empty list, total 0, nothing charged")
 
 
-def test_within_all(people):
-    sb = sl.Sandbox("--search-people", str(PEOPLE_SMALL), "--search-companies", "200", "--search-within", "all",
-                    "--search-charge", "once", "--credits", "100000", rate_limit=0)
+def test_within_all(r, new_sandbox, population):
+    people = population[0]
+    sb = new_sandbox("--search-people", str(PEOPLE_SMALL), "--search-companies", "200", "--search-within", "all",
+                     "--search-charge", "once", "--credits", "100000", rate_limit=0)
     try:
         body = {"person_languages": [{"value": "English"}, {"value": "French"}]}
-        check_filter(sb, people, body, "people", "--search-within all: values of one filter AND-ed", within_all=True)
+        check_filter(r, sb, people, body, "people", "--search-within all: values of one filter AND-ed", within_all=True)
         st, js = search(sb, {"limit": 5})
         before = sb.api("GET", "/account/credits")[1]["balance"]
         st, js2 = search(sb, {"limit": 7})
-        R.eq(js2["metadata"]["credits"], 0.5, "--search-charge once: only the 2 records not returned before cost")
-        R.eq(sb.api("GET", "/account/credits")[1]["balance"], before - 0.5, "and only they leave the balance")
+        r.eq(js2["metadata"]["credits"], 0.5, "--search-charge once: only the 2 records not returned before cost")
+        r.eq(sb.api("GET", "/account/credits")[1]["balance"], before - 0.5, "and only they leave the balance")
         p = js["people"][0]
         st, js3 = lookup(sb, {"person_professional_network_id": p["social_profiles"]["professional_network"]["id"]})
-        R.eq(js3["metadata"]["credits"], 0.0, "--search-charge once: a lookup of a returned person is free")
+        r.eq(js3["metadata"]["credits"], 0.0, "--search-charge once: a lookup of a returned person is free")
         sb.ctl("POST", "reset", {"history": True})
-        R.eq(search(sb, {"limit": 5})[1]["metadata"]["credits"], 1.25, "reset with history charges them again")
+        r.eq(search(sb, {"limit": 5})[1]["metadata"]["credits"], 1.25, "reset with history charges them again")
     finally:
         sb.stop()
 
 
-def test_errors(sb):
+def test_errors(r, sb):
     before = sb.api("GET", "/account/credits")[1]["balance"]
     cases = [
         ({"current_company_nmes": [{"value": "x"}]}, "people", "error.search.filter.unknown", "current_company_nmes",
@@ -414,11 +430,11 @@ def test_errors(sb):
     ]
     for body, what, code, named, label in cases:
         st, c, msg = err(sb, body, what)
-        R.check(st == 400 and c == code and named in msg, "400 %s: %s" % (code, label), "(%d %s %r)" % (st, c, msg))
-    R.eq(err(sb, [1, 2])[:2], (400, "error.request.malformed"), "a body that is not an object")
+        r.check(st == 400 and c == code and named in msg, "400 %s: %s" % (code, label), "(%d %s %r)" % (st, c, msg))
+    r.eq(err(sb, [1, 2])[:2], (400, "error.request.malformed"), "a body that is not an object")
     st, raw, _ = et.http("POST", sb.base + "/api/v2/people/search", b"{", {"Authorization": "Bearer " + sb.key})
-    R.eq((st, json.loads(raw)["code"]), (400, "error.request.malformed"), "malformed JSON")
-    R.eq(set(json.loads(raw)), {"code", "message"}, "errors use the documented {code, message} envelope")
+    r.eq((st, json.loads(raw)["code"]), (400, "error.request.malformed"), "malformed JSON")
+    r.eq(set(json.loads(raw)), {"code", "message"}, "errors use the documented {code, message} envelope")
     # lookups
     lcases = [
         ({}, "people", "error.lookup.identifier.empty", "a people lookup without identifier"),
@@ -433,45 +449,45 @@ def test_errors(sb):
     ]
     for body, what, code, label in lcases:
         st, c, _ = err(sb, body, what, "lookup")
-        R.eq((st, c), (400, code), "lookup 400: %s" % label)
-    R.eq(sb.api("GET", "/account/credits")[1]["balance"], before, "a 400 charges nothing")
-    R.eq(sb.api("GET", "/people/search")[0], 405, "GET on a search path: 405")
-    R.eq(sb.api("POST", "/people/search", {}, key="wrong")[0], 401, "search checks the key")
+        r.eq((st, c), (400, code), "lookup 400: %s" % label)
+    r.eq(sb.api("GET", "/account/credits")[1]["balance"], before, "a 400 charges nothing")
+    r.eq(sb.api("GET", "/people/search")[0], 405, "GET on a search path: 405")
+    r.eq(sb.api("POST", "/people/search", {}, key="wrong")[0], 401, "search checks the key")
 
 
-def test_credits(sb):
+def test_credits(r, sb):
     sb.ctl("POST", "reset", {"credits": 1000})
     s0 = sb.stats()
     st, js = search(sb, {"limit": 7})
-    R.eq((st, js["metadata"]["credits"]), (200, 1.75), "metadata.credits: 0.25 per returned person")
-    R.check(isinstance(js["metadata"]["credits"], float), "metadata.credits is a double")
+    r.eq((st, js["metadata"]["credits"]), (200, 1.75), "metadata.credits: 0.25 per returned person")
+    r.check(isinstance(js["metadata"]["credits"], float), "metadata.credits is a double")
     st, js = search(sb, {"limit": 4}, "company")
-    R.eq(js["metadata"]["credits"], 1.0, "0.25 per returned company")
+    r.eq(js["metadata"]["credits"], 1.0, "0.25 per returned company")
     p = js["companies"][0]
     st, js = lookup(sb, {"domain": p["domain"]}, "company")
-    R.eq((len(js["companies"]), js["metadata"]["credits"]), (1, 0.25), "a company lookup match costs 0.25")
+    r.eq((len(js["companies"]), js["metadata"]["credits"]), (1, 0.25), "a company lookup match costs 0.25")
     st, js = lookup(sb, {"domain": "not-in-the-population.example"}, "company")
-    R.eq((js["companies"], js["metadata"]["credits"]), ([], 0.0), "no match costs nothing")
-    R.eq(sb.api("GET", "/account/credits")[1]["balance"], 1000 - 1.75 - 1.0 - 0.25,
+    r.eq((js["companies"], js["metadata"]["credits"]), ([], 0.0), "no match costs nothing")
+    r.eq(sb.api("GET", "/account/credits")[1]["balance"], 1000 - 1.75 - 1.0 - 0.25,
          "the balance shows the fractional charges (account/credits)")
     s1 = sb.stats()
-    R.eq((s1["searches"] - s0["searches"], s1["lookups"] - s0["lookups"], s1["search_results"] - s0["search_results"],
+    r.eq((s1["searches"] - s0["searches"], s1["lookups"] - s0["lookups"], s1["search_results"] - s0["search_results"],
           s1["search_credits"], s1["credits_spent"], s1["credits"]),
          (2, 2, 12, 3.0, 3.0, 997.0), "/_sandbox/stats: searches, lookups, results, credits")
     sb.ctl("POST", "faults", {"credits": 0.6})
     st, js = search(sb, {"limit": 3})
-    R.eq((st, js.get("code")), (402, "error.credits.insufficient"), "a page the balance cannot pay: 402")
-    R.eq(sb.api("GET", "/account/credits")[1]["balance"], 0.6, "and nothing charged")
-    R.eq(search(sb, {"limit": 2})[1]["metadata"]["credits"], 0.5, "a page it can pay is served")
+    r.eq((st, js.get("code")), (402, "error.credits.insufficient"), "a page the balance cannot pay: 402")
+    r.eq(sb.api("GET", "/account/credits")[1]["balance"], 0.6, "and nothing charged")
+    r.eq(search(sb, {"limit": 2})[1]["metadata"]["credits"], 0.5, "a page it can pay is served")
     sb.ctl("POST", "faults", {"credits": 1000})
 
 
-def test_lookup_and_enrich(sb):
+def test_lookup_and_enrich(r, sb):
     js = search(sb, {"current_position_seniority_level": [{"value": "VP"}], "limit": 3})[1]
     p = js["people"][0]
     url = p["social_profiles"]["professional_network"]["url"]
     comp = p["employment"]["current"]["company"]
-    R.check(re.match(r"^https://www\.linkedin\.com/in/[a-z]+-[a-z]+-[0-9a-f]{8}$", url), "LinkedIn URL shape")
+    r.check(re.match(r"^https://www\.linkedin\.com/in/[a-z]+-[a-z]+-[0-9a-f]{8}$", url), "LinkedIn URL shape")
     for body, label in (
             ({"person_professional_network_url": url}, "by LinkedIn URL"),
             ({"person_professional_network_url": url.replace("https://www.", "http://") + "/"},
@@ -484,21 +500,21 @@ def test_lookup_and_enrich(sb):
             ({"person_name": p["full_name"], "company_professional_network_id":
               comp["social_profiles"]["professional_network"]["id"]}, "by name and company id")):
         st, js = lookup(sb, body)
-        R.check(st == 200 and js["people"] == [p] and js["metadata"]["credits"] == 0.25,
+        r.check(st == 200 and js["people"] == [p] and js["metadata"]["credits"] == 0.25,
                 "people lookup %s: the searched person, 0.25" % label, "(%d %r)" % (st, js.get("metadata")))
     st, js = lookup(sb, {"person_name": p["full_name"], "company_domain": "elsewhere.example"})
-    R.eq((js["people"], js["metadata"]["credits"]), ([], 0.0), "name at another company: no match, free")
+    r.eq((js["people"], js["metadata"]["credits"]), ([], 0.0), "name at another company: no match, free")
     st, js = lookup(sb, {"person_name": p["full_name"]})
-    R.check(len(js["people"]) == 1 and js["people"][0]["full_name"] == p["full_name"], "a bare name: the best match")
+    r.check(len(js["people"]) == 1 and js["people"][0]["full_name"] == p["full_name"], "a bare name: the best match")
     st, js = lookup(sb, {"domain": comp["domain"]}, "company")
-    R.eq(js["companies"], [comp], "company lookup by domain: the employer shown in the profile")
+    r.eq(js["companies"], [comp], "company lookup by domain: the employer shown in the profile")
     st, js = lookup(sb, {"professional_network_url": comp["social_profiles"]["professional_network"]["url"]},
                     "company")
-    R.eq(js["companies"], [comp], "company lookup by LinkedIn URL")
+    r.eq(js["companies"], [comp], "company lookup by LinkedIn URL")
     st, js = lookup(sb, {"professional_network_id": comp["social_profiles"]["professional_network"]["id"]}, "company")
-    R.eq(js["companies"], [comp], "company lookup by LinkedIn id")
+    r.eq(js["companies"], [comp], "company lookup by LinkedIn id")
     st, js = search(sb, {"domains": [{"value": comp["domain"]}]}, "company")
-    R.eq(js["companies"], [comp], "company search returns the same company object")
+    r.eq(js["companies"], [comp], "company search returns the same company object")
 
     # enrich the searched person three ways: same identity and profile
     W = ["contact.work_emails", "contact.personal_emails", "contact.phones"]
@@ -513,11 +529,11 @@ def test_lookup_and_enrich(sb):
     ]
     eid = sb.submit(contacts, name="searched person")
     job = sb.wait_job(eid)
-    recs = {r["custom"]["k"]: r for r in job["data"]}
+    recs = {rec["custom"]["k"]: rec for rec in job["data"]}
     for k in ("all", "name+domain", "linkedin", "name+company"):
-        R.eq(recs[k].get("profile"), p, "enriched by %s: the profile is the searched person" % k)
+        r.eq(recs[k].get("profile"), p, "enriched by %s: the profile is the searched person" % k)
     emails = {json.dumps(recs[k]["contact_info"], sort_keys=True) for k in recs}
-    R.eq(len(emails), 1, "the same person has the same contact info however identified")
+    r.eq(len(emails), 1, "the same person has the same contact info however identified")
     # a searched person with a work email: reverse lookup finds them too
     found = None
     for q in search(sb, {"current_company_domains": [{"value": comp["domain"]}], "limit": 20})[1]["people"]:
@@ -527,92 +543,70 @@ def test_lookup_and_enrich(sb):
         if w:
             found = (q, w["email"])
             break
-    R.check(found and found[1].endswith("@" + comp["domain"]), "a work email is at the employer's domain")
+    r.check(found and found[1].endswith("@" + comp["domain"]), "a work email is at the employer's domain")
     st, js = sb.api("POST", "/contact/reverse/email/bulk", {"name": "rev", "data": [{"email": found[1].upper()}]})
     rev = sb.wait_job(js["enrichment_id"], kind="reverse")["data"][0]
-    R.eq(rev.get("profile"), found[0], "reverse lookup of that work email: the searched person")
+    r.eq(rev.get("profile"), found[0], "reverse lookup of that work email: the searched person")
     other = dict(contacts[1], first_name="Somebody", custom={"k": "x"})
     eid = sb.submit([other], name="not in the population")
     rec = sb.wait_job(eid)["data"][0]
-    R.check(rec.get("profile", {}).get("full_name") != p["full_name"]
+    r.check(rec.get("profile", {}).get("full_name") != p["full_name"]
             if rec.get("profile") else True, "another name at the same company is another person")
 
 
-def test_newer_fields():
-    sb = sl.Sandbox("--newer-fields", "--search-people", "2000", "--search-companies", "100", rate_limit=0)
+def test_newer_fields(r, new_sandbox):
+    sb = new_sandbox("--newer-fields", "--search-people", "2000", "--search-companies", "100", rate_limit=0)
     try:
         people, _, _ = walk(sb, "people")
         companies, _, _ = walk(sb, "company")
         got = [p["id"] for p in search(sb, {"current_company_technologies": [{"value": "slack"}], "limit": 100})[1]["people"]]
         want = [p["id"] for p in people if "Slack" in p["employment"]["current"]["company"]["technologies"]]
-        R.check(want and got == want[:100], "--newer-fields: current_company_technologies filters people (%d)" % len(want))
+        r.check(want and got == want[:100], "--newer-fields: current_company_technologies filters people (%d)" % len(want))
         js = search(sb, {"technologies": [{"value": "AWS"}, {"value": "Stripe", "exclude": True}], "limit": 100},
                     "company")[1]
         want = [c["id"] for c in companies if "AWS" in c["technologies"] and "Stripe" not in c["technologies"]]
-        R.check(want and [c["id"] for c in js["companies"]] == want and js["metadata"]["total"] == len(want),
+        r.check(want and [c["id"] for c in js["companies"]] == want and js["metadata"]["total"] == len(want),
                 "--newer-fields: technologies filters companies (%d)" % len(want))
     finally:
         sb.stop()
 
 
-def test_rate_limit():
-    sb = sl.Sandbox("--search-people", "2000", "--search-companies", "100", rate_limit=6)
+def test_rate_limit(r, new_sandbox):
+    sb = new_sandbox("--search-people", "2000", "--search-companies", "100", rate_limit=6)
     try:
         sts = [sb.api("POST", "/contact/enrich/bulk", {"name": "n", "data": [sl.person(1)]})[0],
                search(sb, {"limit": 1})[0], lookup(sb, {"domain": "x.com"}, "company")[0],
                sb.api("POST", "/contact/enrich/bulk", {"name": "n", "data": [sl.person(2)]})[0],
                search(sb, {"limit": 1}, "company")[0], lookup(sb, {"person_name": "A B"})[0]]
-        R.eq(sts, [200] * 6, "6 calls (submits, searches, lookups) within a limit of 6")
+        r.eq(sts, [200] * 6, "6 calls (submits, searches, lookups) within a limit of 6")
         st, js = search(sb, {"limit": 1})
-        R.eq((st, js.get("code"), js.get("message")), (429, "error.rate.limit", "Too many requests. Try again in 1m"),
+        r.eq((st, js.get("code"), js.get("message")), (429, "error.rate.limit", "Too many requests. Try again in 1m"),
              "the 7th call, a search: 429 error.rate.limit")
-        R.eq(sb.api("POST", "/contact/enrich/bulk", {"name": "n", "data": [sl.person(3)]})[0], 429,
+        r.eq(sb.api("POST", "/contact/enrich/bulk", {"name": "n", "data": [sl.person(3)]})[0], 429,
              "a submit after searches used the budget: 429")
-        R.eq(lookup(sb, {"person_name": "A B"})[0], 429, "a lookup: 429")
-        R.eq(sb.stats()["calls_429"], 3, "counted as 429s")
-        R.eq(search(sb, {"person_skills": 1})[0], 429, "the rate limit comes before validation")
+        r.eq(lookup(sb, {"person_name": "A B"})[0], 429, "a lookup: 429")
+        r.eq(sb.stats()["calls_429"], 3, "counted as 429s")
+        r.eq(search(sb, {"person_skills": 1})[0], 429, "the rate limit comes before validation")
     finally:
         sb.stop()
 
 
-def test_determinism():
+def test_determinism(r, new_sandbox):
     body = {"person_skills": [{"value": "leadership"}], "limit": 20}
-    a = sl.Sandbox("--seed", "7", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
+    a = new_sandbox("--seed", "7", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
     try:
         r1 = search(a, body)[1]
         c1 = search(a, {"limit": 20}, "company")[1]
     finally:
         a.stop()
-    b = sl.Sandbox("--seed", "7", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
+    b = new_sandbox("--seed", "7", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
     try:
-        R.eq(search(b, body)[1], r1, "same --seed after a restart: the same people, byte for byte")
-        R.eq(search(b, {"limit": 20}, "company")[1], c1, "and the same companies")
+        r.eq(search(b, body)[1], r1, "same --seed after a restart: the same people, byte for byte")
+        r.eq(search(b, {"limit": 20}, "company")[1], c1, "and the same companies")
     finally:
         b.stop()
-    c = sl.Sandbox("--seed", "8", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
+    c = new_sandbox("--seed", "8", "--search-people", "5000", "--search-companies", "300", rate_limit=0)
     try:
-        R.check(search(c, body)[1]["people"] != r1["people"], "another seed: other people")
+        r.check(search(c, body)[1]["people"] != r1["people"], "another seed: other people")
     finally:
         c.stop()
-
-
-def main():
-    small = sl.Sandbox("--search-people", str(PEOPLE_SMALL), "--search-companies", "200", "--credits", "1000000",
-                       rate_limit=0)
-    try:
-        people, companies = test_pagination(small)
-        test_filters(small, people, companies)
-        test_errors(small)
-        test_credits(small)
-        test_lookup_and_enrich(small)
-    finally:
-        small.stop()
-    test_within_all(people)
-    test_newer_fields()
-    test_rate_limit()
-    test_determinism()
-    R.finish()
-
-
-if __name__ == "__main__":
-    main()

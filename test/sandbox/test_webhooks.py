@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """enrich-sandbox webhooks: HMAC-SHA1 signatures (the two test vectors of
 reference section 8.4 through the C code), per-contact and final payloads,
 retries on non-2xx, connection failures and timeouts, retry exhaustion,
@@ -8,17 +7,13 @@ the switches for the uncertain parts of the payloads.
 import hashlib
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sandboxlib as sl  # noqa: E402
-from sandboxlib import et  # noqa: E402
+import enrichtest as et
+import sandboxlib as sl
 
-R = et.Results("sandbox-webhooks")
 BIN = et.daemon_path("enrich-sandbox")
 
 VECTORS = [
@@ -43,110 +38,111 @@ def hmac_c(key, body, how="arg"):
         with open(keyfile, "w") as f:
             f.write("# comment\n%s\n" % key)
         argv += ["--api-key-file", keyfile]
-    r = subprocess.run(argv, input=body, capture_output=True, env=env)
-    return r.stdout.decode().strip()
+    out = subprocess.run(argv, input=body, capture_output=True, env=env)
+    return out.stdout.decode().strip()
 
 
-def test_vectors():
-    R.eq(len(VECTORS[1][1]), 110, "the second vector body is the 110 bytes of the reference")
+def test_vectors(r):
+    r.eq(len(VECTORS[1][1]), 110, "the second vector body is the 110 bytes of the reference")
     for key, body, want in VECTORS:
-        R.eq(hmac_c(key, body), want, "HMAC-SHA1 test vector, key %r (C code)" % key)
-    R.eq(hmac_c("key", VECTORS[0][1], "env"), VECTORS[0][2], "key from ENRICH_SANDBOX_API_KEY")
-    R.eq(hmac_c("test-api-key", VECTORS[1][1], "file"), VECTORS[1][2], "key from --api-key-file")
-    R.check(hmac_c("key", VECTORS[0][1] + b" ") != VECTORS[0][2], "one more byte changes the signature")
+        r.eq(hmac_c(key, body), want, "HMAC-SHA1 test vector, key %r (C code)" % key)
+    r.eq(hmac_c("key", VECTORS[0][1], "env"), VECTORS[0][2], "key from ENRICH_SANDBOX_API_KEY")
+    r.eq(hmac_c("test-api-key", VECTORS[1][1], "file"), VECTORS[1][2], "key from --api-key-file")
+    r.check(hmac_c("key", VECTORS[0][1] + b" ") != VECTORS[0][2], "one more byte changes the signature")
 
 
-def test_payloads(rcv):
-    sb = sl.Sandbox("--api-key", "second-key", "--credits", "100000", delay_ms=30)
+def test_payloads(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox("--api-key", "second-key", "--credits", "100000", delay_ms=30)
     try:
         contacts = [sl.person(i, enrich_fields=sl.ALL_FIELDS) for i in range(5)]
         eid = sb.submit(contacts, name="hooks", webhook_url=rcv.url + "/p/job",
                         webhook_events={"contact_finished": rcv.url + "/p/contact"})
         per = rcv.wait(5, "/p/contact")
         final = rcv.wait(1, "/p/job")
-        R.check(all(h["headers"]["x-signature-sha1"] == sl.signature(sl.KEY, h["body"]) for h in per + final),
+        r.check(all(h["headers"]["x-signature-sha1"] == sl.signature(sl.KEY, h["body"]) for h in per + final),
                 "signed with the key that created the job")
         bodies = [json.loads(h["body"]) for h in per]
-        R.check(all(set(b) == {"id", "name", "status", "cost", "data"} and b["id"] == eid and b["name"] == "hooks"
+        r.check(all(set(b) == {"id", "name", "status", "cost", "data"} and b["id"] == eid and b["name"] == "hooks"
                     for b in bodies), "per-contact envelope: id, name, status, cost, data")
-        R.eq(sorted(b["data"][0]["custom"]["row"] for b in bodies), [str(i) for i in range(5)],
+        r.eq(sorted(b["data"][0]["custom"]["row"] for b in bodies), [str(i) for i in range(5)],
              "one per-contact webhook for each contact")
         costs = [b["cost"]["credits"] for b in sorted(bodies, key=lambda b: int(b["data"][0]["custom"]["row"]))]
         job = json.loads(final[0]["body"])
-        R.check(costs == sorted(costs) and costs[-1] == job["cost"]["credits"],
+        r.check(costs == sorted(costs) and costs[-1] == job["cost"]["credits"],
                 "per-contact cost.credits is the running total", costs)
-        R.eq((job["status"], len(job["data"])), ("FINISHED", 5), "final webhook: FINISHED with all records")
-        R.eq(final[0]["headers"].get("user-agent", "").split("/")[0], "enrich-sandbox", "a User-Agent is sent")
+        r.eq((job["status"], len(job["data"])), ("FINISHED", 5), "final webhook: FINISHED with all records")
+        r.eq(final[0]["headers"].get("user-agent", "").split("/")[0], "enrich-sandbox", "a User-Agent is sent")
         # a job created with the second key is signed with it
         rcv.clear()
         st, js = sb.api("POST", "/contact/enrich/bulk", {"name": "k2", "data": [sl.person(9)],
                                                          "webhook_url": rcv.url + "/p/k2"}, key="second-key")
         h = rcv.wait(1, "/p/k2")[0]
-        R.eq(h["headers"]["x-signature-sha1"], sl.signature("second-key", h["body"]),
+        r.eq(h["headers"]["x-signature-sha1"], sl.signature("second-key", h["body"]),
              "a job created with another key is signed with that key")
-        R.check(h["headers"]["x-signature-sha1"] != sl.signature(sl.KEY, h["body"]),
+        r.check(h["headers"]["x-signature-sha1"] != sl.signature(sl.KEY, h["body"]),
                 "... and not with the first key")
         attempts = sb.ctl("GET", "webhooks")[1]
         mine = [a for a in attempts if a["enrichment_id"] == js["enrichment_id"]][0]
-        R.eq(mine["body_sha256"], hashlib.sha256(h["body"]).hexdigest(), "/_sandbox/webhooks body_sha256 matches")
-        R.eq((mine["kind"], mine["status"], mine["url"]), ("job", 200, rcv.url + "/p/k2"),
+        r.eq(mine["body_sha256"], hashlib.sha256(h["body"]).hexdigest(), "/_sandbox/webhooks body_sha256 matches")
+        r.eq((mine["kind"], mine["status"], mine["url"]), ("job", 200, rcv.url + "/p/k2"),
              "/_sandbox/webhooks: kind, status, url")
     finally:
         sb.stop()
 
 
-def test_retries():
-    sb = sl.Sandbox("--retries", "2", "--webhook-timeout-ms", "300", delay_ms=1, retry_ms=150)
-    rcv = sl.Receiver(fail_first={"/drop2": (2, 0)}, status=200)
-    bad = sl.Receiver(status=500)
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
+def test_retries(r, new_sandbox, new_hook_receiver, silent_port):
+    sb = new_sandbox("--retries", "2", "--webhook-timeout-ms", "300", delay_ms=1, retry_ms=150)
+    rcv = new_hook_receiver(fail_first={"/drop2": (2, 0)}, status=200)
+    bad = new_hook_receiver(status=500)
     try:
         eid = sb.submit([sl.person(1)], webhook_url=rcv.url + "/drop2")
         got = rcv.wait(3, "/drop2")
         time.sleep(0.4)
         got = rcv.deliveries("/drop2")
-        R.eq(len(got), 3, "connection closed twice, then 200: three attempts")
-        R.check(len({g["body"] for g in got}) == 1, "the identical body each time")
+        r.eq(len(got), 3, "connection closed twice, then 200: three attempts")
+        r.check(len({g["body"] for g in got}) == 1, "the identical body each time")
         atts = [a for a in sb.ctl("GET", "webhooks")[1] if a["enrichment_id"] == eid]
-        R.eq([a["status"] for a in atts], [0, 0, 200], "a connection failure is recorded as status 0")
-        R.check(atts[0].get("error"), "and carries curl's error text")
+        r.eq([a["status"] for a in atts], [0, 0, 200], "a connection failure is recorded as status 0")
+        r.check(atts[0].get("error"), "and carries curl's error text")
 
         eid = sb.submit([sl.person(2)], webhook_url=bad.url + "/always500")
         et.wait_for(lambda: sb.stats()["webhooks_gave_up"] >= 1, 10, 0.02, "the delivery to give up")
         time.sleep(0.4)
-        R.eq(len(bad.deliveries("/always500")), 3, "--retries 2: one attempt plus two retries, then stop")
+        r.eq(len(bad.deliveries("/always500")), 3, "--retries 2: one attempt plus two retries, then stop")
         dead = et.free_port()
         sb.submit([sl.person(3)], webhook_url="http://127.0.0.1:%d/nobody" % dead)
         et.wait_for(lambda: sb.stats()["webhooks_gave_up"] >= 2, 10, 0.02, "unreachable receiver")
         t0 = time.monotonic()
-        sb.submit([sl.person(4)], webhook_url="http://127.0.0.1:%d/silent" % silent.getsockname()[1])
+        sb.submit([sl.person(4)], webhook_url="http://127.0.0.1:%d/silent" % silent_port)
         et.wait_for(lambda: sb.stats()["webhooks_gave_up"] >= 3, 10, 0.02, "silent receiver")
-        R.check(time.monotonic() - t0 >= 0.9, "a receiver that never answers times out "
+        r.check(time.monotonic() - t0 >= 0.9, "a receiver that never answers times out "
                 "(--webhook-timeout-ms) and is retried")
         s = sb.stats()
-        R.eq((s["webhooks_attempted"], s["webhooks_delivered"], s["webhooks_failed"]), (12, 1, 11),
+        r.eq((s["webhooks_attempted"], s["webhooks_delivered"], s["webhooks_failed"]), (12, 1, 11),
              "stats: attempts, deliveries and failures add up")
     finally:
         sb.stop()
         rcv.stop()
         bad.stop()
-        silent.close()
-    sb = sl.Sandbox("--retries", "2", "--retries-mode", "total", delay_ms=1, retry_ms=50)
-    bad = sl.Receiver(status=503)
+
+
+def test_retries_mode_total(r, new_sandbox, new_hook_receiver):
+    sb = new_sandbox("--retries", "2", "--retries-mode", "total", delay_ms=1, retry_ms=50)
+    bad = new_hook_receiver(status=503)
     try:
         sb.submit([sl.person(1)], webhook_url=bad.url + "/t")
         et.wait_for(lambda: sb.stats()["webhooks_gave_up"] >= 1, 10, 0.02, "give up")
         time.sleep(0.2)
-        R.eq(len(bad.deliveries("/t")), 2, "--retries-mode total: --retries 2 means two attempts in all")
+        r.eq(len(bad.deliveries("/t")), 2, "--retries-mode total: --retries 2 means two attempts in all")
     finally:
         sb.stop()
         bad.stop()
 
 
-def test_webhook_faults(rcv):
-    sb = sl.Sandbox("--shuffle-gap-ms", "40", "--credits", "100000", delay_ms=1)
+def test_webhook_faults(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox("--shuffle-gap-ms", "40", "--credits", "100000", delay_ms=1)
     try:
         rcv.clear()
         sb.ctl("POST", "faults", {"webhook_drop_rate": 1})
@@ -154,14 +150,14 @@ def test_webhook_faults(rcv):
                   webhook_events={"contact_finished": rcv.url + "/d/c"})
         et.wait_for(lambda: sb.stats()["webhooks_dropped"] == 5, 10, 0.02, "drops")
         time.sleep(0.3)
-        R.eq(len(rcv.deliveries()), 0, "webhook_drop_rate 1: nothing is sent")
-        R.eq(sb.stats()["webhooks_attempted"], 0, "a dropped webhook is never attempted")
+        r.eq(len(rcv.deliveries()), 0, "webhook_drop_rate 1: nothing is sent")
+        r.eq(sb.stats()["webhooks_attempted"], 0, "a dropped webhook is never attempted")
         sb.ctl("POST", "faults", {"webhook_drop_rate": 0.5})
         sb.submit([sl.person(i) for i in range(40)], webhook_events={"contact_finished": rcv.url + "/half"})
         et.wait_for(lambda: sb.stats()["webhooks_dropped"] + sb.stats()["webhooks_delivered"] == 45,
                     10, 0.02, "half the webhooks")
         n = len(rcv.deliveries("/half"))
-        R.check(5 < n < 35, "webhook_drop_rate 0.5 drops some, not all", n)
+        r.check(5 < n < 35, "webhook_drop_rate 0.5 drops some, not all", n)
 
         sb.ctl("POST", "reset")
         sb.ctl("POST", "faults", {"webhook_duplicate_rate": 1})
@@ -171,10 +167,10 @@ def test_webhook_faults(rcv):
         rcv.wait(2, "/dup/job")
         time.sleep(0.2)
         per = rcv.deliveries("/dup/c")
-        R.eq(len(per), 6, "webhook_duplicate_rate 1: every per-contact webhook twice")
-        R.eq(len({h["body"] for h in per}), 3, "... with identical bodies")
-        R.eq(len(rcv.deliveries("/dup/job")), 2, "... and the final one twice")
-        R.eq(sb.stats()["webhooks_duplicated"], 4, "stats count duplicates")
+        r.eq(len(per), 6, "webhook_duplicate_rate 1: every per-contact webhook twice")
+        r.eq(len({h["body"] for h in per}), 3, "... with identical bodies")
+        r.eq(len(rcv.deliveries("/dup/job")), 2, "... and the final one twice")
+        r.eq(sb.stats()["webhooks_duplicated"], 4, "stats count duplicates")
 
         sb.ctl("POST", "reset")
         sb.ctl("POST", "faults", {"webhook_shuffle": True})
@@ -185,15 +181,16 @@ def test_webhook_faults(rcv):
         got = [g for g in rcv.deliveries() if g["path"].startswith("/sh/")]
         order = [("job" if g["path"] == "/sh/job" else int(json.loads(g["body"])["data"][0]["custom"]["row"]))
                  for g in sorted(got, key=lambda g: g["t"])]
-        R.check(order != [0, 1, 2, 3, 4, 5, "job"], "webhook_shuffle delivers out of order", order)
-        R.eq(sorted(str(o) for o in order), sorted([str(i) for i in range(6)] + ["job"]),
+        r.check(order != [0, 1, 2, 3, 4, 5, "job"], "webhook_shuffle delivers out of order", order)
+        r.eq(sorted(str(o) for o in order), sorted([str(i) for i in range(6)] + ["job"]),
              "... and delivers every webhook once")
     finally:
         sb.stop()
 
 
-def test_forced_status(rcv):
-    sb = sl.Sandbox("--odd-status-webhook", "no", "--max-in-flight", "2", "--credits", "100000", delay_ms=100)
+def test_forced_status(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox("--odd-status-webhook", "no", "--max-in-flight", "2", "--credits", "100000", delay_ms=100)
     try:
         rcv.clear()
         for st in ("CANCELED", "RATE_LIMIT", "UNKNOWN"):
@@ -201,107 +198,94 @@ def test_forced_status(rcv):
             eid = sb.submit([sl.person(i) for i in range(4)], name=st,
                             webhook_url=rcv.url + "/f/" + st)
             job = sb.wait_job(eid)
-            R.eq((job["status"], len(job["data"])), (st, 1), "force_status %s: ends after one contact" % st)
-            R.eq(sb.get(eid)[0], 200, "GET of a %s job: 200" % st)
+            r.eq((job["status"], len(job["data"])), (st, 1), "force_status %s: ends after one contact" % st)
+            r.eq(sb.get(eid)[0], 200, "GET of a %s job: 200" % st)
         time.sleep(0.3)
-        R.eq(len(rcv.deliveries("/f/CANCELED")), 1, "CANCELED fires the final webhook")
-        R.eq(json.loads(rcv.deliveries("/f/CANCELED")[0]["body"])["status"], "CANCELED", "... with its status")
-        R.eq(len(rcv.deliveries("/f/RATE_LIMIT")) + len(rcv.deliveries("/f/UNKNOWN")), 0,
+        r.eq(len(rcv.deliveries("/f/CANCELED")), 1, "CANCELED fires the final webhook")
+        r.eq(json.loads(rcv.deliveries("/f/CANCELED")[0]["body"])["status"], "CANCELED", "... with its status")
+        r.eq(len(rcv.deliveries("/f/RATE_LIMIT")) + len(rcv.deliveries("/f/UNKNOWN")), 0,
              "--odd-status-webhook no: none for RATE_LIMIT and UNKNOWN")
-        R.eq(sb.ctl("POST", "faults", {"force_status": None})[1]["force_status"], None, "force_status null clears it")
+        r.eq(sb.ctl("POST", "faults", {"force_status": None})[1]["force_status"], None, "force_status null clears it")
         eid = sb.submit([sl.person(i) for i in range(10)], name="cancel me", webhook_url=rcv.url + "/f/manual")
         time.sleep(0.25)
         st, js = sb.ctl("POST", "jobs/%s/status" % eid, {"status": "CANCELED"})
-        R.eq((st, js.get("status")), (200, "CANCELED"), "POST /_sandbox/jobs/<id>/status ends a running job")
+        r.eq((st, js.get("status")), (200, "CANCELED"), "POST /_sandbox/jobs/<id>/status ends a running job")
         st, js = sb.get(eid)
-        R.check(st == 200 and js["status"] == "CANCELED" and 1 <= len(js["data"]) < 10,
+        r.check(st == 200 and js["status"] == "CANCELED" and 1 <= len(js["data"]) < 10,
                 "the canceled job keeps the records done so far", (st, js.get("status"), len(js.get("data", []))))
-        R.eq(len(rcv.wait(1, "/f/manual")), 1, "and its final webhook fires")
-        R.eq(sb.ctl("POST", "jobs/%s/status" % eid, {"status": "CANCELED"})[0], 409, "an ended job: 409")
-        R.eq(sb.ctl("POST", "jobs/nope/status", {"status": "CANCELED"})[0], 404, "an unknown job: 404")
-        R.eq(sb.ctl("POST", "jobs/%s/status" % eid, {"status": "FINISHED"})[0], 400, "a bad status: 400")
+        r.eq(len(rcv.wait(1, "/f/manual")), 1, "and its final webhook fires")
+        r.eq(sb.ctl("POST", "jobs/%s/status" % eid, {"status": "CANCELED"})[0], 409, "an ended job: 409")
+        r.eq(sb.ctl("POST", "jobs/nope/status", {"status": "CANCELED"})[0], 404, "an unknown job: 404")
+        r.eq(sb.ctl("POST", "jobs/%s/status" % eid, {"status": "FINISHED"})[0], 400, "a bad status: 400")
     finally:
         sb.stop()
-    sb = sl.Sandbox("--credits", "100000", delay_ms=1)
+
+
+def test_odd_status_webhook_default(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox("--credits", "100000", delay_ms=1)
     try:
         sb.ctl("POST", "faults", {"force_status": "UNKNOWN"})
         sb.submit([sl.person(1)], webhook_url=rcv.url + "/f/odd")
-        R.eq(json.loads(rcv.wait(1, "/f/odd")[0]["body"])["status"], "UNKNOWN",
+        r.eq(json.loads(rcv.wait(1, "/f/odd")[0]["body"])["status"], "UNKNOWN",
              "by default RATE_LIMIT/UNKNOWN fire the final webhook too")
     finally:
         sb.stop()
 
 
-def test_payload_switches(rcv):
-    sb = sl.Sandbox("--contact-webhook-cost", "contact", "--last-contact-status", "terminal",
-                    "--reverse-contact-webhook", "no", "--credits", "100000", delay_ms=1)
+def test_payload_switches(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox("--contact-webhook-cost", "contact", "--last-contact-status", "terminal",
+                     "--reverse-contact-webhook", "no", "--credits", "100000", delay_ms=1)
     try:
         rcv.clear()
         contacts = [sl.person(40 + i, enrich_fields=sl.ALL_FIELDS) for i in range(6)]
         sb.submit(contacts, webhook_events={"contact_finished": rcv.url + "/s/c"})
         per = [json.loads(h["body"]) for h in rcv.wait(6, "/s/c")]
-        R.check(all(b["cost"]["credits"] == sum((1 if b["data"][0]["contact_info"]["most_probable_work_email"] else 0,
+        r.check(all(b["cost"]["credits"] == sum((1 if b["data"][0]["contact_info"]["most_probable_work_email"] else 0,
                                                  3 if b["data"][0]["contact_info"]["most_probable_personal_email"] else 0,
                                                  10 if b["data"][0]["contact_info"]["most_probable_phone"] else 0))
                     for b in per), "--contact-webhook-cost contact: each carries its own cost")
         statuses = [b["status"] for b in sorted(per, key=lambda b: int(b["data"][0]["custom"]["row"]))]
-        R.eq(statuses, ["IN_PROGRESS"] * 5 + ["FINISHED"], "--last-contact-status terminal")
+        r.eq(statuses, ["IN_PROGRESS"] * 5 + ["FINISHED"], "--last-contact-status terminal")
         st, js = sb.api("POST", "/contact/reverse/email/bulk",
                         {"name": "r", "data": [{"email": "a.b@c.com"}], "webhook_url": rcv.url + "/s/rj",
                          "webhook_events": {"contact_finished": rcv.url + "/s/rc"}})
         rcv.wait(1, "/s/rj")
         time.sleep(0.2)
-        R.eq(len(rcv.deliveries("/s/rc")), 0, "--reverse-contact-webhook no: no per-contact reverse webhook")
+        r.eq(len(rcv.deliveries("/s/rc")), 0, "--reverse-contact-webhook no: no per-contact reverse webhook")
     finally:
         sb.stop()
 
 
-def test_signature_modes(rcv):
+def test_signature_modes(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
     for mode, want in (("first", lambda b: sl.signature(sl.KEY, b)), ("none", lambda b: None)):
-        sb = sl.Sandbox("--api-key", "other-key", "--webhook-signature", mode, delay_ms=1)
+        sb = new_sandbox("--api-key", "other-key", "--webhook-signature", mode, delay_ms=1)
         try:
             path = "/sig/" + mode
             sb.api("POST", "/contact/enrich/bulk", {"name": "s", "data": [sl.person(1)],
                                                     "webhook_url": rcv.url + path}, key="other-key")
             h = rcv.wait(1, path)[0]
-            R.eq(h["headers"].get("x-signature-sha1"), want(h["body"]),
+            r.eq(h["headers"].get("x-signature-sha1"), want(h["body"]),
                  "--webhook-signature %s: %s" % (mode, "signed with the first key" if want(b"")
                                                   else "no signature header"))
         finally:
             sb.stop()
 
 
-def test_log_redaction(rcv):
-    sb = sl.Sandbox(delay_ms=1)
+def test_log_redaction(r, new_sandbox, hook_receiver):
+    rcv = hook_receiver
+    sb = new_sandbox(delay_ms=1)
     token = "ab" * 32
     try:
         sb.submit([sl.person(1)], webhook_url=rcv.url + "/webhooks/%s/job" % token)
         rcv.wait(1, "/webhooks/%s/job" % token)
         et.wait_for(lambda: "webhook job" in sb.log(), 5, 0.02, "the webhook log line")
         log = sb.log()
-        R.check(token not in log and "/webhooks/<redacted>/job" in log,
+        r.check(token not in log and "/webhooks/<redacted>/job" in log,
                 "the log redacts the webhook token in URLs")
-        R.eq(sb.ctl("GET", "webhooks")[1][0]["url"], rcv.url + "/webhooks/%s/job" % token,
+        r.eq(sb.ctl("GET", "webhooks")[1][0]["url"], rcv.url + "/webhooks/%s/job" % token,
              "/_sandbox/webhooks shows the full URL")
     finally:
         sb.stop()
-
-
-def main():
-    rcv = sl.Receiver()
-    try:
-        test_vectors()
-        test_payloads(rcv)
-        test_retries()
-        test_webhook_faults(rcv)
-        test_forced_status(rcv)
-        test_payload_switches(rcv)
-        test_signature_modes(rcv)
-        test_log_redaction(rcv)
-    finally:
-        rcv.stop()
-    R.finish()
-
-
-if __name__ == "__main__":
-    main()

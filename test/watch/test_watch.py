@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Watched CRM tables (enrich.watch), on a real cluster with the dispatcher
 worker running.  Answers are filed into enrich.results the way ingest files
 them (and the worker is woken the same way), so the write-back path is the
@@ -18,13 +17,19 @@ table; and once end to end with enrich-sandbox and enrich-receiver (the
 worker as an ordinary role)."""
 import os
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "lib"))
-import enrichtest  # noqa: E402
+import pytest
 
-SETUP = """
+import dispatchlib as dl
+import enrichtest
+import sandboxlib
+
+# The module's cluster: the worker runs, but sends nowhere (answers are
+# filed by answer() below); test_end_to_end has its own with a sandbox.
+CLUSTER_CONF = {"enrich.api_url": "'http://127.0.0.1:9/v2'"}
+
+CLUSTER_SETUP = """
 CREATE EXTENSION enrich;
 CREATE ROLE crm_owner LOGIN IN ROLE enrich_submitter, enrich_reader;
 CREATE ROLE crm_app LOGIN;
@@ -37,6 +42,12 @@ CREATE TABLE crm.contacts (id int PRIMARY KEY, first_name text, last_name text,
                            domain text, country text, email text, title text, note text);
 GRANT SELECT, INSERT, UPDATE, DELETE ON crm.contacts TO crm_app;
 """
+
+# What the rows of test_insert_and_copy make: ids 7, 14, ... of the first
+# 200 already have both write-back columns (70, 140 are in the US too), 20
+# are in the US (outside only_if), and 48 of the 50 rows by COPY qualify.
+COMPLETE = len([g for g in range(1, 201) if g % 7 == 0 and g % 10 != 0])
+WANT = 200 - 20 - COMPLETE + 48
 
 
 def answer(c, sql_where, email="'p' || r.source_id || '@' || r.domain", title="'Engineer'",
@@ -66,7 +77,16 @@ def written(c, want, what, timeout=20):
         return False
 
 
-def test_flow(r, c):
+@pytest.fixture(scope="module")
+def c(cluster):
+    return cluster
+
+
+# test_watch_created .. test_rename follow one watched table (crm.contacts)
+# through its life, in file order: each section starts from the rows,
+# requests and write-back count the one before left (WANT, WANT + 1, ...).
+
+def test_watch_created(r, c):
     c.psql(TABLE, user="crm_owner")
     out = c.psql("SELECT enrich.watch('crm.contacts', write_back => '{\"email\": \"work_email\", \"title\": \"job_title\"}',"
                  " only_if => 'nosuchcolumn = 1')", user="crm_owner", check=False)
@@ -77,6 +97,8 @@ def test_flow(r, c):
            " only_if => 'country IS DISTINCT FROM ''US''')", user="crm_owner")
     r.eq(c.scalar("SELECT owner FROM enrich.watches"), "crm_owner", "the watch belongs to its creator")
 
+
+def test_insert_and_copy(r, c):
     # 200 rows by INSERT ... SELECT as the application; 20 are in the US (only_if),
     # ids 7, 14, ... already have both write-back columns (complete, not sent)
     out = c.psql("""
@@ -98,8 +120,7 @@ FROM generate_series(1, 200) g;
     r.eq(out.returncode, 0, "COPY with rows that cannot be enriched succeeds (%s)" % out.stderr.strip()[:200])
     r.eq(c.scalar("SELECT count(*) FROM crm.contacts"), "250", "all 250 rows are in the table")
     # 200 - 20 (US) - 26 (complete; 70, 140 are US too) = 156, plus 48 by COPY
-    complete = len([g for g in range(1, 201) if g % 7 == 0 and g % 10 != 0])
-    want = 200 - 20 - complete + 48
+    complete, want = COMPLETE, WANT
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests WHERE source_table = 'crm.contacts'::regclass"),
          str(want), "qualifying rows are submitted, once each")
     r.eq(c.scalar("SELECT count(DISTINCT submitted_by) || ' ' || min(submitted_by) FROM enrich.requests"),
@@ -108,7 +129,10 @@ FROM generate_series(1, 200) g;
          '{"no identity": 1, "domain invalid": 1, "condition false": 20, "already complete": %d}' % complete,
          "skipped rows are counted with their reasons")
 
+
+def test_write_back(r, c):
     # answers for everything: written back fill-blank-only
+    want = WANT
     answer(c, "r.source_table = 'crm.contacts'::regclass")
     r.check(written(c, want, "write-back"), "the worker writes every answer back without anyone calling a function",
             c.scalar("SELECT written_back || ' ' || coalesce(last_error, '') FROM enrich.watch_status"))
@@ -120,7 +144,10 @@ FROM generate_series(1, 200) g;
          "rows outside only_if stay as they were")
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests"), str(want), "write-back's own updates submit nothing")
 
+
+def test_identity_update(r, c):
     # other updates are not re-enriched; identity updates are
+    want = WANT
     c.psql("UPDATE crm.contacts SET note = 'called' WHERE id <= 20", user="crm_app")
     r.eq(c.scalar("SELECT count(*) FROM enrich.requests"), str(want), "an update of other columns submits nothing")
     c.psql("UPDATE crm.contacts SET domain = 'newjob.example', email = NULL, title = NULL WHERE id = 3",
@@ -149,14 +176,20 @@ FROM generate_series(1, 200) g;
     r.check(written(c, want + 1, "the new answer"), "the new answer is written")
     r.eq(c.scalar("SELECT email FROM crm.contacts WHERE id = 3"), "p3@newjob.example", "the new identity's answer")
 
+
+def test_deleted_row(r, c):
     # a deleted row
+    want = WANT
     c.psql("DELETE FROM crm.contacts WHERE id = 4", user="crm_app")
     c.psql("UPDATE crm.contacts SET domain = 'b.example', email = NULL WHERE id IN (5, 6)", user="crm_app")
     c.psql("DELETE FROM crm.contacts WHERE id = 5", user="crm_app")
     answer(c, "r.source_id IN ('5', '6') AND r.state = 'queued'")
     r.check(written(c, want + 2, "row 6"), "an answer for a deleted row is skipped, the others written")
 
+
+def test_locked_row(r, c):
     # a locked row: skipped, written once the lock is gone, never waited for
+    want = WANT
     c.psql("UPDATE crm.contacts SET domain = 'c.example', email = NULL WHERE id IN (8, 9)", user="crm_app")
     holder = subprocess.Popen(enrichtest.as_pg_user([os.path.join(c.bindir, "psql"), "-X", "-q", "-h", c.sockdir,
                                                      "-p", str(c.port), "-U", "crm_app", "-d", c.dbname]),
@@ -178,7 +211,10 @@ FROM generate_series(1, 200) g;
         holder.wait(10)
     r.check(written(c, want + 4, "row 8"), "and is written once the lock is gone (retry)")
 
+
+def test_two_results(r, c):
     # two results for one row: the latest request's wins, idempotently
+    want = WANT
     c.psql("UPDATE crm.contacts SET domain = 'd.example', email = NULL WHERE id = 11", user="crm_app")
     c.psql("UPDATE crm.contacts SET domain = 'e.example' WHERE id = 11", user="crm_app")
     answer(c, "r.source_id = '11' AND r.state = 'queued'")
@@ -190,6 +226,8 @@ FROM generate_series(1, 200) g;
     r.eq(c.scalar("SELECT enrich.apply_results('crm.contacts', '{\"email\": \"work_email\"}')", user="crm_owner"),
          "0", "and a second run changes nothing")
 
+
+def test_not_found(r, c):
     # a not-found result over an existing value
     c.psql("UPDATE crm.contacts SET domain = 'f.example' WHERE id = 12", user="crm_app")
     answer(c, "r.source_id = '12' AND r.state = 'queued'", email="NULL", title="NULL", outcome="not_found")
@@ -197,6 +235,8 @@ FROM generate_series(1, 200) g;
     r.eq(c.scalar("SELECT email FROM crm.contacts WHERE id = 12"), "p12@example.com",
          "a not-found result never erases an existing value")
 
+
+def test_overwrite(r, c):
     # overwrite
     c.psql("SELECT enrich.watch('crm.contacts', write_back => '{\"email\": \"work_email\"}', overwrite => true)",
            user="crm_owner")
@@ -208,6 +248,8 @@ FROM generate_series(1, 200) g;
     r.check(written(c, int(before) + 1, "row 13"), "overwrite writes the answer")
     r.eq(c.scalar("SELECT email FROM crm.contacts WHERE id = 13"), "p13@g.example", "over the old value")
 
+
+def test_no_update_right(r, c):
     # the owner loses UPDATE: visible failure, nothing written
     c.psql("ALTER TABLE crm.contacts OWNER TO postgres; GRANT SELECT ON crm.contacts TO crm_owner;"
            "GRANT UPDATE (title) ON crm.contacts TO crm_owner;")
@@ -226,6 +268,8 @@ FROM generate_series(1, 200) g;
     r.eq(c.scalar("SELECT email FROM crm.contacts WHERE id = 15"), "p15@example.com", "nothing is written")
     c.psql("ALTER TABLE crm.contacts OWNER TO crm_owner")
 
+
+def test_rename(r, c):
     # rename: still watched
     c.psql("ALTER TABLE crm.contacts RENAME TO people", user="crm_owner")
     c.psql("INSERT INTO crm.people (id, first_name, last_name, domain) VALUES (300, 'Re', 'Named', 'r.example')",
@@ -345,90 +389,52 @@ def test_dump_restore(r, c):
          "and its triggers work in the restored database")
 
 
-def test_end_to_end(r):
+def test_end_to_end(r, new_sandbox, new_cluster, new_receiver):
     """The whole path: the dispatcher (as an ordinary enrich_dispatcher role)
     sends the watched rows to enrich-sandbox, whose webhooks reach
     enrich-receiver, and the answers come back into the table by themselves,
     written as the watch's owner."""
-    key = "watch-e2e-key-0123456789abcdef"
-    sport, rport = enrichtest.free_port(), enrichtest.free_port()
-    c = enrichtest.Cluster("watch-e2e", conf={
-        "enrich.api_url": "'http://127.0.0.1:%d/api/v2'" % sport,
-        "enrich.webhook_base_url": "'http://127.0.0.1:%d'" % rport,
-        "enrich.batch_delay": "'200ms'",
+    sandbox = new_sandbox("--seed", "7", delay_ms=20, rate_limit=0, retry_ms=500)
+    c = new_cluster("watch-e2e", sandboxlib.sandbox_conf(
+        sandbox, key=False, batch_delay="'200ms'",
         # the worker as an ordinary role (write-back still runs as the owner)
-        "enrich.worker_role": "'e2e_dispatch'"})
-    keyfile = os.path.join(c.base, "api.key")
-    c._run(["sh", "-c", "umask 077; cat > '%s'" % keyfile], input=key + "\n")
+        worker_role="'e2e_dispatch'"), start=False)
+    keyfile = sandboxlib.key_file(c, sandbox.key, "api.key")
     c.write_conf({"enrich.api_key_file": "'%s'" % keyfile})
-    sandbox = enrichtest.Daemon([enrichtest.daemon_path("enrich-sandbox"), "--listen", "127.0.0.1:%d" % sport,
-                                 "--api-key", key, "--contact-delay-ms", "20", "--rate-limit", "0",
-                                 "--retry-interval-ms", "500", "--seed", "7"], "sandbox", c.base)
-    receiver = enrichtest.Daemon([enrichtest.daemon_path("enrich-receiver"), "--listen", "127.0.0.1:%d" % rport,
-                                  "--dsn", c.dsn(user="e2e_receiver")], "receiver", c.base)
-    try:
-        c.start()
-        c.psql("""
+    c.start()
+    c.psql("""
 CREATE EXTENSION enrich;
 CREATE ROLE e2e_receiver LOGIN IN ROLE enrich_receiver;
 CREATE ROLE e2e_dispatch LOGIN IN ROLE enrich_dispatcher;
 CREATE ROLE e2e_owner LOGIN IN ROLE enrich_submitter, enrich_reader;
 CREATE SCHEMA leads AUTHORIZATION e2e_owner;
 """)
-        c.psql("""
+    c.psql("""
 CREATE TABLE leads.leads (id int PRIMARY KEY, first_name text, last_name text, company text,
                           website text, email text, title text);
 SELECT enrich.watch('leads.leads', write_back => '{"email": "work_email", "title": "job_title"}');
 """, user="e2e_owner")
-        sandbox.start()
-        enrichtest.wait_port(sport)
-        receiver.start()
-        enrichtest.wait_port(rport)
-        enrichtest.wait_for(lambda: c.scalar("SELECT usename FROM pg_stat_activity WHERE backend_type = 'enrich dispatcher'")
-                            == "e2e_dispatch", timeout=30, what="the worker as e2e_dispatch")
-        c.psql("""INSERT INTO leads.leads (id, first_name, last_name, company, website)
+    dl.start_receiver(c, new_receiver, role="e2e_receiver", create_role=False)
+    enrichtest.wait_for(lambda: c.scalar("SELECT usename FROM pg_stat_activity WHERE backend_type = 'enrich dispatcher'")
+                        == "e2e_dispatch", timeout=30, what="the worker as e2e_dispatch")
+    c.psql("""INSERT INTO leads.leads (id, first_name, last_name, company, website)
 SELECT g, 'Person' || g, 'Family' || g, 'Company ' || g, 'company' || g || '.example'
 FROM generate_series(1, 20) g""")
-        want = ("SELECT count(*) FROM enrich.enriched_contacts e WHERE e.source_table = 'leads.leads'::regclass"
-                " AND e.work_email IS NOT NULL")
-        missing = ("SELECT count(*) FROM leads.leads l JOIN enrich.enriched_contacts e"
-                   " ON e.source_table = 'leads.leads'::regclass AND e.source_id = l.id::text"
-                   " WHERE e.work_email IS NOT NULL AND l.email IS DISTINCT FROM e.work_email")
-        try:
-            enrichtest.wait_for(lambda: c.scalar(
-                "SELECT waiting = 0 AND enriched = 20 AND (%s) = 0 FROM enrich.watch_status" % missing) == "t",
-                timeout=120, interval=0.2, what="the answers")
-            done = True
-        except Exception:
-            done = False
-        r.check(done, "sandbox answers reach the watched table through the receiver, by themselves",
-                c.scalar("SELECT row(w.*)::text FROM enrich.watch_status w"))
-        r.check(int(c.scalar(want)) > 0, "some answers carry a work email (%s)" % c.scalar(want))
-        r.eq(c.scalar(missing), "0", "every row with an answer holds its work email")
-        r.check(int(c.scalar("SELECT written_back FROM enrich.watch_status")) >= int(c.scalar(want)),
-                "watch_status counts the rows written back")
-    finally:
-        receiver.stop()
-        sandbox.stop()
-        c.destroy()
-
-
-def main():
-    r = enrichtest.Results("watch")
-    c = enrichtest.Cluster("watch", conf={"enrich.api_url": "'http://127.0.0.1:9/v2'"}).start()
+    want = ("SELECT count(*) FROM enrich.enriched_contacts e WHERE e.source_table = 'leads.leads'::regclass"
+            " AND e.work_email IS NOT NULL")
+    missing = ("SELECT count(*) FROM leads.leads l JOIN enrich.enriched_contacts e"
+               " ON e.source_table = 'leads.leads'::regclass AND e.source_id = l.id::text"
+               " WHERE e.work_email IS NOT NULL AND l.email IS DISTINCT FROM e.work_email")
     try:
-        c.psql(SETUP)
-        for t in (test_flow, test_compact, test_backfill, test_forged_rows, test_only_if_rights, test_dump_restore):
-            t0 = time.monotonic()
-            t(r, c)
-            print("# %s: %.1f s" % (t.__name__, time.monotonic() - t0), flush=True)
-    finally:
-        c.destroy()
-    t0 = time.monotonic()
-    test_end_to_end(r)
-    print("# test_end_to_end: %.1f s" % (time.monotonic() - t0), flush=True)
-    r.finish()
-
-
-if __name__ == "__main__":
-    main()
+        enrichtest.wait_for(lambda: c.scalar(
+            "SELECT waiting = 0 AND enriched = 20 AND (%s) = 0 FROM enrich.watch_status" % missing) == "t",
+            timeout=120, interval=0.2, what="the answers")
+        done = True
+    except Exception:
+        done = False
+    r.check(done, "sandbox answers reach the watched table through the receiver, by themselves",
+            c.scalar("SELECT row(w.*)::text FROM enrich.watch_status w"))
+    r.check(int(c.scalar(want)) > 0, "some answers carry a work email (%s)" % c.scalar(want))
+    r.eq(c.scalar(missing), "0", "every row with an answer holds its work email")
+    r.check(int(c.scalar("SELECT written_back FROM enrich.watch_status")) >= int(c.scalar(want)),
+            "watch_status counts the rows written back")

@@ -1,9 +1,15 @@
-"""Helpers shared by the enrich-sandbox suites (standard library only).
+"""The enrich-sandbox wrapper shared by every suite (standard library only).
 
 Sandbox starts enrich-sandbox on a free loopback port with the options a
 test asks for; Receiver is a webhook receiver in this process that records
 every delivery (raw body bytes, headers, path) and can be told to fail the
-first N deliveries of a path.
+first N deliveries of a path; sandbox_conf, cluster_conf and key_file
+point a cluster's enrich at a sandbox (the one place for it: the dispatch
+suites and the sandbox suites both use them).  test/conftest.py turns them
+into fixtures
+(new_sandbox, sandbox, new_hook_receiver, hook_receiver,
+new_sandbox_cluster); scripts outside pytest (memcheck, benchmarks) use
+them directly.
 """
 
 import hashlib
@@ -12,13 +18,12 @@ import http.client
 import http.server
 import json
 import os
+import pwd
 import socket
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-import enrichtest as et  # noqa: E402
+import enrichtest as et
 
 KEY = "sandbox-test-key-0123456789"
 
@@ -100,6 +105,53 @@ class Sandbox:
         return self.daemon.log()
 
 
+# enrich settings for a cluster that talks to a sandbox: short delays so
+# that a test's batches go out and come back within seconds.
+CLUSTER_CONF = {
+    "enrich.batch_delay": "'200ms'",
+    "enrich.poll_after": "'1s'",
+    "enrich.poll_interval": "'1s'",
+    "enrich.request_timeout": "'20s'",
+    "enrich.max_calls_per_minute": "1000",
+}
+
+
+def sandbox_conf(sb, key=True, **settings):
+    """postgresql.conf settings pointing a cluster at sandbox sb: the API URL,
+    the key (key=False leaves it out, e.g. for key_file), and `settings`
+    given without the enrich. prefix and already quoted
+    (batch_delay="'300ms'")."""
+    conf = {"enrich.api_url": "'%s/api/v2'" % sb.base}
+    if key:
+        conf["enrich.api_key"] = "'%s'" % sb.key
+    conf.update(("enrich." + k, v) for k, v in settings.items())
+    return conf
+
+
+def cluster_conf(sb, extra=None):
+    """postgresql.conf settings for a cluster whose enrich calls sandbox sb
+    with short delays: CLUSTER_CONF, the API URL (no key: see key_file),
+    then extra."""
+    conf = dict(CLUSTER_CONF, **sandbox_conf(sb, key=False))
+    conf.update(extra or {})
+    return conf
+
+
+def key_file(c, key, name="fullenrich.key"):
+    """Write key to file `name` in cluster c's directory, readable by the
+    server's user only (mode 0600, as enrich.api_key_file wants); returns
+    its path.  (A key set by file never shows in the server log, which logs
+    a changed enrich.api_key value on reload.)"""
+    path = os.path.join(c.base, name)
+    with open(path, "w") as f:
+        f.write(key + "\n")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam(et.PG_USER)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    os.chmod(path, 0o600)
+    return path
+
+
 def _json(raw):
     try:
         return json.loads(raw)
@@ -178,8 +230,10 @@ class Receiver:
             self.got = []
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
 
 def raw_request(port, data, read_timeout=5):
