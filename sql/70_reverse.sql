@@ -120,7 +120,7 @@ SELECT path, (body::jsonb ->> 'name') IS NOT NULL AS named,
        (SELECT bool_and(d ? 'email' AND d -> 'custom' ? 'enrich_request_id'
                         AND NOT d ? 'first_name')
           FROM jsonb_array_elements(body::jsonb -> 'data') d) AS shape
-FROM enrich._dispatch_batch_request(:batch_id, 'https://hooks.example/x/')
+FROM enrich._dispatch_request(:batch_id, 'https://hooks.example/x/')
 \gset rq_
 SELECT :'rq_path' AS path, :'rq_contacts' AS contacts, :'rq_shape' AS shape,
        replace(:'rq_webhook_url', (SELECT token FROM enrich.batches WHERE id = :batch_id), '<token>')
@@ -132,7 +132,7 @@ SELECT count(*) FILTER (WHERE q.kind <> b.kind) AS mixed
 FROM enrich.requests q JOIN enrich.batches b ON b.id = q.batch_id WHERE b.id = :batch_id;
 -- without a webhook base the job is polled: no URLs
 SELECT path, body::jsonb ? 'webhook_url' AS has_webhook
-FROM enrich._dispatch_batch_request(:batch_id, '');
+FROM enrich._dispatch_request(:batch_id, '');
 
 -- Clean up: the batch ends (its reservation is released), the lookups go.
 UPDATE enrich.batches SET state = 'abandoned', finished_at = now(), error_code = 'test'

@@ -1,10 +1,11 @@
 /*-------------------------------------------------------------------------
  *
  * dispatch_api.c
- *		FullEnrich v2 messages, built and read with json-c.
+ *		FullEnrich v2 answers, read with json-c.
  *
- * The dispatcher sends one kind of body, the bulk enrichment request, and
- * reads four kinds of answer: {"enrichment_id"}, the error envelope
+ * Request bodies are built in SQL (enrich._dispatch_request); the
+ * dispatcher reads four kinds of answer, each parsed once when its call is
+ * classified (dispatch_outcome.c): {"enrichment_id"}, the error envelope
  * {"code", "message"}, a result envelope {"id", "status", ...} (polls; the
  * result itself is stored through PostgreSQL's jsonb), and {"balance"}.
  *
@@ -14,124 +15,7 @@
 
 #include <json-c/json.h>
 
-#include "dispatch.h"
-
-/* The API's name for each of our field names. */
-static const char *const api_fields[][2] = {
-	{"work_email", "contact.work_emails"},
-	{"personal_email", "contact.personal_emails"},
-	{"phone", "contact.phones"},
-};
-
-/* Add key: value to obj when value is a non-empty string. */
-static void
-add_string(json_object *obj, const char *key, const char *value)
-{
-	if (value != NULL && value[0] != '\0')
-		json_object_object_add(obj, key, json_object_new_string(value));
-}
-
-/* One contact of the request body. */
-static json_object *
-contact_object(const DispatchContact *c)
-{
-	json_object *obj = json_object_new_object();
-	json_object *fields = json_object_new_array();
-	json_object *custom = NULL;
-	char		id[32];
-
-	add_string(obj, "first_name", c->first_name);
-	add_string(obj, "last_name", c->last_name);
-	add_string(obj, "domain", c->domain);
-	add_string(obj, "company_name", c->company_name);
-	add_string(obj, "linkedin_url", c->linkedin_url);
-
-	/* fields is "work_email,phone": names validated by enrich.submit. */
-	for (int i = 0; i < lengthof(api_fields); i++)
-	{
-		const char *p = c->fields;
-		size_t		n = strlen(api_fields[i][0]);
-
-		while (p != NULL && *p != '\0')
-		{
-			if (strncmp(p, api_fields[i][0], n) == 0 && (p[n] == ',' || p[n] == '\0'))
-			{
-				json_object_array_add(fields, json_object_new_string(api_fields[i][1]));
-				break;
-			}
-			p = strchr(p, ',');
-			if (p != NULL)
-				p++;
-		}
-	}
-	json_object_object_add(obj, "enrich_fields", fields);
-
-	/* The caller's custom values (strings, checked at submission) + ours. */
-	if (c->custom != NULL)
-	{
-		custom = json_tokener_parse(c->custom);
-		if (custom != NULL && !json_object_is_type(custom, json_type_object))
-		{
-			json_object_put(custom);
-			custom = NULL;
-		}
-	}
-	if (custom == NULL)
-		custom = json_object_new_object();
-	snprintf(id, sizeof(id), INT64_FORMAT, c->request_id);
-	json_object_object_add(custom, "enrich_request_id", json_object_new_string(id));
-	json_object_object_add(obj, "custom", custom);
-	return obj;
-}
-
-/*
- * The body of POST /contact/enrich/bulk, malloc'd (libcurl sends it), and
- * its length.  With a webhook base URL the job reports each contact to
- * <base>/webhooks/<token>/contact and its end to <base>/webhooks/<token>/job;
- * without one it is polled.
- */
-char *
-dispatch_build_submit(const char *name, const char *webhook_base, const char *token,
-					  DispatchContact *contacts, int ncontacts, size_t *len)
-{
-	json_object *root = json_object_new_object();
-	json_object *data = json_object_new_array();
-	const char *text;
-	char	   *body;
-
-	json_object_object_add(root, "name", json_object_new_string(name));
-	if (webhook_base != NULL && webhook_base[0] != '\0')
-	{
-		size_t		baselen = strlen(webhook_base);
-		char	   *url;
-		json_object *events = json_object_new_object();
-
-		/* No doubled slash when the setting ends with one. */
-		while (baselen > 0 && webhook_base[baselen - 1] == '/')
-			baselen--;
-		url = psprintf("%.*s/webhooks/%s/job", (int) baselen, webhook_base, token);
-		json_object_object_add(root, "webhook_url", json_object_new_string(url));
-		pfree(url);
-		url = psprintf("%.*s/webhooks/%s/contact", (int) baselen, webhook_base, token);
-		json_object_object_add(events, "contact_finished", json_object_new_string(url));
-		pfree(url);
-		json_object_object_add(root, "webhook_events", events);
-	}
-	for (int i = 0; i < ncontacts; i++)
-		json_object_array_add(data, contact_object(&contacts[i]));
-	json_object_object_add(root, "data", data);
-
-	text = json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN |
-										  JSON_C_TO_STRING_NOSLASHESCAPE);
-	body = strdup(text);
-	json_object_put(root);
-	if (body == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-	*len = strlen(body);
-	return body;
-}
+#include "dispatch_http.h"
 
 /* obj[key] as a palloc'd string when it is a string, else NULL. */
 static char *

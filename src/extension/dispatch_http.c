@@ -29,8 +29,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
-#include "dispatch.h"
-#include "enrich.h"
+#include "dispatch_http.h"
 
 /* Largest answer kept: a 100-contact result with profiles is ~1 MB. */
 #define MAX_RESPONSE_BYTES (32 * 1024 * 1024)
@@ -52,6 +51,8 @@ static TimestampTz timer_set_at = 0;
 static DispatchCall *running = NULL;	/* calls added to the multi handle */
 static int	nrunning = 0;
 static DispatchCall *finished = NULL;	/* ended, not yet handed out */
+
+static void check_multi(CURLMcode mrc);
 
 /* libcurl socket callback: remember what to watch (no palloc here). */
 static int
@@ -151,79 +152,77 @@ dispatch_http_shutdown(void)
 		finished = call->next;
 		dispatch_http_free(call);
 	}
-	curl_multi_cleanup(multi);
+	check_multi(curl_multi_cleanup(multi));
 	multi = NULL;
 	curl_global_cleanup();
 }
 
-/*
- * Set an easy option unless an earlier one failed; the first failure is
- * kept in rc_/failed_opt and reported once everything is released.
- */
+/* Set an easy option, or raise an error naming it. */
+static void
+setopt_failed(const char *opt, CURLcode rc)
+{
+	ereport(ERROR,
+			(errmsg("could not set libcurl option %s: %s", opt, curl_easy_strerror(rc))));
+}
+
 #define SETOPT(easy, opt, val) \
 	do { \
-		if (rc_ == CURLE_OK && (rc_ = curl_easy_setopt((easy), (opt), (val))) != CURLE_OK) \
-			failed_opt = #opt; \
+		CURLcode	rc_ = curl_easy_setopt((easy), (opt), (val)); \
+		if (rc_ != CURLE_OK) \
+			setopt_failed(#opt, rc_); \
 	} while (0)
 
 /* Append a header, keeping the list when libcurl runs out of memory. */
-static bool
+static void
 append_header(DispatchCall *call, const char *header)
 {
 	struct curl_slist *l = curl_slist_append(call->headers, header);
 
 	if (l == NULL)
-		return false;
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
 	call->headers = l;
-	return true;
+}
+
+/* Out of memory unless p is not NULL. */
+static void *
+check_alloc(void *p)
+{
+	if (p == NULL)
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	return p;
 }
 
 /*
- * Start a call: a POST of body (malloc'd; the call owns it from now on)
- * when body is not NULL, else a GET.  The API key goes in the
- * Authorization header only.
+ * Set up a call's easy handle: the request (a POST of the call's body when
+ * it has one, else a GET) and where the answer goes.  The API key goes in
+ * the Authorization header only.  Raises an error on any failure; the
+ * caller releases the call (nothing of it is palloc'd).
  */
-DispatchCall *
-dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
-					char *body, size_t body_len, long timeout_ms)
+static void
+prepare_call(DispatchCall *call, const char *url, const char *api_key, long timeout_ms)
 {
-	DispatchCall *call;
 	char	   *auth;
-	bool		headers_ok;
-	CURLMcode	mrc;
-	CURLcode	rc_ = CURLE_OK;
-	const char *failed_opt = NULL;
 
-	call = calloc(1, sizeof(DispatchCall));
-	if (call == NULL)
-	{
-		free(body);
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	}
-	call->kind = kind;
-	call->body = body;
-	call->body_len = body_len;
 	call->easy = curl_easy_init();
 	if (call->easy == NULL)
-	{
-		dispatch_http_free(call);
 		ereport(ERROR, (errmsg("could not create a libcurl handle")));
-	}
 
 	auth = psprintf("Authorization: Bearer %s", api_key);
-	headers_ok = append_header(call, auth);
-	explicit_bzero(auth, strlen(auth));
-	pfree(auth);
-	headers_ok = headers_ok && append_header(call, "Accept: application/json");
-	if (body != NULL)
-		headers_ok = headers_ok && append_header(call, "Content-Type: application/json");
-	/* No "Expect: 100-continue" round trip for our small bodies. */
-	headers_ok = headers_ok && append_header(call, "Expect:");
-	if (!headers_ok)
+	PG_TRY();
 	{
-		dispatch_http_free(call);
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+		append_header(call, auth);
 	}
+	PG_FINALLY();
+	{
+		explicit_bzero(auth, strlen(auth));
+		pfree(auth);
+	}
+	PG_END_TRY();
+	append_header(call, "Accept: application/json");
+	if (call->body != NULL)
+		append_header(call, "Content-Type: application/json");
+	/* No "Expect: 100-continue" round trip for our small bodies. */
+	append_header(call, "Expect:");
 
 	SETOPT(call->easy, CURLOPT_URL, url);
 	SETOPT(call->easy, CURLOPT_HTTPHEADER, call->headers);
@@ -241,28 +240,49 @@ dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
 #else
 	SETOPT(call->easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
-	if (body != NULL)
+	if (call->body != NULL)
 	{
 		SETOPT(call->easy, CURLOPT_POST, 1L);
-		SETOPT(call->easy, CURLOPT_POSTFIELDS, body);
-		SETOPT(call->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) body_len);
+		SETOPT(call->easy, CURLOPT_POSTFIELDS, call->body);
+		SETOPT(call->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) call->body_len);
 	}
-	if (rc_ != CURLE_OK)
-	{
-		/* Nothing of the call is palloc'd: release it before raising. */
-		dispatch_http_free(call);
-		ereport(ERROR,
-				(errmsg("could not set libcurl option %s: %s", failed_opt,
-						curl_easy_strerror(rc_))));
-	}
+}
 
-	mrc = curl_multi_add_handle(multi, call->easy);
-	if (mrc != CURLM_OK)
+/*
+ * Start a call: a POST of body (copied; NULL for a GET) to url.  On any
+ * error what the call holds outside palloc (the copy, the easy handle, the
+ * header list with the key) is released before the error propagates.
+ */
+DispatchCall *
+dispatch_http_start(DispatchCallKind kind, const char *url, const char *api_key,
+					const char *body, size_t body_len, long timeout_ms)
+{
+	DispatchCall *call = check_alloc(calloc(1, sizeof(DispatchCall)));
+
+	call->kind = kind;
+	PG_TRY();
+	{
+		CURLMcode	mrc;
+
+		if (body != NULL)
+		{
+			call->body = check_alloc(malloc(body_len + 1));
+			memcpy(call->body, body, body_len);
+			call->body[body_len] = '\0';
+			call->body_len = body_len;
+		}
+		prepare_call(call, url, api_key, timeout_ms);
+		mrc = curl_multi_add_handle(multi, call->easy);
+		if (mrc != CURLM_OK)
+			ereport(ERROR,
+					(errmsg("could not start an HTTP call: %s", curl_multi_strerror(mrc))));
+	}
+	PG_CATCH();
 	{
 		dispatch_http_free(call);
-		ereport(ERROR,
-				(errmsg("could not start an HTTP call: %s", curl_multi_strerror(mrc))));
+		PG_RE_THROW();
 	}
+	PG_END_TRY();
 	call->next = running;
 	running = call;
 	nrunning++;
@@ -301,8 +321,10 @@ end_call(DispatchCall *call, CURLcode result)
 	curl_off_t	uploaded = 0;
 
 	call->result = result;
-	curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status);
-	curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded);
+	if (curl_easy_getinfo(call->easy, CURLINFO_RESPONSE_CODE, &call->http_status) != CURLE_OK)
+		call->http_status = 0;
+	if (curl_easy_getinfo(call->easy, CURLINFO_SIZE_UPLOAD_T, &uploaded) != CURLE_OK)
+		uploaded = 0;
 	call->body_sent = call->http_status > 0 || (curl_off_t) call->body_len <= uploaded;
 	check_multi(curl_multi_remove_handle(multi, call->easy));
 
@@ -330,7 +352,13 @@ collect_finished(void)
 
 		if (msg->msg != CURLMSG_DONE)
 			continue;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call);
+		if (curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &call) != CURLE_OK ||
+			call == NULL)
+		{
+			/* Not one of ours (cannot happen): at least stop driving it. */
+			check_multi(curl_multi_remove_handle(multi, msg->easy_handle));
+			continue;
+		}
 		end_call(call, msg->data.result);
 	}
 }

@@ -8,7 +8,8 @@
  *	shmem.c		shared memory (shmem.h): the only code that touches it
  *	submit*.c	validation and insertion of contacts, the commit-time
  *				dispatcher wakeup, the DROP EXTENSION guard
- *	dispatch_*	the dispatcher background worker (dispatch.h)
+ *	dispatch_*	the dispatcher background worker (dispatch.h; its HTTP
+ *				calls and answers: dispatch_http.h)
  *	search_http.c	synchronous search and lookup calls from backends
  *	budget_search.c	the credit budgets of those calls
  *	control.c	enrich.wait() and enrich.cancel()

@@ -45,8 +45,9 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
-#include "dispatch.h"
+#include "dispatch_http.h"
 #include "enrich.h"
+#include "shmem.h"
 
 /* How many times a call answered 429 is tried again (after a pause each). */
 #define SYNC_429_RETRIES 3
@@ -87,23 +88,16 @@ static DispatchCall *
 sync_call(const char *url, const char *api_key, const char *body, size_t len)
 {
 	DispatchCall *done = NULL;
-	char	   *copy;
 
 	if (!http_ready)
 	{
 		dispatch_http_init();
 		http_ready = true;
 	}
-	copy = malloc(len + 1);
-	if (copy == NULL)
-		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
-	memcpy(copy, body, len);
-	copy[len] = '\0';
 
 	PG_TRY();
 	{
-		/* The call owns copy from here on, also when starting fails. */
-		(void) dispatch_http_start(CALL_SYNC, url, api_key, copy, len, enrich_request_timeout);
+		(void) dispatch_http_start(CALL_SYNC, url, api_key, body, len, enrich_request_timeout);
 		for (;;)
 		{
 			(void) dispatch_http_wait(1000L);

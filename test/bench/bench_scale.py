@@ -74,7 +74,7 @@ SELECT count(enrich.submit(jsonb_build_object('first_name', 'D' || s.v || '-' ||
   FROM (SELECT pg_catalog.nextval('bench.step') AS v) s, generate_series(1, 100) g;
 SELECT * FROM enrich._dispatch_plan();
 SELECT batch_id FROM enrich._dispatch_next_batch(100, true, interval '1 day') \\gset
-SELECT count(*) FROM enrich._dispatch_batch_rows(:batch_id);
+SELECT length(body) FROM enrich._dispatch_request(:batch_id, 'https://hooks.example');
 SELECT enrich._dispatch_retry(:batch_id, 503, 'http_503', 'bench', interval '0', true, 5);
 SELECT batch_id AS again FROM enrich._dispatch_next_batch(100, false, interval '1 day') \\gset
 SELECT enrich._dispatch_accepted(:batch_id, 'step-' || :batch_id, 200, interval '1 hour');

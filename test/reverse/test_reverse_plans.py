@@ -8,7 +8,7 @@ sequential scan of requests, results or batches, no node reading and
 throwing away more than 1,000 rows, no JIT, no parallel plan):
   - _dispatch_next_batch with reuse on, serving a repeated reverse lookup
     from history, then claiming a reverse batch out of a mixed backlog;
-  - _dispatch_batch_request building that batch's body;
+  - _dispatch_request building that batch's body;
   - _dispatch_poll_claim (its path column);
   - enriched_contacts and request_status by email.
 """
@@ -80,10 +80,10 @@ def test_reverse_batch(r, c):
     S["bid"] = bid = out.split()[-1]
     r.eq(c.scalar("SELECT kind || ' ' || contact_count FROM enrich.batches WHERE id = %s" % bid),
          "reverse 30", "the claim took the 30 reverse lookups only")
-    out = check_statements(r, c, "_dispatch_batch_request",
+    out = check_statements(r, c, "_dispatch_request",
                            "SELECT path || ' ' || jsonb_array_length(body::jsonb -> 'data') "
-                           "FROM enrich._dispatch_batch_request(%s, 'http://h');" % bid)
-    r.eq(out.split("\n")[-1], "contact/reverse/email/bulk 30", "its body holds the 30 addresses")
+                           "FROM enrich._dispatch_request(%s, 'http://h');" % bid)
+    r.eq(out.split("\n")[-1], "/contact/reverse/email/bulk 30", "its body holds the 30 addresses")
 
 
 def test_poll_claim(r, c):
@@ -92,7 +92,7 @@ def test_poll_claim(r, c):
     out = check_statements(r, c, "_dispatch_poll_claim",
                            "SELECT path FROM enrich._dispatch_poll_claim(100, interval '1 min') "
                            "WHERE batch_id = %s;" % bid)
-    r.eq(out.split("\n")[-1], "contact/reverse/email/bulk", "polled under the reverse path")
+    r.eq(out.split("\n")[-1], "/contact/reverse/email/bulk/rev-%s" % bid, "polled under the reverse path")
 
 
 @pytest.mark.parametrize("what, sql", [

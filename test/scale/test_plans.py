@@ -12,7 +12,7 @@ the PL/pgSQL functions run the plan chosen without its parameters' values.
 Checks:
   - every statement the dispatcher's functions run (_dispatch_plan,
     _dispatch_ready, _dispatch_next_batch with reuse, _dispatch_reuse
-    serving a repeated contact, _dispatch_batch_rows, _dispatch_retry, the
+    serving a repeated contact, _dispatch_request, _dispatch_retry, the
     resend claim, _dispatch_accepted, _dispatch_rejected,
     _dispatch_requeue, _dispatch_poll_claim, _dispatch_recover,
     dispatcher_status, and the credit budgets' hold, release and settlement), as auto_explain logs them with
@@ -78,7 +78,8 @@ def test_dispatch_cycle(r, cluster):
         INSERT INTO enrich.requests (state, first_name, last_name, domain, fields, input_key)
         VALUES ('queued', 'F2', 'L2', 'co0.example.com', '{work_email}', 'key-2');
         SELECT enrich._dispatch_reuse(ARRAY[currval('enrich.requests_id_seq')], interval '1 day');""")
-    check_statements(r, c, "_dispatch_batch_rows", "SELECT count(*) FROM enrich._dispatch_batch_rows(%s);" % bid)
+    check_statements(r, c, "_dispatch_request",
+                     "SELECT length(body) FROM enrich._dispatch_request(%s, 'https://hooks.example');" % bid)
     check_statements(r, c, "_dispatch_retry",
                      "SELECT enrich._dispatch_retry(%s, 503, 'http_503', 'x', interval '0', true, 5);" % bid)
     check_statements(r, c, "_dispatch_next_batch (resend)",

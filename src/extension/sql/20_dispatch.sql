@@ -1,25 +1,35 @@
 ------------------------------------------------------------------------
 -- Dispatcher bookkeeping.
 --
--- The dispatcher worker (dispatch_worker.c) keeps every decision about the
+-- The dispatcher worker (dispatch_*.c) keeps every decision about the
 -- network in C and every change of state here, one short transaction per
 -- step, never open while an HTTP call runs:
 --
 --   _dispatch_plan        what is ready, in flight and due (read only)
---   _dispatch_next_batch  claim a batch to POST: a due split half or resend,
---                         else up to 100 ready requests (serving fresh
---                         earlier results at no cost first)
---   _dispatch_batch_request  the API path of a claimed batch and, for a
---                         reverse lookup batch, its body (built here)
+--   _dispatch_claim       claim a batch to POST (_dispatch_next_batch: a due
+--                         split half or resend, else up to
+--                         _dispatch_batch_max() ready requests, serving
+--                         fresh earlier results at no cost first) and
+--                         return its whole request (_dispatch_request):
+--                         the API path (_dispatch_path, by the batch's
+--                         kind: enrichment or reverse lookup) and the JSON
+--                         body
 --   _dispatch_accepted    the API answered an enrichment_id
 --   _dispatch_retry       the POST failed or may have failed: back off
 --   _dispatch_rejected    a 400 about a contact: split the batch, or fail
 --                         the one contact left
 --   _dispatch_requeue     the API refused the whole batch or lost the job:
 --                         its unanswered requests queue again
---   _dispatch_poll_claim  batches whose poll is due
+--   _dispatch_poll_claim  batches whose poll is due, with the GET path
 --   _dispatch_polled      what a poll answered
 --   _dispatch_recover     at start: POSTs a crash interrupted
+--
+-- The wire format lives here: SQL builds every request body and path, C
+-- sends the bytes and reports what came back.  The worker reads result
+-- columns by name and passes arguments by name (p_batch => $1, ...), so a
+-- column or argument added here cannot shift another; a second kind of
+-- batch needs only a path and a body in _dispatch_request and a path in
+-- _dispatch_poll_claim.
 --
 -- These functions are for the worker (a superuser) only: nothing here is
 -- granted to anyone.
@@ -92,15 +102,24 @@ BEGIN
 END
 $$;
 
+-- The most contacts one POST carries (the API's limit for a bulk job):
+-- the one place this number lives.  _dispatch_plan reports it to the
+-- worker, _dispatch_claim holds every batch to it.
+CREATE FUNCTION enrich._dispatch_batch_max()
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 100 $$;
+
 -- The worker's view of the queue, read before each decision: contacts in
--- flight, how many (up to 100) are ready and since when, and when the next
--- retry, resend or poll falls due.
+-- flight, how many (up to batch_max, the most one batch carries) are ready
+-- and since when, and when the next retry, resend or poll falls due.
 CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
                                       OUT ready_since timestamptz, OUT next_ready timestamptz,
                                       OUT batch_due boolean, OUT next_batch timestamptz,
                                       OUT poll_due boolean, OUT next_poll timestamptz,
                                       OUT credits_out_at timestamptz,
-                                      OUT budget_wait text)
+                                      OUT budget_wait text, OUT batch_max integer)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -113,10 +132,11 @@ BEGIN
     PERFORM enrich._dispatch_budget_check();
     -- Credits of searches into the budgets' totals (75_budget.sql).
     PERFORM enrich._dispatch_search_fold();
+    batch_max := enrich._dispatch_batch_max();
     SELECT count(*) INTO in_flight
       FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
     SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
-      FROM enrich._dispatch_ready(100) r;
+      FROM enrich._dispatch_ready(batch_max) r;
     SELECT min(r.next_attempt_at) INTO next_ready
       FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
     -- The batch checks read batches_sending_idx and batches_open_idx in
@@ -146,11 +166,46 @@ BEGIN
 END
 $$;
 
--- Contacts of a batch as the worker sends them.
-CREATE FUNCTION enrich._dispatch_batch_rows(p_batch bigint)
-RETURNS TABLE (batch_id bigint, token text, attempt integer, request_id bigint,
-               first_name text, last_name text, domain text, company_name text,
-               linkedin_url text, fields text[], custom jsonb)
+-- A text as one segment of a URL path: every byte but A-Z a-z 0-9 - . _ ~
+-- percent-encoded (RFC 3986), so an id the API chose cannot add a path,
+-- a query or a fragment to the URL it is put in.
+CREATE FUNCTION enrich._dispatch_url_segment(p text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN x.b BETWEEN 48 AND 57 OR x.b BETWEEN 65 AND 90
+                                         OR x.b BETWEEN 97 AND 122 OR x.b IN (45, 46, 95, 126)
+                                    THEN chr(x.b)
+                                    ELSE '%' || upper(lpad(to_hex(x.b), 2, '0')) END,
+                               '' ORDER BY x.i), '')
+      FROM (SELECT i, get_byte(convert_to(p, 'UTF8'), i) AS b
+              FROM generate_series(0, octet_length(convert_to(p, 'UTF8')) - 1) i) x
+$$;
+
+-- The API path of a kind of batch (batches.kind, requests.kind): its
+-- POST goes there and the GET of its job to <path>/<enrichment_id>.  A new
+-- kind of batch adds its path here and its body in _dispatch_request.
+CREATE FUNCTION enrich._dispatch_path(p_kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE p_kind WHEN 'reverse' THEN '/contact/reverse/email/bulk'
+                       ELSE '/contact/enrich/bulk' END
+$$;
+
+-- The whole request of claimed batch p_batch, as the worker sends it: the
+-- API path (_dispatch_path) and the JSON body (the batch's name; its
+-- contacts, each with the caller's custom values plus enrich_request_id:
+-- for an enrichment the identity, empty values left out as the API wants,
+-- and the API's field names, for a reverse lookup the email address; and,
+-- with a webhook base URL, where the job reports each contact and its end:
+-- <base>/webhooks/<token>/contact and .../job; without one it is polled),
+-- and how many contacts and which POST attempt it is.
+CREATE FUNCTION enrich._dispatch_request(p_batch bigint, p_webhook_base text,
+                                         OUT path text, OUT body text,
+                                         OUT contacts integer, OUT attempt integer)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -162,60 +217,72 @@ AS $$
     -- the same query the planner may walk the primary key in id order
     -- through every request instead.
     WITH q AS MATERIALIZED (
-        SELECT q.id, q.first_name, q.last_name, q.domain, q.company_name, q.linkedin_url,
-               q.fields, q.custom
+        SELECT q.id, q.kind, q.first_name, q.last_name, q.domain, q.company_name,
+               q.linkedin_url, q.fields, q.email, q.custom
           FROM enrich.requests q
          WHERE q.batch_id = p_batch AND q.state = 'sending'
+    ), data AS (
+        SELECT count(*)::integer AS n,
+               coalesce(jsonb_agg(
+                   CASE q.kind
+                   WHEN 'reverse' THEN jsonb_build_object('email', q.email)
+                   ELSE jsonb_strip_nulls(jsonb_build_object(
+                            'first_name', nullif(q.first_name, ''),
+                            'last_name', nullif(q.last_name, ''),
+                            'domain', nullif(q.domain, ''),
+                            'company_name', nullif(q.company_name, ''),
+                            'linkedin_url', nullif(q.linkedin_url, '')))
+                        || jsonb_build_object(
+                            'enrich_fields',
+                            (SELECT coalesce(jsonb_agg(f.api ORDER BY f.o), '[]'::jsonb)
+                               FROM (VALUES (1, 'work_email', 'contact.work_emails'),
+                                            (2, 'personal_email', 'contact.personal_emails'),
+                                            (3, 'phone', 'contact.phones')) f(o, name, api)
+                              WHERE f.name = ANY (q.fields)))
+                   END
+                   || jsonb_build_object(
+                       'custom',
+                       CASE WHEN jsonb_typeof(q.custom) = 'object' THEN q.custom
+                            ELSE '{}'::jsonb END
+                       || jsonb_build_object('enrich_request_id', q.id::text))
+                   ORDER BY q.id), '[]'::jsonb) AS contacts
+          FROM q
+    ), hook AS (
+        SELECT rtrim(p_webhook_base, '/') || '/webhooks/' || b.token AS base
+          FROM enrich.batches b
+         WHERE b.id = p_batch AND coalesce(p_webhook_base, '') <> ''
     )
-    SELECT b.id, b.token, b.attempts, q.id, q.first_name, q.last_name, q.domain,
-           q.company_name, q.linkedin_url, q.fields, q.custom
-      FROM enrich.batches b, q
+    SELECT enrich._dispatch_path(b.kind),
+           (jsonb_build_object('name', b.name, 'data', data.contacts)
+            || coalesce((SELECT jsonb_build_object(
+                                    'webhook_url', hook.base || '/job',
+                                    'webhook_events',
+                                    jsonb_build_object('contact_finished', hook.base || '/contact'))
+                           FROM hook), '{}'::jsonb))::text,
+           data.n, b.attempts
+      FROM enrich.batches b, data
      WHERE b.id = p_batch
-     ORDER BY q.id
 $$;
 
--- The API path a claimed batch is POSTed to, and for a reverse lookup
--- batch the whole body (for an enrichment batch body is NULL and the
--- worker builds it from _dispatch_batch_rows).  p_webhook_base is
--- enrich.webhook_base_url: with it the job reports each contact to
--- <base>/webhooks/<token>/contact and its end to .../job.
-CREATE FUNCTION enrich._dispatch_batch_request(p_batch bigint, p_webhook_base text,
-                                               OUT path text, OUT body text)
-LANGUAGE plpgsql STABLE
+-- The worker's claim: the next batch to POST (_dispatch_next_batch, held
+-- to _dispatch_batch_max() contacts) and its whole request
+-- (_dispatch_request).  batch_id is NULL when there is nothing to send;
+-- reused counts the requests served from earlier results meanwhile.
+CREATE FUNCTION enrich._dispatch_claim(p_max integer, p_new boolean, p_reuse interval,
+                                       p_webhook_base text,
+                                       OUT batch_id bigint, OUT reused integer,
+                                       OUT path text, OUT body text,
+                                       OUT contacts integer, OUT attempt integer)
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off
-SET enable_bitmapscan = off
-SET jit = off
-SET max_parallel_workers_per_gather = 0
 AS $$
-DECLARE
-    v_b     record;
-    v_base  text := rtrim(coalesce(p_webhook_base, ''), '/');
-    v_data  jsonb;
 BEGIN
-    SELECT b.kind, b.name, b.token INTO v_b FROM enrich.batches b WHERE b.id = p_batch;
-    IF v_b.kind IS DISTINCT FROM 'reverse' THEN
-        path := 'contact/enrich/bulk';
-        RETURN;
+    SELECT n.batch_id, n.reused INTO batch_id, reused
+      FROM enrich._dispatch_next_batch(least(p_max, enrich._dispatch_batch_max()), p_new, p_reuse) n;
+    IF _dispatch_claim.batch_id IS NOT NULL THEN
+        SELECT r.path, r.body, r.contacts, r.attempt INTO path, body, contacts, attempt
+          FROM enrich._dispatch_request(_dispatch_claim.batch_id, p_webhook_base) r;
     END IF;
-    path := 'contact/reverse/email/bulk';
-    SELECT jsonb_agg(jsonb_build_object(
-               'email', r.email,
-               'custom', coalesce(r.custom, '{}'::jsonb)
-                         || jsonb_build_object('enrich_request_id', r.request_id::text))
-               ORDER BY r.request_id)
-      INTO v_data
-      FROM (SELECT q.id AS request_id, q.email, q.custom
-              FROM enrich.requests q
-             WHERE q.batch_id = p_batch AND q.state = 'sending') r;
-    body := (jsonb_build_object('name', v_b.name, 'data', coalesce(v_data, '[]'::jsonb))
-             || CASE WHEN v_base <> ''
-                     THEN jsonb_build_object(
-                              'webhook_url', format('%s/webhooks/%s/job', v_base, v_b.token),
-                              'webhook_events', jsonb_build_object(
-                                  'contact_finished',
-                                  format('%s/webhooks/%s/contact', v_base, v_b.token)))
-                     ELSE '{}'::jsonb END)::text;
 END
 $$;
 
@@ -597,10 +664,9 @@ BEGIN
 END
 $$;
 
--- Up to p_max batches whose poll is due, oldest due first, with the API
--- path their job is read under (its enrichment_id follows).  Their next
--- poll is pushed back by p_hold now, so a worker that dies mid-poll polls
--- them again only after that.
+-- Up to p_max batches whose poll is due, oldest due first, each with the
+-- path of its GET.  Their next poll is pushed back by p_hold now, so a
+-- worker that dies mid-poll polls them again only after that.
 CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
 RETURNS TABLE (batch_id bigint, enrichment_id text, path text)
 LANGUAGE sql
@@ -623,8 +689,7 @@ AS $$
       FROM due
      WHERE b.id = due.id
     RETURNING b.id, b.enrichment_id,
-              CASE b.kind WHEN 'reverse' THEN 'contact/reverse/email/bulk'
-                          ELSE 'contact/enrich/bulk' END
+              enrich._dispatch_path(b.kind) || '/' || enrich._dispatch_url_segment(b.enrichment_id)
 $$;
 
 -- What a poll of p_batch answered: a result envelope (a 200 or 402 body)

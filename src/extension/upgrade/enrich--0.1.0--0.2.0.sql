@@ -5523,6 +5523,239 @@ GRANT SELECT, INSERT, UPDATE ON enrich.credit_balance TO enrich_dispatcher;
 GRANT EXECUTE ON FUNCTION enrich._budget_unfolded(text, text, date), enrich._budget_inflight()
     TO enrich_reader;
 
+-- == dispatcher rooms ==
+-- The wire format moves into SQL: the claim returns the whole request of a
+-- batch (API path by its kind and JSON body, built with
+-- jsonb_build_object/jsonb_agg) and the poll claim the GET path, so the
+-- worker only carries bytes; the batch size lives in one function.
+-- _dispatch_batch_rows (the contacts as columns, for the worker to
+-- assemble) and _dispatch_batch_request (the path, and a reverse lookup's
+-- body) are gone into _dispatch_request.  See 20_dispatch.sql.
+
+DROP FUNCTION enrich._dispatch_batch_rows(bigint);
+DROP FUNCTION enrich._dispatch_batch_request(bigint, text);
+DROP FUNCTION enrich._dispatch_plan();
+DROP FUNCTION enrich._dispatch_poll_claim(integer, interval);
+
+-- The most contacts one POST carries (the API's limit for a bulk job):
+-- the one place this number lives.  _dispatch_plan reports it to the
+-- worker, _dispatch_claim holds every batch to it.
+CREATE FUNCTION enrich._dispatch_batch_max()
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 100 $$;
+
+-- The worker's view of the queue, read before each decision: contacts in
+-- flight, how many (up to batch_max, the most one batch carries) are ready
+-- and since when, and when the next retry, resend or poll falls due.
+CREATE FUNCTION enrich._dispatch_plan(OUT in_flight bigint, OUT ready integer,
+                                      OUT ready_since timestamptz, OUT next_ready timestamptz,
+                                      OUT batch_due boolean, OUT next_batch timestamptz,
+                                      OUT poll_due boolean, OUT next_poll timestamptz,
+                                      OUT credits_out_at timestamptz,
+                                      OUT budget_wait text, OUT batch_max integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+BEGIN
+    -- Budgets changed (a reload, enrich.budgets): what waited is ready.
+    PERFORM enrich._dispatch_budget_check();
+    -- Credits of searches into the budgets' totals (75_budget.sql).
+    PERFORM enrich._dispatch_search_fold();
+    batch_max := enrich._dispatch_batch_max();
+    SELECT count(*) INTO in_flight
+      FROM enrich.requests r WHERE r.state IN ('sending', 'in_flight');
+    SELECT count(*)::integer, min(r.ready_at) INTO ready, ready_since
+      FROM enrich._dispatch_ready(batch_max) r;
+    SELECT min(r.next_attempt_at) INTO next_ready
+      FROM enrich.requests r WHERE r.state = 'queued' AND r.next_attempt_at > now();
+    -- The batch checks read batches_sending_idx and batches_open_idx in
+    -- their order and stop at the first entry (an EXISTS lets the planner
+    -- hope a scan of every batch stops early; with stale statistics it
+    -- did, and read them all).
+    batch_due := coalesce((SELECT true
+                             FROM enrich.batches b
+                            WHERE b.state = 'sending'
+                              AND coalesce(b.next_attempt_at, b.created_at) <= now()
+                              AND (b.next_attempt_at IS NOT NULL OR b.attempts = 0)
+                            ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+                            LIMIT 1), false);
+    SELECT coalesce(b.next_attempt_at, b.created_at) INTO next_batch
+      FROM enrich.batches b
+     WHERE b.state = 'sending' AND coalesce(b.next_attempt_at, b.created_at) > now()
+       AND b.next_attempt_at IS NOT NULL
+     ORDER BY coalesce(b.next_attempt_at, b.created_at), b.id
+     LIMIT 1;
+    SELECT min(b.next_poll_at) INTO next_poll FROM enrich.batches b WHERE b.state = 'sent';
+    poll_due := coalesce(next_poll <= now(), false);
+    SELECT max(b.finished_at) INTO credits_out_at
+      FROM enrich.batches b WHERE b.state = 'credits_insufficient';
+    -- Requests held back by a credit budget at the last claim, until it renews.
+    SELECT s.held_note INTO budget_wait
+      FROM enrich.budget_seen s WHERE s.id AND s.held_until > now();
+END
+$$;
+
+-- A text as one segment of a URL path: every byte but A-Z a-z 0-9 - . _ ~
+-- percent-encoded (RFC 3986), so an id the API chose cannot add a path,
+-- a query or a fragment to the URL it is put in.
+CREATE FUNCTION enrich._dispatch_url_segment(p text)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN x.b BETWEEN 48 AND 57 OR x.b BETWEEN 65 AND 90
+                                         OR x.b BETWEEN 97 AND 122 OR x.b IN (45, 46, 95, 126)
+                                    THEN chr(x.b)
+                                    ELSE '%' || upper(lpad(to_hex(x.b), 2, '0')) END,
+                               '' ORDER BY x.i), '')
+      FROM (SELECT i, get_byte(convert_to(p, 'UTF8'), i) AS b
+              FROM generate_series(0, octet_length(convert_to(p, 'UTF8')) - 1) i) x
+$$;
+
+-- The API path of a kind of batch (batches.kind, requests.kind): its
+-- POST goes there and the GET of its job to <path>/<enrichment_id>.  A new
+-- kind of batch adds its path here and its body in _dispatch_request.
+CREATE FUNCTION enrich._dispatch_path(p_kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE p_kind WHEN 'reverse' THEN '/contact/reverse/email/bulk'
+                       ELSE '/contact/enrich/bulk' END
+$$;
+
+-- The whole request of claimed batch p_batch, as the worker sends it: the
+-- API path (_dispatch_path) and the JSON body (the batch's name; its
+-- contacts, each with the caller's custom values plus enrich_request_id:
+-- for an enrichment the identity, empty values left out as the API wants,
+-- and the API's field names, for a reverse lookup the email address; and,
+-- with a webhook base URL, where the job reports each contact and its end:
+-- <base>/webhooks/<token>/contact and .../job; without one it is polled),
+-- and how many contacts and which POST attempt it is.
+CREATE FUNCTION enrich._dispatch_request(p_batch bigint, p_webhook_base text,
+                                         OUT path text, OUT body text,
+                                         OUT contacts integer, OUT attempt integer)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+    -- The batch's rows first, by its index, then sorted: with ORDER BY in
+    -- the same query the planner may walk the primary key in id order
+    -- through every request instead.
+    WITH q AS MATERIALIZED (
+        SELECT q.id, q.kind, q.first_name, q.last_name, q.domain, q.company_name,
+               q.linkedin_url, q.fields, q.email, q.custom
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+    ), data AS (
+        SELECT count(*)::integer AS n,
+               coalesce(jsonb_agg(
+                   CASE q.kind
+                   WHEN 'reverse' THEN jsonb_build_object('email', q.email)
+                   ELSE jsonb_strip_nulls(jsonb_build_object(
+                            'first_name', nullif(q.first_name, ''),
+                            'last_name', nullif(q.last_name, ''),
+                            'domain', nullif(q.domain, ''),
+                            'company_name', nullif(q.company_name, ''),
+                            'linkedin_url', nullif(q.linkedin_url, '')))
+                        || jsonb_build_object(
+                            'enrich_fields',
+                            (SELECT coalesce(jsonb_agg(f.api ORDER BY f.o), '[]'::jsonb)
+                               FROM (VALUES (1, 'work_email', 'contact.work_emails'),
+                                            (2, 'personal_email', 'contact.personal_emails'),
+                                            (3, 'phone', 'contact.phones')) f(o, name, api)
+                              WHERE f.name = ANY (q.fields)))
+                   END
+                   || jsonb_build_object(
+                       'custom',
+                       CASE WHEN jsonb_typeof(q.custom) = 'object' THEN q.custom
+                            ELSE '{}'::jsonb END
+                       || jsonb_build_object('enrich_request_id', q.id::text))
+                   ORDER BY q.id), '[]'::jsonb) AS contacts
+          FROM q
+    ), hook AS (
+        SELECT rtrim(p_webhook_base, '/') || '/webhooks/' || b.token AS base
+          FROM enrich.batches b
+         WHERE b.id = p_batch AND coalesce(p_webhook_base, '') <> ''
+    )
+    SELECT enrich._dispatch_path(b.kind),
+           (jsonb_build_object('name', b.name, 'data', data.contacts)
+            || coalesce((SELECT jsonb_build_object(
+                                    'webhook_url', hook.base || '/job',
+                                    'webhook_events',
+                                    jsonb_build_object('contact_finished', hook.base || '/contact'))
+                           FROM hook), '{}'::jsonb))::text,
+           data.n, b.attempts
+      FROM enrich.batches b, data
+     WHERE b.id = p_batch
+$$;
+
+-- The worker's claim: the next batch to POST (_dispatch_next_batch, held
+-- to _dispatch_batch_max() contacts) and its whole request
+-- (_dispatch_request).  batch_id is NULL when there is nothing to send;
+-- reused counts the requests served from earlier results meanwhile.
+CREATE FUNCTION enrich._dispatch_claim(p_max integer, p_new boolean, p_reuse interval,
+                                       p_webhook_base text,
+                                       OUT batch_id bigint, OUT reused integer,
+                                       OUT path text, OUT body text,
+                                       OUT contacts integer, OUT attempt integer)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT n.batch_id, n.reused INTO batch_id, reused
+      FROM enrich._dispatch_next_batch(least(p_max, enrich._dispatch_batch_max()), p_new, p_reuse) n;
+    IF _dispatch_claim.batch_id IS NOT NULL THEN
+        SELECT r.path, r.body, r.contacts, r.attempt INTO path, body, contacts, attempt
+          FROM enrich._dispatch_request(_dispatch_claim.batch_id, p_webhook_base) r;
+    END IF;
+END
+$$;
+
+-- Up to p_max batches whose poll is due, oldest due first, each with the
+-- path of its GET.  Their next poll is pushed back by p_hold now, so a
+-- worker that dies mid-poll polls them again only after that.
+CREATE FUNCTION enrich._dispatch_poll_claim(p_max integer, p_hold interval)
+RETURNS TABLE (batch_id bigint, enrichment_id text, path text)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+    WITH due AS (
+        SELECT b.id
+          FROM enrich.batches b
+         WHERE b.state = 'sent' AND b.next_poll_at <= now()
+         ORDER BY b.next_poll_at, b.id
+         LIMIT p_max
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE enrich.batches b
+       SET next_poll_at = now() + p_hold
+      FROM due
+     WHERE b.id = due.id
+    RETURNING b.id, b.enrichment_id,
+              enrich._dispatch_path(b.kind) || '/' || enrich._dispatch_url_segment(b.enrichment_id)
+$$;
+
+REVOKE ALL ON FUNCTION enrich._dispatch_batch_max(), enrich._dispatch_plan(),
+                       enrich._dispatch_url_segment(text), enrich._dispatch_path(text),
+                       enrich._dispatch_request(bigint, text),
+                       enrich._dispatch_claim(integer, boolean, interval, text),
+                       enrich._dispatch_poll_claim(integer, interval)
+    FROM PUBLIC;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
