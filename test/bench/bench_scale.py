@@ -188,10 +188,20 @@ class Bench:
         for _ in range(rounds):
             _, _, lat = self.pgbench(script, transactions=transactions, protocol=protocol)
             best = lat if best is None else [min(a, b) for a, b in zip(best, lat)]
-        self.pages = float(self.c.scalar(
-            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0) / %d FROM pg_stat_statements "
-            "WHERE query !~* 'pg_stat_statements_reset'" % (rounds * transactions)))
+        self.pages, self.fpi = self.per_call(rounds * transactions)
         return best
+
+    def per_call(self, n):
+        """(shared buffers touched, WAL full-page images written) per call,
+        over n calls since the last pg_stat_statements_reset().  A page
+        modified for the first time since the last checkpoint goes to the
+        WAL whole: with random keys in a big index that is one 8 kB image
+        per row written, however few pages the call touches."""
+        pages, fpi = self.c.psql(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::float8 / %d, "
+            "coalesce(sum(wal_fpi), 0)::float8 / %d FROM pg_stat_statements "
+            "WHERE query !~* 'pg_stat_statements_reset'" % (n, n)).split("|")
+        return float(pages), float(fpi)
 
     def pgbench(self, script, transactions=None, seconds=None, clients=1, user=None,
                 protocol="prepared"):
@@ -312,7 +322,9 @@ class Bench:
         # of them), the rate is pgbench's, connection time left out.
         first, p0 = self.fresh_deliveries(a.deliveries)
         mark = int(self.c.scalar("SELECT coalesce(max(id), 0) FROM enrich.deliveries"))
+        self.c.psql("SELECT pg_stat_statements_reset()")
         tps, _ = self.pgbench_rate(INGEST_SQL, a.deliveries // 2, clients=2, user=ROLE)
+        pages, fpi = self.per_call(a.deliveries // 2 * 2)
         filed = int(self.c.scalar("SELECT count(*) FROM enrich.deliveries WHERE id > %d AND outcome = 'accepted'"
                                   % mark))
         other = self.c.scalar("SELECT count(*) FROM enrich.deliveries WHERE id > %d AND outcome <> 'accepted'"
@@ -320,6 +332,8 @@ class Bench:
         if other != "0" or filed != a.deliveries // 2 * 2:
             raise RuntimeError("ingest: %d accepted of %d, %s other outcomes" % (filed, a.deliveries, other))
         fig["ingest (deliveries/s)"] = ("rate", tps)
+        fig["  ingest: pages per delivery"] = ("pages", pages)
+        fig["  ingest: full-page images per delivery"] = ("fpi", fpi)
         ingested = (p0, p0 + filed - 1)
         # The same deliveries again: duplicates.
         _, _, lat = self.pgbench(DUPLICATE_SQL.format(lo=first, hi=first + filed - 1), transactions=50,
@@ -335,6 +349,8 @@ class Bench:
             1)
         self.next_p += n
         fig["submit (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
+        fig["  submit: pages per contact"] = ("pages", self.pages / n)
+        fig["  submit: full-page images per contact"] = ("fpi", self.fpi / n)
         self.retire_leftovers()
 
         # Dispatcher steps.
@@ -342,6 +358,7 @@ class Bench:
         step = sum(lat[i] for i in STEP_PARTS)
         fig["dispatcher step: claim + outcome (ms)"] = ("time", step)
         fig["  pages touched per step, all statements"] = ("pages", self.pages)
+        fig["  full-page images per step, all statements"] = ("fpi", self.fpi)
         for i, name in STEP_PARTS.items():
             fig["  %s (ms)" % name] = ("time", lat[i])
         fig["  (job's result filed, ms)"] = ("time", lat[9])
