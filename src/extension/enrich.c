@@ -35,6 +35,7 @@ _PG_init(void)
 	enrich_guard_init();		/* before enrich_guc_init reserves "enrich." */
 	enrich_guc_init();
 	enrich_submit_init();
+	enrich_planner_init();		/* no JIT for index-driven lookups */
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

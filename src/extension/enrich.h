@@ -70,6 +70,9 @@ extern void enrich_guard_init(void);
 extern void enrich_submit_init(void);
 extern void enrich_wake_dispatcher_at_commit(void);
 
+/* planner.c */
+extern void enrich_planner_init(void);
+
 /* control.c */
 extern Oid	enrich_tables_owner(void);
 
