@@ -468,11 +468,77 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(id);
 }
 
-/* Error context for bulk submission: which element is at fault. */
+/*
+ * A bulk submission's JSON array argument, checked, and the element being
+ * read (for the error context: which element is at fault).
+ */
+typedef struct BulkArray
+{
+	const char *noun;			/* one element: "contact", "email" */
+	Jsonb	   *arr;
+	int			n;				/* elements */
+	int			pos;			/* the element being read, from 1 */
+	ErrorContextCallback errcb;
+} BulkArray;
+
 static void
 bulk_error_context(void *arg)
 {
-	errcontext("contact %d of the array (counting from 1)", *(int *) arg);
+	BulkArray  *b = arg;
+
+	errcontext("%s %d of the array (counting from 1)", b->noun, b->pos);
+}
+
+/*
+ * Check argument argno of a bulk form: a non-empty JSON array of at most
+ * SUBMIT_MAX_BULK elements.  plural names the argument ("contacts"), shape
+ * says what it must be, one_hint points to the single form and row_form
+ * names the function that takes table rows.  Installs the error context;
+ * bulk_done() removes it.
+ */
+static void
+bulk_begin(FunctionCallInfo fcinfo, int argno, BulkArray *b, const char *noun,
+		   const char *plural, const char *shape, const char *one_hint,
+		   const char *row_form)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", plural)));
+	b->arr = PG_GETARG_JSONB_P(argno);
+	if (JB_ROOT_IS_SCALAR(b->arr) || !JB_ROOT_IS_ARRAY(b->arr))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be %s", plural, shape),
+				 errhint("%s", one_hint)));
+	b->n = JB_ROOT_COUNT(b->arr);
+	if (b->n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", plural)));
+	if (b->n > SUBMIT_MAX_BULK)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("bulk submission has %d %s, at most %d are allowed",
+						b->n, plural, SUBMIT_MAX_BULK),
+				 errhint("Split the array into several calls, or submit table rows with SELECT %s(t) FROM t.",
+						 row_form)));
+	b->noun = noun;
+	b->pos = 0;
+	b->errcb.callback = bulk_error_context;
+	b->errcb.arg = b;
+	b->errcb.previous = error_context_stack;
+	error_context_stack = &b->errcb;
+}
+
+/* The ids of a bulk submission, once every element is queued. */
+static Datum
+bulk_done(BulkArray *b, Datum *ids)
+{
+	error_context_stack = b->errcb.previous;
+	submit_check_preloaded();
+	enrich_wake_dispatcher_at_commit();
+	PG_RETURN_ARRAYTYPE_P(construct_array(ids, b->n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 }
 
 /*
@@ -484,47 +550,21 @@ bulk_error_context(void *arg)
 Datum
 enrich_submit_bulk(PG_FUNCTION_ARGS)
 {
-	Jsonb	   *arr;
-	int			n;
+	BulkArray	b;
 	ArrayType  *default_fields;
 	Datum	   *ids;
 	SubmitCache *cache;
 	JsonbIterator *it;
 	JsonbValue	e;
 	JsonbIteratorToken tok;
-	int			pos = 0;
-	ErrorContextCallback errcb;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("contacts must not be null")));
-	arr = PG_GETARG_JSONB_P(0);
-	if (JB_ROOT_IS_SCALAR(arr) || !JB_ROOT_IS_ARRAY(arr))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("contacts must be a JSON array of contact objects"),
-				 errhint("To submit one contact, use enrich.submit().")));
-	n = JB_ROOT_COUNT(arr);
-	if (n == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("contacts must not be empty")));
-	if (n > SUBMIT_MAX_BULK)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("bulk submission has %d contacts, at most %d are allowed", n, SUBMIT_MAX_BULK),
-				 errhint("Split the array into several calls, or submit table rows with SELECT enrich.submit(t) FROM t.")));
+	bulk_begin(fcinfo, 0, &b, "contact", "contacts", "a JSON array of contact objects",
+			   "To submit one contact, use enrich.submit().", "enrich.submit");
 	default_fields = arg_fields(fcinfo, 1);
 	cache = submit_cache(fcinfo);
-	ids = palloc(sizeof(Datum) * n);
+	ids = palloc(sizeof(Datum) * b.n);
 
-	errcb.callback = bulk_error_context;
-	errcb.arg = &pos;
-	errcb.previous = error_context_stack;
-	error_context_stack = &errcb;
-
-	it = JsonbIteratorInit(&arr->root);
+	it = JsonbIteratorInit(&b.arr->root);
 	while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
 	{
 		Contact		c;
@@ -533,22 +573,18 @@ enrich_submit_bulk(PG_FUNCTION_ARGS)
 
 		if (tok != WJB_ELEM)
 			continue;
-		pos++;
+		b.pos++;
 		if (e.type != jbvBinary || !JsonContainerIsObject(e.val.binary.data))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("contact must be a JSON object")));
 		contact_from_jsonb(e.val.binary.data, &c, &custom, &fields);
-		ids[pos - 1] = Int64GetDatum(request_insert(cache->ins, &c,
-													fields.type == jbvNull ? default_fields : fields_from_jsonb(&fields),
-													custom_validate(&custom),
-													InvalidOid, NULL));
+		ids[b.pos - 1] = Int64GetDatum(request_insert(cache->ins, &c,
+													  fields.type == jbvNull ? default_fields : fields_from_jsonb(&fields),
+													  custom_validate(&custom),
+													  InvalidOid, NULL));
 	}
-	error_context_stack = errcb.previous;
-
-	submit_check_preloaded();
-	enrich_wake_dispatcher_at_commit();
-	PG_RETURN_ARRAYTYPE_P(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	return bulk_done(&b, ids);
 }
 
 PG_FUNCTION_INFO_V1(enrich_wakeup_count);
@@ -801,13 +837,6 @@ enrich_submit_reverse_record(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(id);
 }
 
-/* Error context for bulk reverse submission: which element is at fault. */
-static void
-bulk_reverse_error_context(void *arg)
-{
-	errcontext("email %d of the array (counting from 1)", *(int *) arg);
-}
-
 /*
  * enrich.submit_reverse_bulk(emails jsonb) RETURNS bigint[]
  *		Queue a reverse lookup for every element of a JSON array: an
@@ -818,45 +847,20 @@ bulk_reverse_error_context(void *arg)
 Datum
 enrich_submit_reverse_bulk(PG_FUNCTION_ARGS)
 {
-	Jsonb	   *arr;
-	int			n;
+	BulkArray	b;
 	Datum	   *ids;
 	SubmitCache *cache;
 	JsonbIterator *it;
 	JsonbValue	e;
 	JsonbIteratorToken tok;
-	int			pos = 0;
-	ErrorContextCallback errcb;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("emails must not be null")));
-	arr = PG_GETARG_JSONB_P(0);
-	if (JB_ROOT_IS_SCALAR(arr) || !JB_ROOT_IS_ARRAY(arr))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("emails must be a JSON array of addresses or {\"email\", \"custom\"} objects"),
-				 errhint("To submit one address, use enrich.submit_reverse().")));
-	n = JB_ROOT_COUNT(arr);
-	if (n == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("emails must not be empty")));
-	if (n > SUBMIT_MAX_BULK)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("bulk submission has %d emails, at most %d are allowed", n, SUBMIT_MAX_BULK),
-				 errhint("Split the array into several calls, or submit table rows with SELECT enrich.submit_reverse(t) FROM t.")));
+	bulk_begin(fcinfo, 0, &b, "email", "emails",
+			   "a JSON array of addresses or {\"email\", \"custom\"} objects",
+			   "To submit one address, use enrich.submit_reverse().", "enrich.submit_reverse");
 	cache = submit_cache(fcinfo);
-	ids = palloc(sizeof(Datum) * n);
+	ids = palloc(sizeof(Datum) * b.n);
 
-	errcb.callback = bulk_reverse_error_context;
-	errcb.arg = &pos;
-	errcb.previous = error_context_stack;
-	error_context_stack = &errcb;
-
-	it = JsonbIteratorInit(&arr->root);
+	it = JsonbIteratorInit(&b.arr->root);
 	while ((tok = JsonbIteratorNext(&it, &e, true)) != WJB_DONE)
 	{
 		char	   *email = NULL;
@@ -864,7 +868,7 @@ enrich_submit_reverse_bulk(PG_FUNCTION_ARGS)
 
 		if (tok != WJB_ELEM)
 			continue;
-		pos++;
+		b.pos++;
 		custom.type = jbvNull;
 		if (e.type == jbvString)
 			email = email_check(pnstrdup(e.val.string.val, e.val.string.len));
@@ -909,13 +913,9 @@ enrich_submit_reverse_bulk(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("email must be a string or an object with an \"email\" key")));
-		ids[pos - 1] = Int64GetDatum(request_insert_reverse(cache->ins, email,
-															custom_validate(&custom),
-															InvalidOid, NULL));
+		ids[b.pos - 1] = Int64GetDatum(request_insert_reverse(cache->ins, email,
+															  custom_validate(&custom),
+															  InvalidOid, NULL));
 	}
-	error_context_stack = errcb.previous;
-
-	submit_check_preloaded();
-	enrich_wake_dispatcher_at_commit();
-	PG_RETURN_ARRAYTYPE_P(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	return bulk_done(&b, ids);
 }
