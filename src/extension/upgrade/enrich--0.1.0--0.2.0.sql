@@ -2293,61 +2293,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code text,
-                                          p_message text)
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off
-SET enable_bitmapscan = off
-SET jit = off
-SET max_parallel_workers_per_gather = 0
-AS $$
-DECLARE
-    v_ids   bigint[];
-    v_n     integer;
-    v_half  integer;
-    v_a     bigint;
-    v_b     bigint;
-BEGIN
-    PERFORM FROM enrich.batches b WHERE b.id = p_batch AND b.state = 'sending' FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 'gone';
-    END IF;
-    SELECT array_agg(q.id ORDER BY q.id) INTO v_ids
-      FROM enrich.requests q WHERE q.batch_id = p_batch AND q.state = 'sending';
-    v_n := coalesce(cardinality(v_ids), 0);
-
-    IF v_n <= 1 THEN
-        UPDATE enrich.batches b
-           SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
-               http_status = p_http, error_code = p_code, error_message = p_message
-         WHERE b.id = p_batch;
-        UPDATE enrich.requests q
-           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
-               error_message = format('the API refused this contact: %s', p_message)
-         WHERE q.batch_id = p_batch AND q.state = 'sending';
-        RETURN 'failed';
-    END IF;
-
-    v_half := v_n / 2;
-    v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
-    VALUES (v_a, 'enrich batch ' || v_a, v_half),
-           (v_b, 'enrich batch ' || v_b, v_n - v_half);
-    UPDATE enrich.requests q
-       SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
-     WHERE q.id = ANY (v_ids);
-    UPDATE enrich.batches b
-       SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
-           http_status = p_http, error_code = p_code,
-           error_message = format('%s; split into batches %s and %s to find the contact the API refused',
-                                  p_message, v_a, v_b)
-     WHERE b.id = p_batch;
-    RETURN 'split';
-END
-$$;
 
 CREATE OR REPLACE FUNCTION enrich._dispatch_requeue(p_batch bigint, p_state text, p_http integer,
                                          p_code text, p_message text, p_delay interval,
@@ -2600,32 +2545,6 @@ CREATE OR REPLACE VIEW enrich.queue AS
 SELECT q.state, q.terminal, q.requests, q.oldest, q.next_attempt_at
 FROM enrich._queue() q;
 
-CREATE OR REPLACE VIEW enrich.batch_status AS
-SELECT b.id AS batch_id,
-       b.state,
-       b.enrichment_id,
-       b.contact_count,
-       b.created_at,
-       b.sent_at,
-       b.finished_at,
-       b.attempts,
-       b.next_attempt_at,
-       b.next_poll_at,
-       b.http_status,
-       b.api_status,
-       b.credits_used,
-       b.error_code,
-       b.error_message,
-       c.pending,
-       c.done,
-       c.failed
-FROM enrich.batches b
-CROSS JOIN LATERAL (
-    SELECT pg_catalog.count(*) FILTER (WHERE r.state IN ('sending', 'in_flight')) AS pending,
-           pg_catalog.count(*) FILTER (WHERE r.state = 'done') AS done,
-           pg_catalog.count(*) FILTER (WHERE r.state = 'failed') AS failed
-      FROM enrich.requests r
-     WHERE r.batch_id = b.id) c;
 
 CREATE OR REPLACE VIEW enrich.failures AS
 SELECT c.error_code,
@@ -4105,62 +4024,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION enrich._dispatch_rejected(p_batch bigint, p_http integer, p_code text,
-                                          p_message text)
-RETURNS text
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off
-SET enable_bitmapscan = off
-SET jit = off
-SET max_parallel_workers_per_gather = 0
-AS $$
-DECLARE
-    v_ids   bigint[];
-    v_n     integer;
-    v_half  integer;
-    v_a     bigint;
-    v_b     bigint;
-BEGIN
-    PERFORM FROM enrich.batches b WHERE b.id = p_batch AND b.state = 'sending' FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN 'gone';
-    END IF;
-    SELECT array_agg(q.id ORDER BY q.id) INTO v_ids
-      FROM enrich.requests q WHERE q.batch_id = p_batch AND q.state = 'sending';
-    v_n := coalesce(cardinality(v_ids), 0);
-
-    IF v_n <= 1 THEN
-        UPDATE enrich.batches b
-           SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
-               http_status = p_http, error_code = p_code, error_message = p_message
-         WHERE b.id = p_batch;
-        UPDATE enrich.requests q
-           SET state = 'failed', next_attempt_at = NULL, error_code = p_code,
-               error_message = format('the API refused this contact: %s', p_message)
-         WHERE q.batch_id = p_batch AND q.state = 'sending';
-        RETURN 'failed';
-    END IF;
-
-    v_half := v_n / 2;
-    v_a := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    v_b := nextval(pg_get_serial_sequence('enrich.batches', 'id'));
-    INSERT INTO enrich.batches (id, name, contact_count) OVERRIDING SYSTEM VALUE
-    VALUES (v_a, 'enrich batch ' || v_a, v_half),
-           (v_b, 'enrich batch ' || v_b, v_n - v_half);
-    UPDATE enrich.requests q
-       SET batch_id = CASE WHEN q.id <= v_ids[v_half] THEN v_a ELSE v_b END
-     WHERE q.id = ANY (v_ids);
-    PERFORM enrich._budget_split(p_batch, v_a, v_b);
-    UPDATE enrich.batches b
-       SET state = 'rejected', finished_at = now(), next_attempt_at = NULL,
-           http_status = p_http, error_code = p_code,
-           error_message = format('%s; split into batches %s and %s to find the contact the API refused',
-                                  p_message, v_a, v_b)
-     WHERE b.id = p_batch;
-    RETURN 'split';
-END
-$$;
 
 CREATE OR REPLACE FUNCTION enrich._ingest_envelope(p_batch_id bigint, p_env jsonb, p_final boolean,
                                         p_bad jsonb,
@@ -4803,94 +4666,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION enrich._budget_fit(p_ids bigint[])
-RETURNS bigint[]
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off
-SET enable_bitmapscan = off
-SET jit = off
-SET max_parallel_workers_per_gather = 0
-AS $$
-DECLARE
-    v_p     record;
-    v_r     record;
-    v_used  jsonb := '{}'::jsonb;
-    v_lim   jsonb := '{}'::jsonb;
-    v_ok    bigint[] := '{}'::bigint[];
-    v_key   text;
-    v_scope text;
-    v_per   text;
-    v_limit numeric;
-    v_have  numeric;
-    v_why   text;
-    v_renew timestamptz;
-    v_held  integer := 0;
-    v_note  text;
-    v_until timestamptz;
-BEGIN
-    IF p_ids IS NULL THEN
-        RETURN NULL;
-    END IF;
-    SELECT * INTO v_p FROM enrich._budget_period();
-    FOR v_r IN SELECT q.id, q.submitted_by,
-                      enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
-                      AS cost
-                 FROM enrich.requests q
-                WHERE q.id = ANY (p_ids)
-                ORDER BY q.id LOOP
-        v_why := NULL;
-        FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
-                                     v_r.submitted_by || '/month'] LOOP
-            v_scope := split_part(v_key, '/', 1);
-            v_per := split_part(v_key, '/', 2);
-            IF NOT v_lim ? v_key THEN
-                v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
-                v_used := v_used || jsonb_build_object(v_key, coalesce(
-                    (SELECT t.reserved + t.spent FROM enrich.credit_totals t
-                      WHERE t.scope = v_scope AND t.period = v_per
-                        AND t.period_start = CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END),
-                    0));
-            END IF;
-            v_limit := (v_lim ->> v_key)::numeric;
-            v_have := (v_used ->> v_key)::numeric;
-            IF v_limit IS NOT NULL AND v_have + v_r.cost > v_limit THEN
-                v_renew := CASE v_per WHEN 'day' THEN v_p.day_renews ELSE v_p.month_renews END;
-                v_why := format('waits for the %s credit budget%s: %s of %s credits spent or reserved, this contact may cost %s; it renews at %s',
-                                CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
-                                CASE WHEN v_scope = '' THEN ' (enrich.credit_budget_'
-                                                            || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
-                                     ELSE format(' of role %s (enrich.budgets)', v_scope) END,
-                                v_have, v_limit, v_r.cost, v_renew);
-                EXIT;
-            END IF;
-        END LOOP;
-        IF v_why IS NULL THEN
-            v_ok := v_ok || v_r.id;
-            FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
-                                         v_r.submitted_by || '/month'] LOOP
-                v_used := jsonb_set(v_used, ARRAY[v_key],
-                                    to_jsonb((v_used ->> v_key)::numeric + v_r.cost));
-            END LOOP;
-        ELSE
-            UPDATE enrich.requests q
-               SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
-             WHERE q.id = v_r.id;
-            v_held := v_held + 1;
-            v_note := coalesce(v_note, v_why);
-            v_until := least(v_until, v_renew);
-        END IF;
-    END LOOP;
-    IF v_held > 0 THEN
-        UPDATE enrich.budget_seen s
-           SET held_note = format('%s request(s) held back at the last claim; the first %s',
-                                  v_held, v_note),
-               held_until = v_until
-         WHERE s.id;
-    END IF;
-    RETURN nullif(v_ok, '{}'::bigint[]);
-END
-$$;
 
 CREATE OR REPLACE FUNCTION enrich._budget_reserve(p_batch bigint, p_day date, p_month date)
 RETURNS void
