@@ -70,8 +70,6 @@ typedef enum BatchOutcome
 	OUTCOME_FAILED				/* its one contact failed */
 } BatchOutcome;
 
-extern const char *worker_state_name(WorkerState state);
-
 /* What enrich._dispatch_plan() says. */
 typedef struct QueuePlan
 {

@@ -3,8 +3,8 @@
  * dispatch_sql.c
  *		The C-SQL contract of the dispatcher: every statement the worker
  *		runs, each a call of a function of 20_dispatch.sql in its own short
- *		transaction, and the SQL text of every state and outcome the worker
- *		names.
+ *		transaction, and the SQL text of every batch ending and outcome the
+ *		worker names.
  *
  * Arguments are passed by name (p_batch => $1, ...) and result columns
  * read by name and type (dispatch_spi.c), so a column or an argument added
@@ -28,24 +28,9 @@
 #include "dispatch.h"
 
 /*-------------------------------------------------------------------------
- * States and outcomes: the one place their SQL text lives
+ * Batch endings and outcomes: the one place their SQL text lives
  *-------------------------------------------------------------------------
  */
-
-static const char *const worker_states[] = {
-	[WS_STARTING] = "starting",
-	[WS_NOT_INSTALLED] = "not_installed",
-	[WS_NO_API_KEY] = "no_api_key",
-	[WS_IDLE] = "idle",
-	[WS_GATHERING] = "gathering",
-	[WS_WAITING] = "waiting",
-	[WS_SENDING] = "sending",
-	[WS_POLLING] = "polling",
-	[WS_PAUSED] = "paused",
-	[WS_BACKING_OFF] = "backing_off",
-	[WS_RATE_LIMITED] = "rate_limited",
-	[WS_STOPPING] = "stopping",
-};
 
 static const char *const batch_ends[] = {
 	[BATCH_REJECTED] = "rejected",
@@ -60,12 +45,6 @@ static const char *const batch_outcomes[] = {
 	[OUTCOME_SPLIT] = "split",
 	[OUTCOME_FAILED] = "failed",
 };
-
-const char *
-worker_state_name(WorkerState state)
-{
-	return worker_states[state];
-}
 
 /* The outcome an outcome function's answer names (OUTCOME_NONE: none). */
 static BatchOutcome

@@ -17,6 +17,22 @@
 #include "dispatch.h"
 #include "dispatch_http.h"
 
+/* The worker's states as enrich.dispatcher shows them. */
+static const char *const worker_states[] = {
+	[WS_STARTING] = "starting",
+	[WS_NOT_INSTALLED] = "not_installed",
+	[WS_NO_API_KEY] = "no_api_key",
+	[WS_IDLE] = "idle",
+	[WS_GATHERING] = "gathering",
+	[WS_WAITING] = "waiting",
+	[WS_SENDING] = "sending",
+	[WS_POLLING] = "polling",
+	[WS_PAUSED] = "paused",
+	[WS_BACKING_OFF] = "backing_off",
+	[WS_RATE_LIMITED] = "rate_limited",
+	[WS_STOPPING] = "stopping",
+};
+
 /* Status for enrich.dispatcher, published each iteration of the loop. */
 DispatchStatus dispatch_status;
 static WorkerState current_state = WS_STARTING;
@@ -42,7 +58,7 @@ dispatch_set_state(WorkerState s, const char *fmt,...)
 	va_list		ap;
 
 	current_state = s;
-	strlcpy(dispatch_status.state, worker_state_name(s), sizeof(dispatch_status.state));
+	strlcpy(dispatch_status.state, worker_states[s], sizeof(dispatch_status.state));
 	va_start(ap, fmt);
 	vsnprintf(dispatch_status.detail, sizeof(dispatch_status.detail), fmt, ap);
 	va_end(ap);
