@@ -111,6 +111,7 @@ extern bool sql_plan(QueuePlan *plan, bool recover);
 extern bool sql_claim(int max_new, ClaimedBatch *batch);
 extern bool sql_poll_claim(ClaimedPoll *poll);
 extern bool sql_retention(bool *more);
+extern bool sql_analyze(bool *more);
 
 /* Outcome reports: false when the transaction failed (retried later). */
 extern bool sql_accepted(int64 batch_id, const char *enrichment_id, long http_status);

@@ -230,6 +230,33 @@ sql_retention(bool *more)
 	return dispatch_tx("deleting history past its retention", tx_retention, more);
 }
 
+static void
+tx_analyze(void *arg)
+{
+	bool	   *more = (bool *) arg;
+
+	/* Not installed, or not yet updated to a version that has it. */
+	spi_select("SELECT pg_catalog.to_regprocedure("
+			   "'enrich._analyze_step(integer, double precision, bigint)') IS NOT NULL AS present",
+			   NULL, 1, 1);
+	if (!spi_bool(0, "present"))
+		return;
+	spi_select("SELECT a.more FROM enrich._analyze_step() a", NULL, 1, 1);
+	*more = spi_bool(0, "more");
+}
+
+/*
+ * One step of keeping statistics fresh: ANALYZE of at most one of enrich's
+ * tables whose rows changed much since its last analyze; *more when
+ * another is due.
+ */
+bool
+sql_analyze(bool *more)
+{
+	*more = false;
+	return dispatch_tx("analyzing enrich's tables", tx_analyze, more);
+}
+
 /*-------------------------------------------------------------------------
  * Outcome reports: one statement each, returning one row whose column
  * "result" is the function's answer (NULL for a void one)

@@ -424,31 +424,46 @@ dispatch_shutdown(void)
 }
 
 /*
- * Retention: enrich._retention_step() every enrich.retention_interval, in
- * its own short transaction (it deletes at most a few thousand rows); again
- * after a second while it reports more to delete.  Returns ms until the
+ * Housekeeping on a timer, each step in its own short transaction, again
+ * after a second while it reports more to do: retention
+ * (enrich._retention_step() every enrich.retention_interval: it deletes at
+ * most a few thousand rows) and statistics (enrich._analyze_step() every
+ * enrich.analyze_interval: ANALYZE of one table).  Returns ms until the
  * next step (-1: off).
  */
-static long
-retention_tick(TimestampTz now)
+typedef struct Periodic
 {
-	static TimestampTz next_retention = 0;
+	const int  *interval;		/* seconds, a setting; <= 0: off */
+	bool		(*step) (bool *more);
+	TimestampTz next;			/* 0: not yet scheduled */
+} Periodic;
+
+static long
+periodic_tick(Periodic *p, TimestampTz now)
+{
 	bool		more = false;
 
-	if (enrich_retention_interval <= 0)
-		return -1;
-	if (next_retention == 0)	/* the first step one interval after start */
-		next_retention = now + (TimestampTz) enrich_retention_interval * USECS_PER_SEC;
-	if (now >= next_retention)
+	if (*p->interval <= 0)
 	{
-		if (!sql_retention(&more))
+		p->next = 0;			/* turned on again: one interval from then */
+		return -1;
+	}
+	if (p->next == 0)			/* the first step one interval after start */
+		p->next = now + (TimestampTz) *p->interval * USECS_PER_SEC;
+	if (now >= p->next)
+	{
+		if (!p->step(&more))
 			more = false;
 		dispatch_publish_status();		/* pg_stat_activity shows the state again */
-		next_retention = now + (more ? USECS_PER_SEC
-								: (TimestampTz) enrich_retention_interval * USECS_PER_SEC);
+		p->next = now + (more ? USECS_PER_SEC : (TimestampTz) *p->interval * USECS_PER_SEC);
 	}
-	return ms_until(next_retention, now);
+	return ms_until(p->next, now);
 }
+
+static Periodic housekeeping[] = {
+	{&enrich_retention_interval, sql_retention, 0},
+	{&enrich_analyze_interval, sql_analyze, 0},
+};
 
 /* Entry point of the dispatcher worker. */
 void
@@ -543,12 +558,13 @@ enrich_dispatch_main(Datum main_arg)
 			if (timeout == 0)
 				continue;		/* something started: look again at once */
 		}
+		wait = ms_until(plan_at, now);
+		for (int i = 0; i < lengthof(housekeeping); i++)
 		{
-			long		until_retention = retention_tick(now);
+			long		until = periodic_tick(&housekeeping[i], now);
 
-			wait = ms_until(plan_at, now);
-			if (until_retention >= 0)
-				wait = Min(wait, until_retention);
+			if (until >= 0)
+				wait = Min(wait, until);
 		}
 		if (woken)
 			wait = Min(wait, ms_until(last_plan + MIN_REPLAN_MS * 1000, now));

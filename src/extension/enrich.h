@@ -57,6 +57,7 @@ extern int	enrich_search_cache_ttl;
 extern int	enrich_delivery_retention;
 extern int	enrich_result_retention;
 extern int	enrich_retention_interval;
+extern int	enrich_analyze_interval;
 
 extern void enrich_guc_init(void);
 extern char *enrich_read_api_key(const char **source);

@@ -76,6 +76,9 @@ int			enrich_delivery_retention = 30 * 86400;
 int			enrich_result_retention = 0;
 int			enrich_retention_interval = 60;
 
+/* Statistics kept fresh (enrich._analyze_step); see enrich_guc_init_retention. */
+int			enrich_analyze_interval = 60;
+
 /* Longest key file we are willing to read; real keys are ~40 bytes. */
 #define API_KEY_FILE_MAX 4096
 
@@ -400,8 +403,9 @@ enrich_guc_init_dispatcher(void)
 }
 
 /*
- * History retention, run by the dispatcher worker (enrich._retention_step).
- * All reload on SIGHUP.
+ * History retention, run by the dispatcher worker (enrich._retention_step),
+ * and the statistics it keeps fresh (enrich._analyze_step).  All reload on
+ * SIGHUP.
  */
 static void
 enrich_guc_init_retention(void)
@@ -426,6 +430,14 @@ enrich_guc_init_retention(void)
 							"How often the dispatcher worker deletes history past its retention; 0 turns that off.",
 							"Each run deletes at most 1000 rows of each kind; while more is left it runs again after a second.",
 							&enrich_retention_interval,
+							60, 0, 86400,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("enrich.analyze_interval",
+							"How often the dispatcher worker analyzes enrich's tables whose rows changed much since their last analyze; 0 turns that off.",
+							"A table is analyzed once a fifth of its rows (at least 1000) changed; one table per step, the next a second later.",
+							&enrich_analyze_interval,
 							60, 0, 86400,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);

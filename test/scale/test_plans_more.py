@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Plans at scale, continued: the reporting lookups are never JIT-compiled.
 
 With statistics taken while enrich's tables were empty, the planner guesses
@@ -21,13 +20,8 @@ Checks (EXPLAIN ANALYZE, which prints JIT only with costs, with jit = on, jit_ab
     there).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
-from enrichtest import Cluster, Results  # noqa: E402
-
-R = Results("plans-more")
+CLUSTER_CONF = {"autovacuum": "off", "enrich.database_name": "'postgres'",
+                "enrich.api_key": "'k'", "log_min_messages": "warning"}
 
 HISTORY = """
 CREATE SCHEMA crm;
@@ -55,56 +49,50 @@ def explain(c, sql):
     return c.psql(JIT + "EXPLAIN (ANALYZE) " + sql)
 
 
-def main():
-    c = Cluster("plans-more", conf={"autovacuum": "off", "enrich.database_name": "'postgres'",
-                                    "enrich.api_key": "'k'", "log_min_messages": "warning"})
-    c.start()
-    try:
-        # Statistics of the empty tables, as in bench_scale.
-        c.psql("CREATE EXTENSION enrich; ANALYZE;" + HISTORY)
-        R.eq(c.scalar("SELECT pg_jit_available()"), "t", "JIT is available on this server")
+# Statistics of the empty tables, as in bench_scale, then the history.
+CLUSTER_SETUP = "CREATE EXTENSION enrich; ANALYZE;" + HISTORY
 
-        lookups = [
-            ("enriched_contacts by work_email",
-             "SELECT * FROM enrich.enriched_contacts WHERE work_email = 'w77@co.example.com'"),
-            ("enriched_contacts by personal_email",
-             "SELECT * FROM enrich.enriched_contacts WHERE personal_email = 'p77@gmail.example'"),
-            ("enriched_contacts by phone",
-             "SELECT * FROM enrich.enriched_contacts WHERE phone = '+33 6 00000077'"),
-            ("enriched_contacts by CRM row",
-             "SELECT * FROM enrich.enriched_contacts WHERE source_table = 'crm.people'::regclass "
-             "AND source_id = '77'"),
-            ("enriched_contacts by company domain",
-             "SELECT * FROM enrich.enriched_contacts WHERE domain = 'co3.example.com'"),
-            ("enriched_contacts by LinkedIn URL",
-             "SELECT * FROM enrich.enriched_contacts WHERE linkedin_url = 'https://www.linkedin.com/in/p-77'"),
-            ("request_status by id", "SELECT * FROM enrich.request_status WHERE request_id = 77"),
-            ("request_status by CRM row",
-             "SELECT * FROM enrich.request_status WHERE source_table = 'crm.people'::regclass "
-             "AND source_id = '77'"),
-            ("batch_status one batch", "SELECT * FROM enrich.batch_status WHERE batch_id = 7"),
-            ("batch_status latest 10", "SELECT * FROM enrich.batch_status ORDER BY batch_id DESC LIMIT 10"),
-        ]
-        for what, sql in lookups:
-            plan = explain(c, sql)
-            R.check("JIT:" not in plan and "Seq Scan" not in plan, "%s: not JIT-compiled" % what, "\n" + plan)
-
-        # A generic plan of a prepared statement, as drivers and PL/pgSQL run it.
-        plan = c.psql(JIT + "SET plan_cache_mode = force_generic_plan;"
-                      "PREPARE q(text) AS SELECT * FROM enrich.enriched_contacts WHERE work_email = $1;"
-                      "EXPLAIN (ANALYZE) EXECUTE q('w77@co.example.com');")
-        R.check("JIT:" not in plan, "prepared lookup by work_email (generic plan): not JIT-compiled", "\n" + plan)
-
-        # What the hook leaves alone.
-        plan = explain(c, "SELECT count(*) FROM enrich.results WHERE profile ->> 'headline' = 'x'")
-        R.check("Seq Scan" in plan and "JIT:" in plan, "a sequential scan of enrich.results keeps JIT", "\n" + plan)
-        plan = explain(c, "SELECT * FROM crm.people WHERE id = 77")
-        R.check("Index Scan" in plan and "JIT:" in plan,
-                "an index lookup in another schema keeps JIT", "\n" + plan)
-    finally:
-        c.destroy()
-    R.finish()
+LOOKUPS = [
+    ("enriched_contacts by work_email",
+     "SELECT * FROM enrich.enriched_contacts WHERE work_email = 'w77@co.example.com'"),
+    ("enriched_contacts by personal_email",
+     "SELECT * FROM enrich.enriched_contacts WHERE personal_email = 'p77@gmail.example'"),
+    ("enriched_contacts by phone",
+     "SELECT * FROM enrich.enriched_contacts WHERE phone = '+33 6 00000077'"),
+    ("enriched_contacts by CRM row",
+     "SELECT * FROM enrich.enriched_contacts WHERE source_table = 'crm.people'::regclass "
+     "AND source_id = '77'"),
+    ("enriched_contacts by company domain",
+     "SELECT * FROM enrich.enriched_contacts WHERE domain = 'co3.example.com'"),
+    ("enriched_contacts by LinkedIn URL",
+     "SELECT * FROM enrich.enriched_contacts WHERE linkedin_url = 'https://www.linkedin.com/in/p-77'"),
+    ("request_status by id", "SELECT * FROM enrich.request_status WHERE request_id = 77"),
+    ("request_status by CRM row",
+     "SELECT * FROM enrich.request_status WHERE source_table = 'crm.people'::regclass "
+     "AND source_id = '77'"),
+    ("batch_status one batch", "SELECT * FROM enrich.batch_status WHERE batch_id = 7"),
+    ("batch_status latest 10", "SELECT * FROM enrich.batch_status ORDER BY batch_id DESC LIMIT 10"),
+]
 
 
-if __name__ == "__main__":
-    main()
+def test_jit_available(r, cluster):
+    r.eq(cluster.scalar("SELECT pg_jit_available()"), "t", "JIT is available on this server")
+
+
+def test_lookups_not_jit(r, cluster):
+    for what, sql in LOOKUPS:
+        plan = explain(cluster, sql)
+        r.check("JIT:" not in plan and "Seq Scan" not in plan, "%s: not JIT-compiled" % what, "\n" + plan)
+    # A generic plan of a prepared statement, as drivers and PL/pgSQL run it.
+    plan = cluster.psql(JIT + "SET plan_cache_mode = force_generic_plan;"
+                        "PREPARE q(text) AS SELECT * FROM enrich.enriched_contacts WHERE work_email = $1;"
+                        "EXPLAIN (ANALYZE) EXECUTE q('w77@co.example.com');")
+    r.check("JIT:" not in plan, "prepared lookup by work_email (generic plan): not JIT-compiled", "\n" + plan)
+
+
+def test_hook_leaves_others_alone(r, cluster):
+    plan = explain(cluster, "SELECT count(*) FROM enrich.results WHERE profile ->> 'headline' = 'x'")
+    r.check("Seq Scan" in plan and "JIT:" in plan, "a sequential scan of enrich.results keeps JIT", "\n" + plan)
+    plan = explain(cluster, "SELECT * FROM crm.people WHERE id = 77")
+    r.check("Index Scan" in plan and "JIT:" in plan,
+            "an index lookup in another schema keeps JIT", "\n" + plan)

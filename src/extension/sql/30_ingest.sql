@@ -971,6 +971,75 @@ END
 $$;
 
 ------------------------------------------------------------------------
+-- Statistics kept fresh: one step, run by the dispatcher worker every
+-- enrich.analyze_interval (superuser only; callable by hand).
+--
+-- The planner picks index or hash join from the statistics.  Taken while
+-- enrich's tables were small (autovacuum off, or behind under load), they
+-- turn a lookup in enrich.enriched_contacts by work email at ~150,000
+-- requests into a hash join that reads all of enrich.requests (20-50 ms
+-- instead of 0.2 ms); views cannot carry SET options, so enrich keeps its
+-- own tables' statistics fresh instead.
+--
+-- A table of schema enrich is analyzed when the rows inserted, updated or
+-- deleted since its last analyze (manual or automatic, n_mod_since_analyze)
+-- reach p_fraction (default 0.2) of the rows its statistics counted
+-- (pg_class.reltuples), and at least p_min_rows (default 1000, so small
+-- tables are left alone).  Autovacuum's own default is a tenth plus 50
+-- rows, so while autovacuum keeps up the dispatcher has nothing to do.
+-- Most changed first (relative to size), at most p_max tables (default 1)
+-- per call, so a step stays short; more says whether another table was
+-- due (the worker comes back a second later).
+--
+-- ANALYZE takes a SHARE UPDATE EXCLUSIVE lock, which reads and writes do
+-- not wait for.  A table whose lock is not free at once (autovacuum, an
+-- index build, a manual ANALYZE) is skipped until the next step (LOCK ...
+-- NOWAIT first), and lock_timeout bounds any other wait.  SECURITY
+-- DEFINER (ANALYZE needs the tables' owner), granted to enrich_dispatcher
+-- only, so that a worker running as enrich.worker_role can run it.
+------------------------------------------------------------------------
+CREATE FUNCTION enrich._analyze_step(p_max integer DEFAULT 1,
+                                     p_fraction double precision DEFAULT 0.2,
+                                     p_min_rows bigint DEFAULT 1000,
+                                     OUT analyzed name[], OUT skipped name[],
+                                     OUT more boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '1s'
+AS $$
+DECLARE
+    v_rel name;
+BEGIN
+    analyzed := '{}';
+    skipped := '{}';
+    more := false;
+    FOR v_rel IN
+        SELECT c.relname
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_stat_user_tables s ON s.relid = c.oid
+         WHERE c.relnamespace = 'enrich'::pg_catalog.regnamespace
+           AND c.relkind = 'r'
+           AND s.n_mod_since_analyze >= greatest(p_min_rows::double precision,
+                                                 p_fraction * greatest(c.reltuples, 0::real))
+         ORDER BY s.n_mod_since_analyze::double precision / greatest(c.reltuples, 1::real) DESC,
+                  c.relname
+    LOOP
+        IF pg_catalog.cardinality(analyzed) >= p_max THEN
+            more := true;
+            EXIT;
+        END IF;
+        BEGIN
+            EXECUTE pg_catalog.format('LOCK TABLE enrich.%I IN SHARE UPDATE EXCLUSIVE MODE NOWAIT', v_rel);
+            EXECUTE pg_catalog.format('ANALYZE enrich.%I', v_rel);
+            analyzed := analyzed OPERATOR(pg_catalog.||) v_rel;
+        EXCEPTION WHEN lock_not_available THEN
+            skipped := skipped OPERATOR(pg_catalog.||) v_rel;
+        END;
+    END LOOP;
+END
+$$;
+
+------------------------------------------------------------------------
 -- Views (no bodies): the delivery log and the quarantine.
 ------------------------------------------------------------------------
 CREATE VIEW enrich.webhook_deliveries AS

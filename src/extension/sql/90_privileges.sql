@@ -29,7 +29,9 @@ GRANT SELECT ON enrich.requests, enrich.results,
 -- ordinary role (a LOGIN member of enrich_dispatcher): the batch, request
 -- and result tables, their sequences, and the functions the worker calls
 -- (SECURITY INVOKER but _retention_step, which deletes history as its
--- owner).  Nothing else: no deliveries, no other schema.  Left unset, the worker runs as the bootstrap superuser.
+-- owner, and _analyze_step, which analyzes enrich's tables as their
+-- owner).  Nothing else: no deliveries, no other schema.  Left unset, the
+-- worker runs as the bootstrap superuser.
 ------------------------------------------------------------------------
 DO $dispatcher$
 DECLARE
@@ -42,7 +44,7 @@ BEGIN
     FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
               WHERE p.pronamespace OPERATOR(pg_catalog.=) 'enrich'::pg_catalog.regnamespace
                 AND (p.proname OPERATOR(pg_catalog.~) '^_dispatch_'
-                     OR p.proname OPERATOR(pg_catalog.=) ANY ('{_wake_dispatcher,ingest_result,_ingest_envelope,_envelope_problem,_envelope_parse,_envelope_bad_note,_retention_step}'))
+                     OR p.proname OPERATOR(pg_catalog.=) ANY ('{_wake_dispatcher,ingest_result,_ingest_envelope,_envelope_problem,_envelope_parse,_envelope_bad_note,_retention_step,_analyze_step}'))
               ORDER BY p.oid LOOP
         EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO enrich_dispatcher', f);
     END LOOP;
