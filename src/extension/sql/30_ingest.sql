@@ -900,6 +900,8 @@ CREATE FUNCTION enrich._retention_step(p_limit integer DEFAULT 1000,
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
 AS $$
 DECLARE
     SCAN_FACTOR constant integer := 10;
