@@ -67,9 +67,10 @@ def problems(plan):
     return bad
 
 
-def check_statements(r, c, what, sql):
+def check_statements(r, c, what, sql, uses=None):
     """Run sql with auto_explain logging every nested statement's plan;
-    check (one check on r) that each is index-driven.  Returns the psql
+    check (one check on r) that each is index-driven, and (a second check)
+    that some plan scans the index named uses when given.  Returns the psql
     output."""
     mark = len(c.log())
     out = c.psql("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0;"
@@ -83,4 +84,8 @@ def check_statements(r, c, what, sql):
             bad.append("%s in:\n%s\n%s" % (why, q, p))
     r.check(found and not bad, "%s: index-driven (%d statements)" % (what, len(found)),
             "\n".join(bad[:3]))
+    if uses:
+        r.check(any(re.search(r"Index (?:Only )?Scan using %s on" % re.escape(uses), p) for _, p in found),
+                "%s: looks up through %s" % (what, uses),
+                "\n".join(p for _, p in found)[-3000:])
     return out

@@ -7,7 +7,8 @@ Checks, as auto_explain logs every nested statement (planlib: no
 sequential scan of requests, results or batches, no node reading and
 throwing away more than 1,000 rows, no JIT, no parallel plan):
   - _dispatch_next_batch with reuse on, serving a repeated reverse lookup
-    from history, then claiming a reverse batch out of a mixed backlog;
+    from history (through requests_input_hash_idx), then claiming a
+    reverse batch out of a mixed backlog;
   - _dispatch_request building that batch's body;
   - _dispatch_poll_claim (its path column);
   - enriched_contacts and request_status by email.
@@ -62,7 +63,7 @@ def test_reuse(r, c):
     c.psql("UPDATE enrich.requests SET input_key = 'key-150' WHERE id = %s" % again)
     out = check_statements(r, c, "_dispatch_next_batch (reverse reuse)",
                            "SELECT coalesce(batch_id, 0) || ' ' || reused FROM enrich._dispatch_next_batch("
-                           "100, true, interval '1 day');")
+                           "100, true, interval '1 day');", uses="requests_input_hash_idx")
     r.eq(out.split()[-1], "1", "the repeated reverse lookup was served from history")
     r.eq(c.scalar("SELECT state || ' ' || (reused_from = (SELECT id FROM enrich.requests "
                   "WHERE input_key = 'key-150' AND kind = 'reverse' AND id <> %s)) "

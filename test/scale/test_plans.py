@@ -12,7 +12,8 @@ the PL/pgSQL functions run the plan chosen without its parameters' values.
 Checks:
   - every statement the dispatcher's functions run (_dispatch_plan,
     _dispatch_ready, _dispatch_next_batch with reuse, _dispatch_reuse
-    serving a repeated contact, _dispatch_request, _dispatch_retry, the
+    serving a repeated contact (both looking the earlier request up
+    through requests_input_hash_idx), _dispatch_request, _dispatch_retry, the
     resend claim, _dispatch_accepted, _dispatch_rejected,
     _dispatch_requeue, _dispatch_poll_claim, _dispatch_recover,
     dispatcher_status, and the credit budgets' hold, release and settlement), as auto_explain logs them with
@@ -71,13 +72,14 @@ def test_dispatch_cycle(r, cluster):
     check_statements(r, c, "_dispatch_ready", "SELECT * FROM enrich._dispatch_ready(100);")
     out = check_statements(r, c, "_dispatch_next_batch (new batch, reuse on)",
                            "SELECT batch_id || ' ' || reused FROM enrich._dispatch_next_batch("
-                           "100, true, interval '1 day');")
+                           "100, true, interval '1 day');", uses="requests_input_hash_idx")
     bid, reused = out.split()
     r.eq(reused, "1", "the repeated contact was served from history")
     check_statements(r, c, "_dispatch_reuse", """
         INSERT INTO enrich.requests (state, first_name, last_name, domain, fields, input_key)
         VALUES ('queued', 'F2', 'L2', 'co0.example.com', '{work_email}', 'key-2');
-        SELECT enrich._dispatch_reuse(ARRAY[currval('enrich.requests_id_seq')], interval '1 day');""")
+        SELECT enrich._dispatch_reuse(ARRAY[currval('enrich.requests_id_seq')], interval '1 day');""",
+                     uses="requests_input_hash_idx")
     check_statements(r, c, "_dispatch_request",
                      "SELECT length(body) FROM enrich._dispatch_request(%s, 'https://hooks.example');" % bid)
     check_statements(r, c, "_dispatch_retry",

@@ -307,7 +307,9 @@ BEGIN
         RETURN '{}'::bigint[];
     END IF;
     -- The join can only start from the given ids: earlier requests are
-    -- reachable only by input_key (no index leads to all done requests)
+    -- reachable only by the hash of input_key (requests_input_hash_idx;
+    -- the equality on input_key itself rechecks collisions; no index leads
+    -- to all done requests)
     -- and results only by request_id (the window is tested as
     -- received_at + p_window, which results_received_idx cannot serve), so
     -- no statistics can make the planner read all history looking for a
@@ -317,7 +319,8 @@ BEGIN
                coalesce(t.reused_from, p.id) AS origin, t.*
           FROM enrich.requests q
           JOIN enrich.requests p
-            ON p.input_key = q.input_key AND p.id <> q.id
+            ON pg_catalog.hashtextextended(p.input_key, 0) = pg_catalog.hashtextextended(q.input_key, 0)
+           AND p.input_key = q.input_key AND p.id <> q.id
            AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
           JOIN enrich.results t ON t.request_id = p.id
          WHERE q.id = ANY (p_ids) AND q.state = 'queued'

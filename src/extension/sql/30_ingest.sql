@@ -900,6 +900,8 @@ CREATE FUNCTION enrich._retention_step(p_limit integer DEFAULT 1000,
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
 AS $$
 DECLARE
     SCAN_FACTOR constant integer := 10;
@@ -947,7 +949,8 @@ BEGIN
                     OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
                                    FROM enrich.batches b WHERE b.id = w.batch_id), true))
                AND (SELECT x.id FROM enrich.requests x
-                     WHERE x.input_key = w.input_key AND x.state = 'queued' LIMIT 1) IS NULL
+                     WHERE pg_catalog.hashtextextended(x.input_key, 0) = pg_catalog.hashtextextended(w.input_key, 0)
+                       AND x.input_key = w.input_key AND x.state = 'queued' LIMIT 1) IS NULL
              LIMIT p_limit));
         GET DIAGNOSTICS requests = ROW_COUNT;
 

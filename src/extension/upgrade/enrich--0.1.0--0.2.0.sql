@@ -5607,6 +5607,170 @@ $$;
 
 REVOKE ALL ON FUNCTION enrich._analyze_step(integer, double precision, bigint) FROM PUBLIC;
 
+-- == scale: a smaller input_key index ==
+-- requests_input_key_idx (btree on the 64-character input_key) becomes a
+-- btree on its 64-bit hash: a third of the size, so a new request's leaf
+-- page is far less often the first change to that page since the last
+-- checkpoint (a full-page image in the WAL).  The two lookups by input_key
+-- add the equality on the hash (input_key = ... stays, the recheck for
+-- collisions).
+DROP INDEX enrich.requests_input_key_idx;
+CREATE INDEX requests_input_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)));
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_served bigint[];
+BEGIN
+    IF p_window <= interval '0' OR p_ids IS NULL THEN
+        RETURN '{}'::bigint[];
+    END IF;
+    -- The join can only start from the given ids: earlier requests are
+    -- reachable only by the hash of input_key (requests_input_hash_idx;
+    -- the equality on input_key itself rechecks collisions; no index leads
+    -- to all done requests)
+    -- and results only by request_id (the window is tested as
+    -- received_at + p_window, which results_received_idx cannot serve), so
+    -- no statistics can make the planner read all history looking for a
+    -- match.
+    WITH src AS (
+        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want, q.kind AS want_kind,
+               coalesce(t.reused_from, p.id) AS origin, t.*
+          FROM enrich.requests q
+          JOIN enrich.requests p
+            ON pg_catalog.hashtextextended(p.input_key, 0) = pg_catalog.hashtextextended(q.input_key, 0)
+           AND p.input_key = q.input_key AND p.id <> q.id
+           AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
+          JOIN enrich.results t ON t.request_id = p.id
+         WHERE q.id = ANY (p_ids) AND q.state = 'queued'
+           AND t.received_at + p_window > now()
+           AND t.outcome IN ('found', 'partial', 'not_found')
+         ORDER BY q.id, t.received_at DESC
+    ), res AS (
+        SELECT src.*,
+               ('work_email' = ANY (want) AND work_email IS NOT NULL)::int
+               + ('personal_email' = ANY (want) AND personal_email IS NOT NULL)::int
+               + ('phone' = ANY (want) AND phone IS NOT NULL)::int AS nfound
+          FROM src
+    ), ins AS (
+        INSERT INTO enrich.results (request_id, batch_id, enrichment_id, outcome,
+                                    work_email, work_email_status, personal_email,
+                                    personal_email_status, phone, phone_region,
+                                    contact_info, profile, input, reused_from)
+        SELECT rid, NULL, enrichment_id,
+               -- a reverse lookup asks for the profile: its answer as it was
+               CASE WHEN want_kind = 'reverse' THEN outcome
+                    WHEN nfound = cardinality(want) THEN 'found'
+                    WHEN nfound > 0 THEN 'partial'
+                    ELSE 'not_found' END,
+               work_email, work_email_status, personal_email, personal_email_status,
+               phone, phone_region, contact_info, profile, input, origin
+          FROM res
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id, reused_from
+    ), dn AS (
+        UPDATE enrich.requests q
+           SET state = 'done', reused_from = ins.reused_from,
+               next_attempt_at = NULL, error_code = NULL, error_message = NULL
+          FROM ins
+         WHERE q.id = ins.request_id
+        RETURNING q.id
+    )
+    SELECT array_agg(id ORDER BY id) INTO v_served FROM dn;
+
+    IF v_served IS NOT NULL THEN
+        PERFORM pg_notify('enrich_result', r::text) FROM unnest(v_served) AS r;
+    END IF;
+    RETURN coalesce(v_served, '{}');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION enrich._retention_step(p_limit integer DEFAULT 1000,
+                                       OUT deliveries bigint, OUT requests bigint,
+                                       OUT batches bigint, OUT more boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+AS $$
+DECLARE
+    SCAN_FACTOR constant integer := 10;
+    v_keep      interval := greatest(coalesce(NULLIF(current_setting('enrich.delivery_retention', true), ''),
+                                              '30d')::interval,
+                                     interval '1 hour');
+    v_results   interval := NULLIF(coalesce(NULLIF(current_setting('enrich.result_retention', true), ''),
+                                            '0')::interval, interval '0');
+BEGIN
+    -- Each walk is a range scan of a time index, oldest first, with a LIMIT
+    -- and no other condition (so no statistics can turn it into a scan and
+    -- sort of everything old); the rows to keep are filtered out above it
+    -- by scalar subqueries (index probes, never turned into joins), and the
+    -- rest deleted by ctid (a TID scan).  Up to SCAN_FACTOR * p_limit old
+    -- rows are looked at, so rows that must stay (a long-open batch) cannot
+    -- make a step expensive.
+    DELETE FROM enrich.deliveries d
+     WHERE d.ctid = ANY (ARRAY(
+        SELECT w.ctid
+          FROM (SELECT o.ctid, o.batch_id
+                  FROM enrich.deliveries o
+                 WHERE o.received_at < now() - v_keep
+                 ORDER BY o.received_at
+                 LIMIT p_limit * SCAN_FACTOR) w
+         WHERE w.batch_id IS NULL
+            OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                           FROM enrich.batches b WHERE b.id = w.batch_id), true)
+         LIMIT p_limit));
+    GET DIAGNOSTICS deliveries = ROW_COUNT;
+
+    DELETE FROM enrich.unauthorized_counts u WHERE u.hour < now() - v_keep;
+
+    requests := 0;
+    batches := 0;
+    IF v_results IS NOT NULL THEN
+        DELETE FROM enrich.requests q
+         WHERE q.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.batch_id, o.input_key
+                      FROM enrich.requests o
+                     WHERE o.state IN ('done', 'failed', 'canceled') AND o.updated_at < now() - v_results
+                     ORDER BY o.updated_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE (w.batch_id IS NULL
+                    OR coalesce((SELECT b.state NOT IN ('sending', 'sent')
+                                   FROM enrich.batches b WHERE b.id = w.batch_id), true))
+               AND (SELECT x.id FROM enrich.requests x
+                     WHERE pg_catalog.hashtextextended(x.input_key, 0) = pg_catalog.hashtextextended(w.input_key, 0)
+                       AND x.input_key = w.input_key AND x.state = 'queued' LIMIT 1) IS NULL
+             LIMIT p_limit));
+        GET DIAGNOSTICS requests = ROW_COUNT;
+
+        DELETE FROM enrich.batches b
+         WHERE b.ctid = ANY (ARRAY(
+            SELECT w.ctid
+              FROM (SELECT o.ctid, o.id, o.state
+                      FROM enrich.batches o
+                     WHERE o.finished_at IS NOT NULL AND o.finished_at < now() - v_results
+                     ORDER BY o.finished_at
+                     LIMIT p_limit * SCAN_FACTOR) w
+             WHERE w.state NOT IN ('sending', 'sent')
+               AND (SELECT q.id FROM enrich.requests q WHERE q.batch_id = w.id LIMIT 1) IS NULL
+               AND (SELECT t.request_id FROM enrich.results t WHERE t.batch_id = w.id LIMIT 1) IS NULL
+             LIMIT p_limit));
+        GET DIAGNOSTICS batches = ROW_COUNT;
+    END IF;
+
+    more := greatest(deliveries, requests, batches) >= p_limit;
+END
+$$;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
