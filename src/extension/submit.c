@@ -407,6 +407,19 @@ row_error_context(void *arg)
 		errcontext("row with id %s", ctx->source_id);
 }
 
+/* Name the row in the errors raised until error_context_stack is restored. */
+static void
+row_context_push(RowErrorContext *ctx, ErrorContextCallback *cb, Oid relid,
+				 const char *source_id)
+{
+	ctx->relid = relid;
+	ctx->source_id = source_id;
+	cb->callback = row_error_context;
+	cb->arg = ctx;
+	cb->previous = error_context_stack;
+	error_context_stack = cb;
+}
+
 /*
  * enrich.submit(contact record, fields text[], custom jsonb) RETURNS bigint
  *		Queue one contact given as a table row; columns are matched by name
@@ -448,12 +461,7 @@ enrich_submit_record(PG_FUNCTION_ARGS)
 
 	memset(&c, 0, sizeof(c));
 	source_id = row_column(&tuple, desc, map, CF_COUNT);
-	rowctx.relid = map->relid;
-	rowctx.source_id = source_id;
-	errcb.callback = row_error_context;
-	errcb.arg = &rowctx;
-	errcb.previous = error_context_stack;
-	error_context_stack = &errcb;
+	row_context_push(&rowctx, &errcb, map->relid, source_id);
 	for (int f = 0; f < CF_COUNT; f++)
 		contact_set(&c, f, row_column(&tuple, desc, map, f));
 	contact_check_identity(&c);
@@ -821,12 +829,7 @@ enrich_submit_reverse_record(PG_FUNCTION_ARGS)
 	source_id = row_column(&tuple, desc, map, CF_COUNT);
 	raw = row_column(&tuple, desc, map, 0);
 	ReleaseTupleDesc(desc);
-	rowctx.relid = map->relid;
-	rowctx.source_id = source_id;
-	errcb.callback = row_error_context;
-	errcb.arg = &rowctx;
-	errcb.previous = error_context_stack;
-	error_context_stack = &errcb;
+	row_context_push(&rowctx, &errcb, map->relid, source_id);
 	email = email_check(raw);
 	error_context_stack = errcb.previous;
 	custom = arg_custom(fcinfo, 1);
