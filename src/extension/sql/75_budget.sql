@@ -94,16 +94,18 @@ CREATE TABLE enrich.budget_seen (
     held_until  timestamptz
 );
 
--- Worst-case credits of a contact asking for p_fields (a reverse lookup,
--- which asks for no fields, costs at most 1: the callers add it).
-CREATE FUNCTION enrich._credit_cost(p_fields text[])
+-- Worst-case credits of a request of kind p_kind asking for p_fields: 1
+-- for a work email, 3 for a personal email, 10 for a phone, 1 for a
+-- reverse lookup (which asks for no fields).
+CREATE FUNCTION enrich._credit_cost(p_kind text, p_fields text[])
 RETURNS numeric
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT (CASE WHEN 'work_email' = ANY (p_fields) THEN 1 ELSE 0 END
             + CASE WHEN 'personal_email' = ANY (p_fields) THEN 3 ELSE 0 END
-            + CASE WHEN 'phone' = ANY (p_fields) THEN 10 ELSE 0 END)::numeric
+            + CASE WHEN 'phone' = ANY (p_fields) THEN 10 ELSE 0 END
+            + CASE p_kind WHEN 'reverse' THEN 1 ELSE 0 END)::numeric
 $$;
 
 -- The current budget periods and when they renew.
@@ -215,8 +217,7 @@ BEGIN
              WHERE k.ok
              GROUP BY k.k) x;
     FOR v_r IN SELECT q.id, q.submitted_by,
-                      enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END
-                      AS cost
+                      enrich._credit_cost(q.kind, q.fields) AS cost
                  FROM enrich.requests q
                 WHERE q.id = ANY (p_ids)
                 ORDER BY q.id LOOP
@@ -293,7 +294,7 @@ BEGIN
     FOR v_r IN
         INSERT INTO enrich.credit_ledger (batch_id, submitted_by, source_table, day, month, reserved)
         SELECT p_batch, q.submitted_by, q.source_table::text, p_day, p_month,
-               sum(enrich._credit_cost(q.fields) + CASE q.kind WHEN 'reverse' THEN 1 ELSE 0 END)
+               sum(enrich._credit_cost(q.kind, q.fields))
           FROM enrich.requests q
          WHERE q.batch_id = p_batch AND q.state = 'sending'
          GROUP BY q.submitted_by, q.source_table::text

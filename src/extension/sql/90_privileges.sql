@@ -53,7 +53,7 @@ $dispatcher$;
 
 GRANT USAGE ON SCHEMA enrich TO enrich_dispatcher;
 -- Credit budgets (75_budget.sql): the claim reserves, a split hands on.
-GRANT EXECUTE ON FUNCTION enrich._credit_cost(text[]), enrich._budget_period(),
+GRANT EXECUTE ON FUNCTION enrich._credit_cost(text, text[]), enrich._budget_period(),
                           enrich._budget_limit(text, text),
                           enrich._budget_add(text, text, date, numeric, numeric),
                           enrich._budget_add_row(name, date, date, numeric, numeric),

@@ -5771,6 +5771,164 @@ BEGIN
 END
 $$;
 
+-- == budget: one worst-case cost for both kinds of request ==
+-- enrich._credit_cost() takes the request's kind, so a reverse lookup's
+-- credit is counted in one place instead of by each caller.
+
+-- Worst-case credits of a request of kind p_kind asking for p_fields: 1
+-- for a work email, 3 for a personal email, 10 for a phone, 1 for a
+-- reverse lookup (which asks for no fields).
+CREATE FUNCTION enrich._credit_cost(p_kind text, p_fields text[])
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (CASE WHEN 'work_email' = ANY (p_fields) THEN 1 ELSE 0 END
+            + CASE WHEN 'personal_email' = ANY (p_fields) THEN 3 ELSE 0 END
+            + CASE WHEN 'phone' = ANY (p_fields) THEN 10 ELSE 0 END
+            + CASE p_kind WHEN 'reverse' THEN 1 ELSE 0 END)::numeric
+$$;
+REVOKE ALL ON FUNCTION enrich._credit_cost(text, text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION enrich._credit_cost(text, text[]) TO enrich_dispatcher;
+
+-- Of the queued requests p_ids, those whose worst-case cost fits every
+-- budget that applies, in id order; the others wait for the renewal of
+-- the budget they do not fit (error_code 'budget').
+CREATE OR REPLACE FUNCTION enrich._budget_fit(p_ids bigint[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_p     record;
+    v_r     record;
+    v_used  jsonb := '{}'::jsonb;
+    v_lim   jsonb := '{}'::jsonb;
+    v_ok    bigint[] := '{}'::bigint[];
+    v_key   text;
+    v_scope text;
+    v_per   text;
+    v_limit numeric;
+    v_have  numeric;
+    v_why   text;
+    v_renew timestamptz;
+    v_held  integer := 0;
+    v_note  text;
+    v_until timestamptz;
+    v_inflight jsonb;
+    v_start date;
+BEGIN
+    IF p_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- No search reserves between this check and the claim's commit.
+    PERFORM enrich._budget_lock();
+    SELECT * INTO v_p FROM enrich._budget_period();
+    -- Searches in progress (shared memory), read before the totals: one
+    -- that ends between the two reads is in the totals' snapshot.
+    SELECT coalesce(jsonb_object_agg(x.k, x.s), '{}'::jsonb) INTO v_inflight
+      FROM (SELECT k.k, sum(i.credits) AS s
+              FROM enrich._budget_inflight() i
+             CROSS JOIN LATERAL (VALUES ('/day', i.day = v_p.day), ('/month', i.month = v_p.month),
+                                        (i.role || '/day', i.day = v_p.day),
+                                        (i.role || '/month', i.month = v_p.month)) k(k, ok)
+             WHERE k.ok
+             GROUP BY k.k) x;
+    FOR v_r IN SELECT q.id, q.submitted_by,
+                      enrich._credit_cost(q.kind, q.fields) AS cost
+                 FROM enrich.requests q
+                WHERE q.id = ANY (p_ids)
+                ORDER BY q.id LOOP
+        v_why := NULL;
+        FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                     v_r.submitted_by || '/month'] LOOP
+            v_scope := split_part(v_key, '/', 1);
+            v_per := split_part(v_key, '/', 2);
+            IF NOT v_lim ? v_key THEN
+                v_lim := v_lim || jsonb_build_object(v_key, enrich._budget_limit(v_scope, v_per));
+                v_start := CASE v_per WHEN 'day' THEN v_p.day ELSE v_p.month END;
+                -- One statement: the totals and the searches not yet in
+                -- them, in one snapshot.
+                v_used := v_used || jsonb_build_object(v_key, coalesce(
+                    (SELECT t.reserved + t.spent FROM enrich.credit_totals t
+                      WHERE t.scope = v_scope AND t.period = v_per AND t.period_start = v_start),
+                    0) + enrich._budget_unfolded(v_scope, v_per, v_start)
+                       + coalesce((v_inflight ->> v_key)::numeric, 0));
+            END IF;
+            v_limit := (v_lim ->> v_key)::numeric;
+            v_have := (v_used ->> v_key)::numeric;
+            IF v_limit IS NOT NULL AND v_have + v_r.cost > v_limit THEN
+                v_renew := CASE v_per WHEN 'day' THEN v_p.day_renews ELSE v_p.month_renews END;
+                v_why := format('waits for the %s credit budget%s: %s of %s credits spent or reserved, this contact may cost %s; it renews at %s',
+                                CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END,
+                                CASE WHEN v_scope = '' THEN ' (enrich.credit_budget_'
+                                                            || CASE v_per WHEN 'day' THEN 'daily' ELSE 'monthly' END || ')'
+                                     ELSE format(' of role %s (enrich.budgets)', v_scope) END,
+                                v_have, v_limit, v_r.cost, v_renew);
+                EXIT;
+            END IF;
+        END LOOP;
+        IF v_why IS NULL THEN
+            v_ok := v_ok || v_r.id;
+            FOREACH v_key IN ARRAY ARRAY['/day', '/month', v_r.submitted_by || '/day',
+                                         v_r.submitted_by || '/month'] LOOP
+                v_used := jsonb_set(v_used, ARRAY[v_key],
+                                    to_jsonb((v_used ->> v_key)::numeric + v_r.cost));
+            END LOOP;
+        ELSE
+            UPDATE enrich.requests q
+               SET next_attempt_at = v_renew, error_code = 'budget', error_message = v_why
+             WHERE q.id = v_r.id;
+            v_held := v_held + 1;
+            v_note := coalesce(v_note, v_why);
+            v_until := least(v_until, v_renew);
+        END IF;
+    END LOOP;
+    IF v_held > 0 THEN
+        UPDATE enrich.budget_seen s
+           SET held_note = format('%s request(s) held back at the last claim; the first %s',
+                                  v_held, v_note),
+               held_until = v_until
+         WHERE s.id;
+    END IF;
+    RETURN nullif(v_ok, '{}'::bigint[]);
+END
+$$;
+
+-- Reserve the worst-case cost of the requests batch p_batch is sending,
+-- counted in the periods p_day and p_month.
+CREATE OR REPLACE FUNCTION enrich._budget_reserve(p_batch bigint, p_day date, p_month date)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_r record;
+BEGIN
+    FOR v_r IN
+        INSERT INTO enrich.credit_ledger (batch_id, submitted_by, source_table, day, month, reserved)
+        SELECT p_batch, q.submitted_by, q.source_table::text, p_day, p_month,
+               sum(enrich._credit_cost(q.kind, q.fields))
+          FROM enrich.requests q
+         WHERE q.batch_id = p_batch AND q.state = 'sending'
+         GROUP BY q.submitted_by, q.source_table::text
+        RETURNING submitted_by, day, month, reserved
+    LOOP
+        PERFORM enrich._budget_add_row(v_r.submitted_by, v_r.day, v_r.month, v_r.reserved, 0);
+    END LOOP;
+END
+$$;
+
+DROP FUNCTION enrich._credit_cost(text[]);
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
