@@ -208,41 +208,50 @@ sql_poll_claim(ClaimedPoll *poll)
 	return dispatch_tx("claiming a poll", tx_poll_claim, poll);
 }
 
-static void
-tx_retention(void *arg)
+/*
+ * A housekeeping step: a function of enrich's schema that does a bounded
+ * piece of work and returns one row whose column "more" says whether
+ * another piece is due.
+ */
+typedef struct HousekeepingStep
 {
-	bool	   *more = (bool *) arg;
+	const char *present_sql;	/* one row, column "present": it exists */
+	const char *call_sql;
+	bool		more;
+} HousekeepingStep;
+
+static void
+tx_housekeeping(void *arg)
+{
+	HousekeepingStep *step = (HousekeepingStep *) arg;
 
 	/* Not installed, or not yet updated to a version that has it. */
-	spi_select("SELECT pg_catalog.to_regprocedure('enrich._retention_step(integer)') IS NOT NULL AS present",
-			   NULL, 1, 1);
+	spi_select(step->present_sql, NULL, 1, 1);
 	if (!spi_bool(0, "present"))
 		return;
-	spi_select("SELECT r.more FROM enrich._retention_step() r", NULL, 1, 1);
-	*more = spi_bool(0, "more");
+	spi_select(step->call_sql, NULL, 1, 1);
+	step->more = spi_bool(0, "more");
+}
+
+static bool
+run_housekeeping(const char *what, const char *present_sql, const char *call_sql,
+				 bool *more)
+{
+	HousekeepingStep step = {present_sql, call_sql, false};
+	bool		ok = dispatch_tx(what, tx_housekeeping, &step);
+
+	*more = ok && step.more;
+	return ok;
 }
 
 /* One step of history retention; *more when there is more to delete. */
 bool
 sql_retention(bool *more)
 {
-	*more = false;
-	return dispatch_tx("deleting history past its retention", tx_retention, more);
-}
-
-static void
-tx_analyze(void *arg)
-{
-	bool	   *more = (bool *) arg;
-
-	/* Not installed, or not yet updated to a version that has it. */
-	spi_select("SELECT pg_catalog.to_regprocedure("
-			   "'enrich._analyze_step(integer, double precision, bigint)') IS NOT NULL AS present",
-			   NULL, 1, 1);
-	if (!spi_bool(0, "present"))
-		return;
-	spi_select("SELECT a.more FROM enrich._analyze_step() a", NULL, 1, 1);
-	*more = spi_bool(0, "more");
+	return run_housekeeping("deleting history past its retention",
+							"SELECT pg_catalog.to_regprocedure('enrich._retention_step(integer)') IS NOT NULL AS present",
+							"SELECT r.more FROM enrich._retention_step() r",
+							more);
 }
 
 /*
@@ -253,8 +262,11 @@ tx_analyze(void *arg)
 bool
 sql_analyze(bool *more)
 {
-	*more = false;
-	return dispatch_tx("analyzing enrich's tables", tx_analyze, more);
+	return run_housekeeping("analyzing enrich's tables",
+							"SELECT pg_catalog.to_regprocedure("
+							"'enrich._analyze_step(integer, double precision, bigint)') IS NOT NULL AS present",
+							"SELECT a.more FROM enrich._analyze_step() a",
+							more);
 }
 
 /*-------------------------------------------------------------------------
