@@ -121,10 +121,17 @@ def new_cluster(cleanup):
 def cluster(request, new_cluster):
     """The module's cluster: enrich preloaded, CLUSTER_CONF applied,
     CLUSTER_SETUP run."""
+    return module_cluster(request, new_cluster)
+
+
+def module_cluster(request, new_cluster, base_conf=None):
+    """A cluster named after the requesting module, with base_conf, then the
+    module's CLUSTER_CONF, applied and its CLUSTER_SETUP run."""
     mod = request.module
     name = mod.__name__.rsplit(".", 1)[-1].replace("test_", "")
-    return new_cluster(name, getattr(mod, "CLUSTER_CONF", None),
-                       getattr(mod, "CLUSTER_SETUP", None))
+    conf = dict(base_conf or {})
+    conf.update(getattr(mod, "CLUSTER_CONF", None) or {})
+    return new_cluster(name, conf, getattr(mod, "CLUSTER_SETUP", None))
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +247,7 @@ def receiver(request, cluster, new_receiver):
 def dispatch_cluster(request, sandbox, new_cluster):
     """The module's cluster pointed at the module's `sandbox` (its API URL
     and key), with CLUSTER_CONF applied and CLUSTER_SETUP run."""
-    mod = request.module
-    name = mod.__name__.rsplit(".", 1)[-1].replace("test_", "")
-    conf = sandboxlib.sandbox_conf(sandbox)
-    conf.update(getattr(mod, "CLUSTER_CONF", None) or {})
-    return new_cluster(name, conf, getattr(mod, "CLUSTER_SETUP", None))
+    return module_cluster(request, new_cluster, sandboxlib.sandbox_conf(sandbox))
 
 
 @pytest.fixture(scope="module")
