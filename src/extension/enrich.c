@@ -36,6 +36,7 @@ _PG_init(void)
 	enrich_guc_init();
 	enrich_submit_init();
 	enrich_planner_init();		/* no JIT for index-driven lookups */
+	enrich_planner_stats_init();	/* estimates before the first ANALYZE */
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;

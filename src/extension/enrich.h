@@ -74,6 +74,9 @@ extern void enrich_wake_dispatcher_at_commit(void);
 /* planner.c */
 extern void enrich_planner_init(void);
 
+/* planner_stats.c */
+extern void enrich_planner_stats_init(void);
+
 /* control.c */
 extern Oid	enrich_tables_owner(void);
 

@@ -14,7 +14,10 @@
  * tenth of a millisecond.  No index can correct the guess: without
  * statistics an equality on a column that is not unique matches 0.5% of
  * the rows the planner believes the table holds, so the estimate grows
- * with the table whatever the plan's shape.
+ * with the table whatever the plan's shape.  (For the columns that name
+ * one contact, planner_stats.c stands in for the statistics until ANALYZE
+ * has run; estimates from statistics taken while the tables were small
+ * still grow with the table.)
  *
  * So a planner hook looks at every plan that is about to be JIT-compiled:
  * when it scans at least one table of schema enrich and reads every
