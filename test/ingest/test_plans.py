@@ -187,7 +187,7 @@ def test_plans(r, cluster, loaded):
             ("retention walk of deliveries", "Index Scan using deliveries_received_idx"),
             ("retention walk of requests", "Index Scan using requests_ended_idx"),
             ("retention's check for a queued request of the same input",
-             "Index Scan using requests_input_hash_idx on requests x"),
+             "Index Scan using requests_queued_hash_idx on requests x"),
             ("retention walk of batches", "Index Scan using batches_finished_idx"),
             ("retention deletes by ctid", "Tid Scan on deliveries d")):
         r.check(needle in text, "%s is planned as: %s" % (what, needle))

@@ -171,14 +171,24 @@ CREATE INDEX requests_open_idx ON enrich.requests (batch_id)
 -- Queued requests backing off, by the time they may go again.
 CREATE INDEX requests_retry_idx ON enrich.requests (next_attempt_at)
     WHERE state = 'queued' AND next_attempt_at IS NOT NULL;
--- Identical inputs (the reuse lookup, retention's queued check), by a
--- 64-bit hash of input_key rather than the 64-character key itself: every
--- new request lands on a random leaf page of this index, and each leaf
--- changed for the first time after a checkpoint is written whole to the
--- WAL; a bigint index is a third of the size, so fewer leaves, fewer such
--- images.  Queries put the equality on the hash next to the one on
--- input_key (the recheck for collisions).
-CREATE INDEX requests_input_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)));
+-- Identical inputs, by a 64-bit hash of input_key rather than the
+-- 64-character key itself (queries put the equality on the hash next to
+-- the one on input_key, the recheck for collisions), and only where they
+-- are looked for: done requests for the reuse lookup, queued ones for
+-- retention's check.  Every key is random, so each new entry lands on a
+-- random leaf page, and a leaf changed for the first time after a
+-- checkpoint is written whole to the WAL: a bigint key makes the index a
+-- third of the size, and leaving out the other states means a submission
+-- writes only into the small index of the backlog, and a request's trips
+-- through sending and in_flight (an update of state adds an entry to
+-- every index whose predicate the new row matches) into neither.  The
+-- predicates keep "state = 'done'" (or 'queued') from proving them alone:
+-- a query must also compare the hash, so neither index is ever taken for
+-- a list of all done (or queued) requests (see requests_ended_idx).
+CREATE INDEX requests_input_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)))
+    WHERE state = 'done' AND pg_catalog.hashtextextended(input_key, 0) IS NOT NULL;
+CREATE INDEX requests_queued_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)))
+    WHERE state = 'queued' AND pg_catalog.hashtextextended(input_key, 0) IS NOT NULL;
 CREATE INDEX requests_source_idx ON enrich.requests (source_table, source_id)
     WHERE source_table IS NOT NULL;
 -- Retention walks ended requests by age.  Only a query with a condition

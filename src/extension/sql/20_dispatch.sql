@@ -306,27 +306,31 @@ BEGIN
     IF p_window <= interval '0' OR p_ids IS NULL THEN
         RETURN '{}'::bigint[];
     END IF;
-    -- The join can only start from the given ids: earlier requests are
-    -- reachable only by the hash of input_key (requests_input_hash_idx;
-    -- the equality on input_key itself rechecks collisions; no index leads
-    -- to all done requests)
-    -- and results only by request_id (the window is tested as
+    -- Each given id looks up its own match (LATERAL ... LIMIT 1, planned
+    -- apart with the id's input_key as a parameter), so the lookup can
+    -- only start from the given ids: earlier requests are reachable only
+    -- by the hash of input_key (requests_input_hash_idx, whose predicate
+    -- needs that hash compared; the equality on input_key itself rechecks
+    -- collisions) and results only by request_id (the window is tested as
     -- received_at + p_window, which results_received_idx cannot serve), so
     -- no statistics can make the planner read all history looking for a
-    -- match.
+    -- match.  (As one join, stale statistics of the partial index made
+    -- the planner scan every done request for each id.)
     WITH src AS (
-        SELECT DISTINCT ON (q.id) q.id AS rid, q.fields AS want, q.kind AS want_kind,
-               coalesce(t.reused_from, p.id) AS origin, t.*
+        SELECT q.id AS rid, q.fields AS want, q.kind AS want_kind, m.*
           FROM enrich.requests q
-          JOIN enrich.requests p
-            ON pg_catalog.hashtextextended(p.input_key, 0) = pg_catalog.hashtextextended(q.input_key, 0)
-           AND p.input_key = q.input_key AND p.id <> q.id
-           AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
-          JOIN enrich.results t ON t.request_id = p.id
+         CROSS JOIN LATERAL (
+                SELECT coalesce(t.reused_from, p.id) AS origin, t.*
+                  FROM enrich.requests p
+                  JOIN enrich.results t ON t.request_id = p.id
+                 WHERE pg_catalog.hashtextextended(p.input_key, 0) = pg_catalog.hashtextextended(q.input_key, 0)
+                   AND p.input_key = q.input_key AND p.id <> q.id
+                   AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
+                   AND t.received_at + p_window > now()
+                   AND t.outcome IN ('found', 'partial', 'not_found')
+                 ORDER BY t.received_at DESC
+                 LIMIT 1) m
          WHERE q.id = ANY (p_ids) AND q.state = 'queued'
-           AND t.received_at + p_window > now()
-           AND t.outcome IN ('found', 'partial', 'not_found')
-         ORDER BY q.id, t.received_at DESC
     ), res AS (
         SELECT src.*,
                ('work_email' = ANY (want) AND work_email IS NOT NULL)::int

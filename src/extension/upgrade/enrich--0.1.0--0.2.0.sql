@@ -5929,6 +5929,108 @@ $$;
 
 DROP FUNCTION enrich._credit_cost(text[]);
 
+-- == scale: the input_key hash indexes only where they are looked up ==
+-- A submission wrote a random leaf of an index over every request ever
+-- made; now only the small index of the backlog (and done requests' own).
+DROP INDEX enrich.requests_input_hash_idx;
+-- Identical inputs, by a 64-bit hash of input_key rather than the
+-- 64-character key itself (queries put the equality on the hash next to
+-- the one on input_key, the recheck for collisions), and only where they
+-- are looked for: done requests for the reuse lookup, queued ones for
+-- retention's check.  Every key is random, so each new entry lands on a
+-- random leaf page, and a leaf changed for the first time after a
+-- checkpoint is written whole to the WAL: a bigint key makes the index a
+-- third of the size, and leaving out the other states means a submission
+-- writes only into the small index of the backlog, and a request's trips
+-- through sending and in_flight (an update of state adds an entry to
+-- every index whose predicate the new row matches) into neither.  The
+-- predicates keep "state = 'done'" (or 'queued') from proving them alone:
+-- a query must also compare the hash, so neither index is ever taken for
+-- a list of all done (or queued) requests (see requests_ended_idx).
+CREATE INDEX requests_input_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)))
+    WHERE state = 'done' AND pg_catalog.hashtextextended(input_key, 0) IS NOT NULL;
+CREATE INDEX requests_queued_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)))
+    WHERE state = 'queued' AND pg_catalog.hashtextextended(input_key, 0) IS NOT NULL;
+
+CREATE OR REPLACE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
+RETURNS bigint[]
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET jit = off
+SET max_parallel_workers_per_gather = 0
+AS $$
+DECLARE
+    v_served bigint[];
+BEGIN
+    IF p_window <= interval '0' OR p_ids IS NULL THEN
+        RETURN '{}'::bigint[];
+    END IF;
+    -- Each given id looks up its own match (LATERAL ... LIMIT 1, planned
+    -- apart with the id's input_key as a parameter), so the lookup can
+    -- only start from the given ids: earlier requests are reachable only
+    -- by the hash of input_key (requests_input_hash_idx, whose predicate
+    -- needs that hash compared; the equality on input_key itself rechecks
+    -- collisions) and results only by request_id (the window is tested as
+    -- received_at + p_window, which results_received_idx cannot serve), so
+    -- no statistics can make the planner read all history looking for a
+    -- match.  (As one join, stale statistics of the partial index made
+    -- the planner scan every done request for each id.)
+    WITH src AS (
+        SELECT q.id AS rid, q.fields AS want, q.kind AS want_kind, m.*
+          FROM enrich.requests q
+         CROSS JOIN LATERAL (
+                SELECT coalesce(t.reused_from, p.id) AS origin, t.*
+                  FROM enrich.requests p
+                  JOIN enrich.results t ON t.request_id = p.id
+                 WHERE pg_catalog.hashtextextended(p.input_key, 0) = pg_catalog.hashtextextended(q.input_key, 0)
+                   AND p.input_key = q.input_key AND p.id <> q.id
+                   AND p.state = 'done' AND p.fields @> q.fields AND p.kind = q.kind
+                   AND t.received_at + p_window > now()
+                   AND t.outcome IN ('found', 'partial', 'not_found')
+                 ORDER BY t.received_at DESC
+                 LIMIT 1) m
+         WHERE q.id = ANY (p_ids) AND q.state = 'queued'
+    ), res AS (
+        SELECT src.*,
+               ('work_email' = ANY (want) AND work_email IS NOT NULL)::int
+               + ('personal_email' = ANY (want) AND personal_email IS NOT NULL)::int
+               + ('phone' = ANY (want) AND phone IS NOT NULL)::int AS nfound
+          FROM src
+    ), ins AS (
+        INSERT INTO enrich.results (request_id, batch_id, enrichment_id, outcome,
+                                    work_email, work_email_status, personal_email,
+                                    personal_email_status, phone, phone_region,
+                                    contact_info, profile, input, reused_from)
+        SELECT rid, NULL, enrichment_id,
+               -- a reverse lookup asks for the profile: its answer as it was
+               CASE WHEN want_kind = 'reverse' THEN outcome
+                    WHEN nfound = cardinality(want) THEN 'found'
+                    WHEN nfound > 0 THEN 'partial'
+                    ELSE 'not_found' END,
+               work_email, work_email_status, personal_email, personal_email_status,
+               phone, phone_region, contact_info, profile, input, origin
+          FROM res
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING request_id, reused_from
+    ), dn AS (
+        UPDATE enrich.requests q
+           SET state = 'done', reused_from = ins.reused_from,
+               next_attempt_at = NULL, error_code = NULL, error_message = NULL
+          FROM ins
+         WHERE q.id = ins.request_id
+        RETURNING q.id
+    )
+    SELECT array_agg(id ORDER BY id) INTO v_served FROM dn;
+
+    IF v_served IS NOT NULL THEN
+        PERFORM pg_notify('enrich_result', r::text) FROM unnest(v_served) AS r;
+    END IF;
+    RETURN coalesce(v_served, '{}');
+END
+$$;
+
 -- == last: the dispatcher role's EXECUTE rights, once every function above exists ==
 DO $dispatcher$
 DECLARE
