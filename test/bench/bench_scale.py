@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
 """Benchmark: every per-delivery, per-contact, per-step and per-report cost
-from empty tables to a million results, measured in one run.
+from empty tables to a million results, each size measured beside empty
+tables in the same minute.
 
-One cluster, autovacuum off (statistics stay those of the empty tables: the
-stalest they can be) and plan_cache_mode = force_generic_plan (every
-prepared statement and every statement inside PL/pgSQL runs the plan chosen
-without looking at its parameters).  The history grows in steps, 0, 100,000
-and 1,000,000 contacts by default (--big adds 5,000,000), preloaded with SQL
-(test/bench/scale_history.sql: finished batches, done and failed requests,
-results with realistic ~1.2 kB profiles, one accepted delivery with its
-~2 kB body per result, a CRM row each).  At each size it measures, with
-pgbench against the same server:
+Two kinds of cluster, same settings: autovacuum off (statistics stay those
+of the empty tables: the stalest they can be) and plan_cache_mode =
+force_generic_plan (every prepared statement and every statement inside
+PL/pgSQL runs the plan chosen without looking at its parameters), same
+`bench` schema (test/bench/scale_history.sql), ANALYZE while empty.  The
+big cluster's history grows in steps, 0, 100,000 and 1,000,000 contacts by
+default (--big adds 5,000,000), preloaded with SQL (finished batches, done
+and failed requests, results with realistic ~1.2 kB profiles, one accepted
+delivery with its ~2 kB body per result, a CRM row each).  At each size a
+fresh reference cluster is made (initdb, CREATE EXTENSION: its tables are
+really empty, whatever the earlier sizes' measurements added) and
+destroyed after.  Each section below runs on the reference, then on the
+big cluster (then, with --passes 2, the default, big then reference
+again), so both figures of a pair are taken seconds apart under the same
+load of this shared machine; each side keeps its best time or rate over
+the passes, and its pages and full-page images of the first pass.  At
+size 0 the pair is two empty clusters: its ratios show the method's noise
+floor.  The sections, with pgbench against each server:
 
   ingest          fresh signed per-contact deliveries filed by
                   enrich.ingest_webhook (2 clients, --deliveries of them,
@@ -31,13 +41,19 @@ pgbench against the same server:
                   and one batch; queue; failures; dispatcher
   apply_results   with nothing new (a session's repeated call; the first
                   call of a new session apart), and with 1,000 new results
+                  (best of --apply-rounds 3 rounds per cluster, alternating
+                  reference and big, each a call with nothing new, 1,000
+                  new results, the timed call)
 
-and prints each figure beside its ratio to the empty-table figure (rates:
-size/empty, times: empty/size; 1.00 = no slower).  The goal is every
-ratio >= 0.8 at 1M and point lookups under 10 ms.
+It prints, per figure, the empty-table figure (the mean of the reference
+clusters of all sizes), then per size the big cluster's figure and its
+ratio to the reference measured beside it (rates: big/ref, times and
+pages: ref/big; 1.00 = no slower than empty tables).  The goal is every
+ratio >= 0.8 at 1M and point lookups under 10 ms.  ENRICH_BENCH_KEEP=1
+keeps the big cluster.
 
 Usage: python3 test/bench/bench_scale.py [--sizes 0,100000,1000000] [--big]
-       [--fsync] [--nojit] [--deliveries 6000]
+       [--fsync] [--nojit] [--deliveries 6000] [--passes 2] [--apply-rounds 3]
 """
 
 import argparse
