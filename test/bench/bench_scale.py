@@ -48,7 +48,8 @@ floor.  The sections, with pgbench against each server:
 It prints, per figure, the empty-table figure (the mean of the reference
 clusters of all sizes), then per size the big cluster's figure and its
 ratio to the reference measured beside it (rates: big/ref, times and
-pages: ref/big; 1.00 = no slower than empty tables).  The goal is every
+pages: ref/big; 1.00 = no slower than empty tables; full-page images,
+0 on empty tables, without a ratio).  The goal is every
 ratio >= 0.8 at 1M and point lookups under 10 ms.  ENRICH_BENCH_KEEP=1
 keeps the big cluster.
 
@@ -505,6 +506,43 @@ def ratio(kind, value, ref):
     return ref / value if value else 1.0
 
 
+def report(results, args, size_mb):
+    """Print the table and the summary lines of [(size, reference figures,
+    big figures)]."""
+    keys = list(results[0][2])
+    refmean = {k: sum(fr[k][1] for _, fr, _ in results) / len(results) for k in keys}
+    head = "%-44s %10s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
+                                                                       "off" if args.nojit else "on"),
+                           "empty")
+    for size, _, _ in results:
+        head += " %18s" % format(size, ",")
+    print()
+    print("empty: mean of the %d fresh reference clusters; each size: its figure (its ratio to the"
+          % len(results))
+    print("reference measured beside it, section by section; rates big/ref, times and pages ref/big)")
+    print(head)
+    worst = {}
+    for key in keys:
+        kind = results[0][2][key][0]
+        line = "%-44s %10.2f" % (key, refmean[key])
+        for size, fr, fb in results:
+            if kind == "fpi":   # 0 on empty tables: a ratio says nothing
+                line += " %10.2f        " % fb[key][1]
+                continue
+            worst[key] = ratio(kind, fb[key][1], fr[key][1])
+            line += " %10.2f (%4.2fx)" % (fb[key][1], worst[key])
+        print(line)
+    print()
+    print("largest history: %s" % size_mb)
+    last = results[-1][2]
+    low = [k for k, r in worst.items() if r < 0.8 and not k.startswith("  ")]
+    slow = [k for k in keys if len(last[k]) > 2 and last[k][2] and last[k][1] >= 10.0]
+    print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
+    print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
+    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and last[k][0] == "pages"]
+    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="0,100000,1000000",
@@ -552,36 +590,7 @@ def main():
         else:
             b.destroy()
 
-    keys = list(results[0][2])
-    refmean = {k: sum(fr[k][1] for _, fr, _ in results) / len(results) for k in keys}
-    head = "%-44s %10s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
-                                                                       "off" if args.nojit else "on"),
-                           "empty")
-    for size, _, _ in results:
-        head += " %18s" % format(size, ",")
-    print()
-    print("empty: mean of the %d fresh reference clusters; each size: its figure (its ratio to the"
-          % len(results))
-    print("reference measured beside it, section by section; rates big/ref, times and pages ref/big)")
-    print(head)
-    worst = {}
-    for key in keys:
-        kind = results[0][2][key][0]
-        line = "%-44s %10.2f" % (key, refmean[key])
-        for size, fr, fb in results:
-            worst[key] = ratio(kind, fb[key][1], fr[key][1])
-            line += " %10.2f (%4.2fx)" % (fb[key][1], worst[key])
-        print(line)
-    print()
-    print("largest history: %s" % size_mb)
-    last = results[-1][2]
-    low = [k for k, r in worst.items() if r < 0.8 and not k.startswith("  ")]
-    slow = [k for k in keys if len(last[k]) > 2 and last[k][2] and last[k][1] >= 10.0]
-    print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
-    print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
-    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and last[k][0] == "pages"]
-    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
-
+    report(results, args, size_mb)
 
 if __name__ == "__main__":
     main()
