@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
 """Benchmark: every per-delivery, per-contact, per-step and per-report cost
-from empty tables to a million results, measured in one run.
+from empty tables to a million results, each size measured beside empty
+tables in the same minute.
 
-One cluster, autovacuum off (statistics stay those of the empty tables: the
-stalest they can be) and plan_cache_mode = force_generic_plan (every
-prepared statement and every statement inside PL/pgSQL runs the plan chosen
-without looking at its parameters).  The history grows in steps, 0, 100,000
-and 1,000,000 contacts by default (--big adds 5,000,000), preloaded with SQL
-(test/bench/scale_history.sql: finished batches, done and failed requests,
-results with realistic ~1.2 kB profiles, one accepted delivery with its
-~2 kB body per result, a CRM row each).  At each size it measures, with
-pgbench against the same server:
+Two kinds of cluster, same settings: autovacuum off (statistics stay those
+of the empty tables: the stalest they can be) and plan_cache_mode =
+force_generic_plan (every prepared statement and every statement inside
+PL/pgSQL runs the plan chosen without looking at its parameters), same
+`bench` schema (test/bench/scale_history.sql), ANALYZE while empty.  The
+big cluster's history grows in steps, 0, 100,000 and 1,000,000 contacts by
+default (--big adds 5,000,000), preloaded with SQL (finished batches, done
+and failed requests, results with realistic ~1.2 kB profiles, one accepted
+delivery with its ~2 kB body per result, a CRM row each).  At each size a
+fresh reference cluster is made (initdb, CREATE EXTENSION: its tables are
+really empty, whatever the earlier sizes' measurements added) and
+destroyed after.  Each section below runs on the reference, then on the
+big cluster (then, with --passes 2, the default, big then reference
+again), so both figures of a pair are taken seconds apart under the same
+load of this shared machine; each side keeps its best time or rate over
+the passes, and its pages and full-page images of the first pass.  At
+size 0 the pair is two empty clusters: its ratios show the method's noise
+floor.  The sections, with pgbench against each server:
 
   ingest          fresh signed per-contact deliveries filed by
                   enrich.ingest_webhook (2 clients, --deliveries of them,
@@ -31,13 +41,20 @@ pgbench against the same server:
                   and one batch; queue; failures; dispatcher
   apply_results   with nothing new (a session's repeated call; the first
                   call of a new session apart), and with 1,000 new results
+                  (best of --apply-rounds 3 rounds per cluster, alternating
+                  reference and big, each a call with nothing new, 1,000
+                  new results, the timed call)
 
-and prints each figure beside its ratio to the empty-table figure (rates:
-size/empty, times: empty/size; 1.00 = no slower).  The goal is every
-ratio >= 0.8 at 1M and point lookups under 10 ms.
+It prints, per figure, the empty-table figure (the mean of the reference
+clusters of all sizes), then per size the big cluster's figure and its
+ratio to the reference measured beside it (rates: big/ref, times and
+pages: ref/big; 1.00 = no slower than empty tables; full-page images,
+0 on empty tables, without a ratio).  The goal is every
+ratio >= 0.8 at 1M and point lookups under 10 ms.  ENRICH_BENCH_KEEP=1
+keeps the big cluster.
 
 Usage: python3 test/bench/bench_scale.py [--sizes 0,100000,1000000] [--big]
-       [--fsync] [--nojit] [--deliveries 6000]
+       [--fsync] [--nojit] [--deliveries 6000] [--passes 2] [--apply-rounds 3]
 """
 
 import argparse
@@ -137,7 +154,7 @@ def sign(body):
 
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, name="bench-scale"):
         self.args = args
         self.tmp = tempfile.mkdtemp(prefix="enrich-bench-scale-")
         os.chmod(self.tmp, 0o755)
@@ -157,7 +174,7 @@ class Bench:
                 # costs whatever the cache holds.
                 "shared_preload_libraries": "'enrich,pg_stat_statements'",
                 "pg_stat_statements.track": "top"}
-        self.c = Cluster("bench-scale", conf=conf)
+        self.c = Cluster(name, conf=conf)
         self.c.start()
         with open(os.path.join(HERE, "scale_history.sql")) as f:
             history = f.read()
@@ -174,6 +191,7 @@ class Bench:
         self.history = 0        # contacts preloaded so far
         self.hist_range = None  # (lo, hi) persons of the preload with results
         self.batch_no = 0
+        self.ingested = None    # (lo, hi) persons filed by this size's first ingest
 
     # -- helpers ------------------------------------------------------------
 
@@ -312,14 +330,22 @@ class Bench:
                     "UPDATE enrich.batches SET state = 'finished', finished_at = now(), next_poll_at = NULL "
                     "WHERE state IN ('sending', 'sent');")
 
-    # -- one size -----------------------------------------------------------
+    # -- one size, in sections ----------------------------------------------
+    # Each section measures on this cluster and returns its figures
+    # {name: (kind, value[, point lookup?])}; main() runs each one on the
+    # reference cluster and on the big one, seconds apart.
 
-    def measure(self):
+    def begin_size(self):
+        """A new size: its first ingest pass names the persons filed."""
+        self.ingested = None
+
+    def s_ingest(self):
+        """Ingest of fresh signed deliveries: the two clients file every
+        prepared delivery (a fixed count, so a fast machine never runs out
+        of them), the rate is pgbench's, connection time left out; then the
+        same deliveries again: duplicates."""
         a = self.args
         fig = {}
-        # Ingest of fresh signed deliveries: the two clients file every
-        # prepared delivery (a fixed count, so a fast machine never runs out
-        # of them), the rate is pgbench's, connection time left out.
         first, p0 = self.fresh_deliveries(a.deliveries)
         mark = int(self.c.scalar("SELECT coalesce(max(id), 0) FROM enrich.deliveries"))
         self.c.psql("SELECT pg_stat_statements_reset()")
@@ -334,14 +360,16 @@ class Bench:
         fig["ingest (deliveries/s)"] = ("rate", tps)
         fig["  ingest: pages per delivery"] = ("pages", pages)
         fig["  ingest: full-page images per delivery"] = ("fpi", fpi)
-        ingested = (p0, p0 + filed - 1)
-        # The same deliveries again: duplicates.
+        if self.ingested is None:
+            self.ingested = (p0, p0 + filed - 1)
         _, _, lat = self.pgbench(DUPLICATE_SQL.format(lo=first, hi=first + filed - 1), transactions=50,
                                  user=ROLE)
         fig["duplicate delivery (ms)"] = ("time", lat[-1])
         self.retire_leftovers()
+        return fig
 
-        # Submission.
+    def s_submit(self):
+        fig = {}
         n = 10000
         lat = self.timed(
             "SELECT count(enrich.submit(jsonb_build_object('first_name', 'S' || g, 'last_name', 'Sub', "
@@ -352,9 +380,11 @@ class Bench:
         fig["  submit: pages per contact"] = ("pages", self.pages / n)
         fig["  submit: full-page images per contact"] = ("fpi", self.fpi / n)
         self.retire_leftovers()
+        return fig
 
-        # Dispatcher steps.
-        lat = self.timed(STEP_SQL, a.steps)
+    def s_step(self):
+        fig = {}
+        lat = self.timed(STEP_SQL, self.args.steps)
         step = sum(lat[i] for i in STEP_PARTS)
         fig["dispatcher step: claim + outcome (ms)"] = ("time", step)
         fig["  pages touched per step, all statements"] = ("pages", self.pages)
@@ -363,9 +393,13 @@ class Bench:
             fig["  %s (ms)" % name] = ("time", lat[i])
         fig["  (job's result filed, ms)"] = ("time", lat[9])
         self.retire_leftovers()
+        return fig
 
-        # Reuse: contacts identical to the ones just ingested.
-        lat = self.timed(REUSE_SQL.format(lo=ingested[0], hi=max(ingested[0], ingested[1] - 99)), 10)
+    def s_reuse(self):
+        """Contacts identical to the ones this size's first ingest filed."""
+        fig = {}
+        lo, hi = self.ingested
+        lat = self.timed(REUSE_SQL.format(lo=lo, hi=max(lo, hi - 99)), 10)
         fig["  pages touched per 100 (submit + reuse)"] = ("pages", self.pages)
         served = int(self.c.scalar("SELECT count(*) FROM enrich.requests WHERE reused_from IS NOT NULL "
                                    "AND created_at > now() - interval '1 minute'"))
@@ -373,40 +407,140 @@ class Bench:
             raise RuntimeError("reuse served nothing")
         fig["reuse lookup, 100 contacts (ms)"] = ("time", lat[-1])
         self.retire_leftovers()
+        return fig
 
-        # Views: persons with results are the preload's (or, on empty
-        # tables, the ones just ingested).
-        lo, hi = self.hist_range or ingested
+    def s_view(self, name, point, sql):
+        """One view's question about persons with results on this cluster:
+        the preload's, or on empty tables the ones this size's first
+        ingest filed; batches between this cluster's first and last."""
+        lo, hi = self.hist_range or self.ingested
         blo, bhi = self.c.psql("SELECT min(id) || ' ' || max(id) FROM enrich.batches").split()
-        for name, point, sql in VIEWS:
-            script = "\\set g random(%d, %d)\n\\set b random(%s, %s)\n%s\n" % (lo, hi, blo, bhi, sql)
-            lat = self.timed(script, a.lookups, protocol="simple")
-            fig["%s (ms)" % name] = ("time", lat[-1], point)
-            fig["  %s: pages" % name[:34]] = ("pages", self.pages)
+        script = "\\set g random(%d, %d)\n\\set b random(%s, %s)\n%s\n" % (lo, hi, blo, bhi, sql)
+        lat = self.timed(script, self.args.lookups, protocol="simple")
+        return {"%s (ms)" % name: ("time", lat[-1], point),
+                "  %s: pages" % name[:34]: ("pages", self.pages)}
 
-        # Write-back.  Nothing new: the call as a session repeats it (best of
-        # 3 rounds of 10 calls, like the views); the first call of a new
-        # session also pays for the backend's catalog caches and the
-        # PL/pgSQL compilation, which do not depend on history (printed
-        # apart).  Then 1,000 new results, written in the same session
-        # right after a call that had nothing new.
-        apply = ("SELECT enrich.apply_results('bench.crm', "
-                 "'{\"email\": \"work_email\", \"phone\": \"phone\"}');\n")
-        self.c.psql(apply)
-        lat = self.timed(apply, 10)
+    APPLY = ("SELECT enrich.apply_results('bench.crm', "
+             "'{\"email\": \"work_email\", \"phone\": \"phone\"}');\n")
+
+    def s_apply(self):
+        """Write-back with nothing new: the call as a session repeats it
+        (best of 3 rounds of 10 calls, like the views) after one call that
+        copies whatever is new (at a new size: the whole preload); the
+        first call of a new session also pays for the backend's catalog
+        caches and the PL/pgSQL compilation, which do not depend on
+        history (printed apart)."""
+        fig = {}
+        self.c.psql(self.APPLY)
+        lat = self.timed(self.APPLY, 10)
         fig["apply_results, nothing new (ms)"] = ("time", lat[0])
         fig["  apply_results, nothing new: pages"] = ("pages", self.pages)
-        _, _, lat = self.pgbench(apply, transactions=1)
+        _, _, lat = self.pgbench(self.APPLY, transactions=1)
         fig["  apply_results, nothing new, new session (ms)"] = ("time", lat[0])
-        _, _, lat = self.pgbench(apply + "SELECT bench.grow(1000, %d, false);\n" % self.next_p + apply,
-                                 transactions=1)
-        self.next_p += 1000
-        fig["apply_results, 1,000 new (ms)"] = ("time", lat[2])
         return fig
+
+    def s_apply_new(self):
+        """One round of write-back of 1,000 new results: in one session, a
+        call with nothing new, 1,000 new results, the timed call."""
+        _, _, lat = self.pgbench(self.APPLY + "SELECT bench.grow(1000, %d, false);\n" % self.next_p
+                                 + self.APPLY, transactions=1)
+        self.next_p += 1000
+        return {"apply_results, 1,000 new (ms)": ("time", lat[2])}
 
     def destroy(self):
         self.c.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def merge(into, fig):
+    """Fold one pass's figures into the best so far: rates the highest,
+    times the lowest; pages and full-page images stay those of the first
+    pass (counted, not timed: a later pass sees the state the first one
+    left, e.g. pages already written whole since the checkpoint)."""
+    if into is None:
+        return dict(fig)
+    for k, v in fig.items():
+        kind, old = into[k][0], into[k][1]
+        if (kind == "rate" and v[1] > old) or (kind == "time" and v[1] < old):
+            into[k] = v
+    return into
+
+
+def paired(ref, big, section, passes, *args):
+    """Run a section on the reference and on the big cluster, `passes`
+    times, alternating which goes first (ref, big, big, ref, ...) so a
+    drift of the machine's load favours neither; returns each side's best
+    figures."""
+    fr = fb = None
+    for i in range(passes):
+        order = ((ref, "r"), (big, "b")) if i % 2 == 0 else ((big, "b"), (ref, "r"))
+        for bench, side in order:
+            fig = section(bench, *args)
+            if side == "r":
+                fr = merge(fr, fig)
+            else:
+                fb = merge(fb, fig)
+    return fr, fb
+
+
+def measure_pair(ref, big, args):
+    """Every section of one size on the fresh reference and on the big
+    cluster; returns (reference figures, big figures)."""
+    fr, fb = {}, {}
+    p = args.passes
+    sections = [(Bench.s_ingest, p), (Bench.s_submit, p), (Bench.s_step, p), (Bench.s_reuse, p)]
+    sections += [(Bench.s_view, p) + view for view in VIEWS]
+    sections += [(Bench.s_apply, p), (Bench.s_apply_new, args.apply_rounds)]
+    for section, passes, *rest in sections:
+        r, b = paired(ref, big, section, passes, *rest)
+        fr.update(r)
+        fb.update(b)
+    return fr, fb
+
+
+def ratio(kind, value, ref):
+    """Paired ratio, 1.00 = as on empty tables: rates big/ref, times and
+    pages ref/big."""
+    if kind == "rate":
+        return value / ref if ref else 1.0
+    return ref / value if value else 1.0
+
+
+def report(results, args, size_mb):
+    """Print the table and the summary lines of [(size, reference figures,
+    big figures)]."""
+    keys = list(results[0][2])
+    refmean = {k: sum(fr[k][1] for _, fr, _ in results) / len(results) for k in keys}
+    head = "%-44s %10s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
+                                                                       "off" if args.nojit else "on"),
+                           "empty")
+    for size, _, _ in results:
+        head += " %18s" % format(size, ",")
+    print()
+    print("empty: mean of the %d fresh reference clusters; each size: its figure (its ratio to the"
+          % len(results))
+    print("reference measured beside it, section by section; rates big/ref, times and pages ref/big)")
+    print(head)
+    worst = {}
+    for key in keys:
+        kind = results[0][2][key][0]
+        line = "%-44s %10.2f" % (key, refmean[key])
+        for size, fr, fb in results:
+            if kind == "fpi":   # 0 on empty tables: a ratio says nothing
+                line += " %10.2f        " % fb[key][1]
+                continue
+            worst[key] = ratio(kind, fb[key][1], fr[key][1])
+            line += " %10.2f (%4.2fx)" % (fb[key][1], worst[key])
+        print(line)
+    print()
+    print("largest history: %s" % size_mb)
+    last = results[-1][2]
+    low = [k for k, r in worst.items() if r < 0.8 and not k.startswith("  ")]
+    slow = [k for k in keys if len(last[k]) > 2 and last[k][2] and last[k][1] >= 10.0]
+    print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
+    print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
+    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and last[k][0] == "pages"]
+    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
 
 
 def main():
@@ -419,56 +553,44 @@ def main():
                     help="jit = off (with these statistics the views' plans are costed high "
                          "enough to be JIT-compiled, which takes longer than the lookups)")
     ap.add_argument("--deliveries", type=int, default=6000,
-                    help="fresh deliveries filed per size (the ingest figure is their rate)")
+                    help="fresh deliveries filed per size and pass (the ingest figure is their rate)")
     ap.add_argument("--steps", type=int, default=10, help="dispatcher steps per round (3 rounds)")
     ap.add_argument("--lookups", type=int, default=50, help="queries per view and round (3 rounds)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="passes of each section per cluster, alternating reference and big")
+    ap.add_argument("--apply-rounds", type=int, default=3,
+                    help="rounds of apply_results with 1,000 new results per cluster")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.big:
         sizes.append(5000000)
 
     b = Bench(args)
-    results = []
+    ref = None
+    results = []    # (size, reference figures, big figures)
     try:
         for size in sizes:
             secs = b.grow(size)
-            print("history %d contacts (preloaded in %.0f s); measuring..." % (size, secs), flush=True)
-            results.append((size, b.measure()))
+            ref = Bench(args, "bench-scale-ref")
+            ref.grow(0)     # the same CHECKPOINT before measuring
+            print("history %d contacts (preloaded in %.0f s); measuring beside a fresh empty cluster..."
+                  % (size, secs), flush=True)
+            b.begin_size()
+            fr, fb = measure_pair(ref, b, args)
+            results.append((size, fr, fb))
+            ref.destroy()
+            ref = None
         size_mb = b.c.scalar("SELECT pg_size_pretty(pg_total_relation_size('enrich.results')) || ' results, ' "
                              "|| pg_size_pretty(pg_total_relation_size('enrich.deliveries')) || ' deliveries'")
     finally:
+        if ref is not None:
+            ref.destroy()
         if os.environ.get("ENRICH_BENCH_KEEP"):
             print("cluster kept: %s (port %d)" % (b.c.base, b.c.port))
         else:
             b.destroy()
 
-    base = results[0][1]
-    head = "%-44s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
-                                                                  "off" if args.nojit else "on"))
-    for size, _ in results:
-        head += " %18s" % ("%s" % format(size, ","))
-    print()
-    print(head)
-    worst = {}
-    for key in base:
-        line = "%-44s" % key
-        for size, fig in results:
-            kind, value = fig[key][0], fig[key][1]
-            ratio = (value / base[key][1]) if kind == "rate" else (base[key][1] / value if value else 1.0)
-            line += " %10.2f (%4.2fx)" % (value, ratio) if size else " %10.2f        " % value
-            if size:
-                worst[key] = ratio
-        print(line)
-    print()
-    print("largest history: %s" % size_mb)
-    low = [k for k, r in worst.items() if r < 0.8 and not k.startswith("  ")]
-    slow = [k for k in base if len(results[-1][1][k]) > 2 and results[-1][1][k][2]
-            and results[-1][1][k][1] >= 10.0]
-    print("ratios below 0.8 at the largest size: %s" % (", ".join(low) or "none"))
-    print("point lookups at 10 ms or more at the largest size: %s" % (", ".join(slow) or "none"))
-    fewer = [k.strip() for k, r in worst.items() if r < 0.8 and base[k][0] == "pages"]
-    print("pages touched per call: ratios below 0.8 at the largest size: %s" % (", ".join(fewer) or "none"))
-
+    report(results, args, size_mb)
 
 if __name__ == "__main__":
     main()
