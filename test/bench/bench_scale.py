@@ -55,6 +55,7 @@ keeps the big cluster.
 
 Usage: python3 test/bench/bench_scale.py [--sizes 0,100000,1000000] [--big]
        [--fsync] [--nojit] [--deliveries 6000] [--passes 2] [--apply-rounds 3]
+       [--shared-buffers 512MB]
 """
 
 import argparse
@@ -165,7 +166,7 @@ class Bench:
                 "enrich.api_url": "'http://127.0.0.1:1/api/v2'",
                 "autovacuum": "off",
                 "plan_cache_mode": "force_generic_plan",
-                "shared_buffers": "'512MB'", "max_wal_size": "'16GB'",
+                "shared_buffers": "'%s'" % args.shared_buffers, "max_wal_size": "'16GB'",
                 "checkpoint_timeout": "'1h'", "max_connections": "40",
                 "fsync": "on" if args.fsync else "off",
                 "jit": "off" if args.nojit else "on",
@@ -517,6 +518,7 @@ def report(results, args, size_mb):
     for size, _, _ in results:
         head += " %18s" % format(size, ",")
     print()
+    print("shared_buffers = %s" % args.shared_buffers)
     print("empty: mean of the %d fresh reference clusters; each size: its figure (its ratio to the"
           % len(results))
     print("reference measured beside it, section by section; rates big/ref, times and pages ref/big)")
@@ -556,6 +558,9 @@ def main():
                     help="fresh deliveries filed per size and pass (the ingest figure is their rate)")
     ap.add_argument("--steps", type=int, default=10, help="dispatcher steps per round (3 rounds)")
     ap.add_argument("--lookups", type=int, default=50, help="queries per view and round (3 rounds)")
+    ap.add_argument("--shared-buffers", default="512MB",
+                    help="shared_buffers of both clusters (the history at a million is about 4 GB: "
+                         "with 6GB every page a lookup reads is in shared buffers)")
     ap.add_argument("--passes", type=int, default=2,
                     help="passes of each section per cluster, alternating reference and big")
     ap.add_argument("--apply-rounds", type=int, default=3,
