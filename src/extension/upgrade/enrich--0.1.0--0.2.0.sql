@@ -5615,7 +5615,8 @@ REVOKE ALL ON FUNCTION enrich._analyze_step(integer, double precision, bigint) F
 -- add the equality on the hash (input_key = ... stays, the recheck for
 -- collisions).
 DROP INDEX enrich.requests_input_key_idx;
-CREATE INDEX requests_input_hash_idx ON enrich.requests ((pg_catalog.hashtextextended(input_key, 0)));
+-- (The indexes on the hash are built once, partial, in the section "scale:
+-- the input_key hash indexes only where they are looked up" below.)
 
 CREATE OR REPLACE FUNCTION enrich._dispatch_reuse(p_ids bigint[], p_window interval)
 RETURNS bigint[]
@@ -5930,9 +5931,9 @@ $$;
 DROP FUNCTION enrich._credit_cost(text[]);
 
 -- == scale: the input_key hash indexes only where they are looked up ==
--- A submission wrote a random leaf of an index over every request ever
--- made; now only the small index of the backlog (and done requests' own).
-DROP INDEX enrich.requests_input_hash_idx;
+-- An index on the hash over every request made a submission write a random
+-- leaf of an index as big as the history; these two hold only the done
+-- requests (the reuse lookup) and the queued ones (retention's check).
 -- Identical inputs, by a 64-bit hash of input_key rather than the
 -- 64-character key itself (queries put the equality on the hash next to
 -- the one on input_key, the recheck for collisions), and only where they
