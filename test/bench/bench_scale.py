@@ -26,7 +26,8 @@ floor.  The sections, with pgbench against each server:
                   enrich.ingest_webhook (2 clients, --deliveries of them,
                   each filed once), deliveries/s
   duplicate       a delivery already filed, sent again: answer time
-  submit          enrich.submit() of 10,000 contacts, contacts/s
+  submit          enrich.submit() of 10,000 contacts, contacts/s; and again with a company domain
+                  (spread over the history's) and a LinkedIn URL each
   dispatcher      one step as the worker makes it: _dispatch_plan, claim
                   (_dispatch_next_batch with reuse on), the batch's rows,
                   a failed POST (_dispatch_retry), the resend claim, the
@@ -380,6 +381,20 @@ class Bench:
         fig["submit (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
         fig["  submit: pages per contact"] = ("pages", self.pages / n)
         fig["  submit: full-page images per contact"] = ("fpi", self.fpi / n)
+        self.retire_leftovers()
+        # As a CRM sends them: each with its company's domain (spread over
+        # the domains of the history) and a LinkedIn URL of its own, so
+        # every contact also lands at a random place of the domain and
+        # LinkedIn indexes.
+        lat = self.timed(
+            "SELECT count(enrich.submit(jsonb_build_object('first_name', 'S' || g, 'last_name', 'Crm', "
+            "'domain', bench.domain((g::bigint * 7919) %% 1000000), 'linkedin_url', bench.linkedin(g)))) "
+            "FROM generate_series(%d, %d) g;\n" % (self.next_p, self.next_p + n - 1),
+            1)
+        self.next_p += n
+        fig["submit, with domain and LinkedIn (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
+        fig["  submit, with domain and LinkedIn: pages"] = ("pages", self.pages / n)
+        fig["  submit, with domain and LinkedIn: FPIs"] = ("fpi", self.fpi / n)
         self.retire_leftovers()
         return fig
 
