@@ -133,7 +133,13 @@ enrich_relation_stats(PlannerInfo *root, RangeTblEntry *rte, AttrNumber attnum,
 	if (prev_get_relation_stats_hook &&
 		prev_get_relation_stats_hook(root, rte, attnum, vardata))
 		return true;
-	if (rte->rtekind != RTE_RELATION || rte->inh || attnum <= 0)
+	/*
+	 * Tables of other schemas are done with first: this runs for every
+	 * column the planner estimates, and PostgreSQL looks the statistics row
+	 * up itself when the hook declines.
+	 */
+	if (rte->rtekind != RTE_RELATION || rte->inh || attnum <= 0 ||
+		!is_identity_column(rte->relid, attnum))
 		return false;
 
 	/* ANALYZE's statistics, when there are any, are PostgreSQL's to use. */
@@ -144,8 +150,6 @@ enrich_relation_stats(PlannerInfo *root, RangeTblEntry *rte, AttrNumber attnum,
 		ReleaseSysCache(stats);
 		return false;
 	}
-	if (!is_identity_column(rte->relid, attnum))
-		return false;
 
 	vardata->statsTuple = identity_stats_tuple(rte->relid, attnum);
 	vardata->freefunc = heap_freetuple;
