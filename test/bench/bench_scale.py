@@ -370,32 +370,30 @@ class Bench:
         self.retire_leftovers()
         return fig
 
+    def submit_rate(self, fig, label, contact_sql, n=10000):
+        """Figures of enrich.submit() of n new contacts built by contact_sql
+        (a jsonb expression of g): contacts/s, pages and full-page images
+        per contact, under `label`."""
+        lat = self.timed("SELECT count(enrich.submit(%s)) FROM generate_series(%d, %d) g;\n"
+                         % (contact_sql, self.next_p, self.next_p + n - 1), 1)
+        self.next_p += n
+        fig["%s (contacts/s)" % label] = ("rate", n / (lat[0] / 1000.0))
+        fig["  %s: pages per contact" % label] = ("pages", self.pages / n)
+        fig["  %s: full-page images per contact" % label] = ("fpi", self.fpi / n)
+        self.retire_leftovers()
+
     def s_submit(self):
         fig = {}
-        n = 10000
-        lat = self.timed(
-            "SELECT count(enrich.submit(jsonb_build_object('first_name', 'S' || g, 'last_name', 'Sub', "
-            "'domain', 'submit.example.com'))) FROM generate_series(%d, %d) g;\n" % (self.next_p, self.next_p + n - 1),
-            1)
-        self.next_p += n
-        fig["submit (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
-        fig["  submit: pages per contact"] = ("pages", self.pages / n)
-        fig["  submit: full-page images per contact"] = ("fpi", self.fpi / n)
-        self.retire_leftovers()
+        self.submit_rate(fig, "submit", "jsonb_build_object('first_name', 'S' || g, 'last_name', 'Sub', "
+                                        "'domain', 'submit.example.com')")
         # As a CRM sends them: each with its company's domain (spread over
         # the domains of the history) and a LinkedIn URL of its own, so
         # every contact also lands at a random place of the domain and
         # LinkedIn indexes.
-        lat = self.timed(
-            "SELECT count(enrich.submit(jsonb_build_object('first_name', 'S' || g, 'last_name', 'Crm', "
-            "'domain', bench.domain((g::bigint * 7919) %% 1000000), 'linkedin_url', bench.linkedin(g)))) "
-            "FROM generate_series(%d, %d) g;\n" % (self.next_p, self.next_p + n - 1),
-            1)
-        self.next_p += n
-        fig["submit, with domain and LinkedIn (contacts/s)"] = ("rate", n / (lat[0] / 1000.0))
-        fig["  submit, with domain and LinkedIn: pages"] = ("pages", self.pages / n)
-        fig["  submit, with domain and LinkedIn: FPIs"] = ("fpi", self.fpi / n)
-        self.retire_leftovers()
+        self.submit_rate(fig, "CRM submit",
+                         "jsonb_build_object('first_name', 'S' || g, 'last_name', 'Crm', "
+                         "'domain', bench.domain((g::bigint * 7919) % 1000000), "
+                         "'linkedin_url', bench.linkedin(g))")
         return fig
 
     def s_step(self):
