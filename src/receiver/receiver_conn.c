@@ -13,8 +13,12 @@
  *				--max-connections-per-ip from one client address, it is
  *				closed at once (counted in /metrics), never left waiting.
  *				The counts come from the list of open connections kept
- *				by receiver_conn_notify(); threads accepting at the same
- *				moment can overshoot a cap by a connection or two.
+ *				by receiver_conn_notify(), plus the connections other
+ *				threads have let in but not yet listed: each pool thread
+ *				accepts and then reports the connection started, so a
+ *				thread holds one admitted-but-unlisted slot in between,
+ *				and two threads accepting at once cannot both take the
+ *				last place.
  *	deadline	every open connection has a clock, started when it opens
  *				and restarted when a request on it ends.  While it is not
  *				waiting for the database, the request on it must be in
@@ -58,6 +62,35 @@ static ConnInfo *conn_head;
 static unsigned conn_count;
 static atomic_size_t body_memory;
 
+/*
+ * A connection a pool thread has let in (receiver_conn_accept) and not yet
+ * listed (receiver_conn_notify, on the same thread).  A slot older than a
+ * second belongs to a connection libmicrohttpd dropped before starting it,
+ * and no longer counts.  Guarded by conn_lock.
+ */
+#define ADMIT_SLOTS			16
+#define ADMIT_STALE_SECS	1.0
+
+typedef struct Admitted
+{
+	bool		held;
+	double		since;
+	unsigned char addr[16];
+} Admitted;
+
+static Admitted admitted[ADMIT_SLOTS];
+static atomic_int admit_slots_used;
+static __thread int admit_slot = -1;
+
+/* This thread's slot, or NULL past ADMIT_SLOTS threads (then uncounted). */
+static Admitted *
+my_admit_slot(void)
+{
+	if (admit_slot < 0)
+		admit_slot = atomic_fetch_add(&admit_slots_used, 1);
+	return admit_slot < ADMIT_SLOTS ? &admitted[admit_slot] : NULL;
+}
+
 /* The address part of a socket address, as 16 bytes (zero-padded). */
 static void
 addr_key(const struct sockaddr *sa, unsigned char key[16])
@@ -78,15 +111,37 @@ receiver_conn_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
 	unsigned char key[16];
 	unsigned	same = 0;
 	unsigned	total;
+	Admitted   *mine = my_admit_slot();
+	double		now = receiver_now();
+	bool		admit;
 
 	addr_key(addr, key);
 	pthread_mutex_lock(&conn_lock);
 	total = conn_count;
+	for (int i = 0; i < ADMIT_SLOTS; i++)
+	{
+		Admitted   *a = &admitted[i];
+
+		if (a == mine || !a->held || now - a->since > ADMIT_STALE_SECS)
+			continue;
+		total++;
+		if (memcmp(a->addr, key, 16) == 0)
+			same++;
+	}
 	if (receiver_config.max_connections_per_ip > 0 &&
 		total < receiver_config.max_connections)
 		for (ConnInfo *c = conn_head; c != NULL; c = c->next)
 			if (memcmp(c->addr, key, 16) == 0)
 				same++;
+	admit = total < receiver_config.max_connections &&
+		(receiver_config.max_connections_per_ip == 0 ||
+		 same < receiver_config.max_connections_per_ip);
+	if (mine != NULL)
+	{
+		mine->held = admit;
+		mine->since = now;
+		memcpy(mine->addr, key, 16);
+	}
 	pthread_mutex_unlock(&conn_lock);
 
 	if (total >= receiver_config.max_connections)
@@ -113,6 +168,7 @@ receiver_conn_notify(void *cls, struct MHD_Connection *conn, void **socket_conte
 	if (toe == MHD_CONNECTION_NOTIFY_STARTED)
 	{
 		const union MHD_ConnectionInfo *ci;
+		Admitted   *mine;
 
 		c = calloc(1, sizeof(ConnInfo));
 		if (c == NULL)
@@ -125,7 +181,10 @@ receiver_conn_notify(void *cls, struct MHD_Connection *conn, void **socket_conte
 		ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
 		addr_key(ci ? ci->client_addr : NULL, c->addr);
 		c->clock = receiver_now();
+		mine = my_admit_slot();
 		pthread_mutex_lock(&conn_lock);
+		if (mine != NULL)
+			mine->held = false;
 		c->next = conn_head;
 		if (conn_head != NULL)
 			conn_head->prev = c;
