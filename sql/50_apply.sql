@@ -5,13 +5,15 @@ INSERT INTO crm.people VALUES (101, 'Ada', 'King', 'Engines', NULL, NULL, NULL),
                               (102, 'Charles', 'Babbage', 'Engines', 'cb@old.example', NULL, NULL),
                               (103, 'Mary', 'Somerville', 'Physical Sciences', NULL, NULL, NULL);
 SELECT enrich.submit(p, '{work_email,phone}') > 0 AS submitted FROM crm.people p ORDER BY id;
--- results as ingest would file them (two found, one not yet back)
+-- results as ingest would file them (two found, one not yet back),
+-- their requests done
 INSERT INTO enrich.results (request_id, outcome, work_email, phone, profile)
 SELECT r.id, 'found', lower(r.first_name) || '@engines.example',
        CASE WHEN r.source_id = '101' THEN '+44 20 7946 0000' END,
        '{"employment": {"current": {"title": "Mathematician"}}}'
 FROM enrich.requests r
 WHERE r.source_table = 'crm.people'::regclass AND r.source_id IN ('101', '102');
+UPDATE enrich.requests SET state = 'done' WHERE state <> 'done' AND id IN (SELECT request_id FROM enrich.results);
 SELECT enrich.apply_results('crm.people', '{"email": "work_email", "mobile": "phone", "title": "job_title"}');
 SELECT * FROM crm.people ORDER BY id;
 -- idempotent: nothing left to change
@@ -29,6 +31,7 @@ FROM enrich.requests r
 WHERE r.source_table = 'crm.people'::regclass AND r.source_id IN ('101', '102')
   AND r.id = (SELECT max(id) FROM enrich.requests q
               WHERE q.source_table = r.source_table AND q.source_id = r.source_id);
+UPDATE enrich.requests SET state = 'done' WHERE state <> 'done' AND id IN (SELECT request_id FROM enrich.results);
 SELECT enrich.apply_results('crm.people', '{"email": "work_email", "mobile": "phone", "title": "job_title"}');
 -- 101 takes the newer answer but keeps its phone (the new result has none);
 -- 102 keeps everything (a not-found result erases nothing)
@@ -50,6 +53,7 @@ SELECT id, email, mobile, title FROM crm.people WHERE id = 101;
 INSERT INTO enrich.results (request_id, outcome, work_email)
 SELECT id, 'found', 'mary@sciences.example' FROM enrich.requests
 WHERE source_table = 'crm.people'::regclass AND source_id = '103';
+UPDATE enrich.requests SET state = 'done' WHERE state <> 'done' AND id IN (SELECT request_id FROM enrich.results);
 SELECT enrich.apply_results('crm.people', '{"email": "work_email", "mobile": "phone", "title": "job_title"}');
 SELECT enrich.apply_results('crm.people', '{"email": "work_email", "mobile": "phone", "title": "job_title"}');
 -- each mapping keeps its own place: another mapping starts from scratch
@@ -111,6 +115,7 @@ SELECT submitted_by, source_table, source_id FROM enrich.requests
 WHERE submitted_by IN ('eve', 'mallory') ORDER BY id;
 INSERT INTO enrich.results (request_id, outcome, work_email)
 SELECT id, 'found', 'eve@evil.example' FROM enrich.requests WHERE submitted_by IN ('eve', 'mallory');
+UPDATE enrich.requests SET state = 'done' WHERE state <> 'done' AND id IN (SELECT request_id FROM enrich.results);
 SELECT enrich.apply_results('crm.people', '{"email": "work_email", "mobile": "phone", "title": "job_title"}');
 SELECT enrich.apply_results('crm.secret', '{"email": "work_email"}');
 SELECT id, email FROM crm.people WHERE id = 101

@@ -120,8 +120,25 @@ def new_cluster(cleanup):
 @pytest.fixture(scope="module")
 def cluster(request, new_cluster):
     """The module's cluster: enrich preloaded, CLUSTER_CONF applied,
-    CLUSTER_SETUP run."""
-    return module_cluster(request, new_cluster)
+    CLUSTER_SETUP run.  When the module ends, what every module left there
+    must keep enrich's invariants (check_invariants)."""
+    c = module_cluster(request, new_cluster)
+    yield c
+    check_invariants(c)
+
+
+def check_invariants(c):
+    """Fail the module (a teardown error) when its database breaks a rule
+    the schema relies on: every request with a result is done (the
+    enriched_contacts view and its done-only indexes show nothing else).
+    Skipped when the cluster is down or enrich is not installed."""
+    r = c.psql("SELECT to_regclass('enrich.results') IS NOT NULL", check=False)
+    if r.returncode != 0 or r.stdout.strip() != "t":
+        return
+    bad = c.psql("SELECT coalesce(string_agg(r.id || ' ' || r.state, ', '), '') "
+                 "FROM enrich.results t JOIN enrich.requests r ON r.id = t.request_id "
+                 "WHERE r.state <> 'done'")
+    assert bad == "", "requests with a result that are not done: %s" % bad[:500]
 
 
 def module_cluster(request, new_cluster, base_conf=None):

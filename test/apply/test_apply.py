@@ -22,9 +22,10 @@ CREATE TABLE crm.people (id int PRIMARY KEY, first_name text, last_name text,
 INSERT INTO crm.people SELECT g, 'First' || g, 'Last' || g, 'example.com', NULL
 FROM generate_series(1, 5) g;
 SELECT count(enrich.submit(p)) FROM crm.people p;
--- answers as ingest files them
+-- answers as ingest files them (a request with a result is done)
 INSERT INTO enrich.results (request_id, outcome, work_email)
 SELECT id, 'found', 'person' || source_id || '@example.com' FROM enrich.requests;
+UPDATE enrich.requests SET state = 'done';
 """
 
 MAP = "'crm.people', '{\"email\": \"work_email\"}'"
@@ -101,6 +102,7 @@ GRANT SELECT ON crm.people TO eve;
     c.psql("""
 INSERT INTO enrich.results (request_id, outcome, work_email)
 SELECT id, 'found', 'eve@evil.example' FROM enrich.requests WHERE submitted_by = 'eve';
+UPDATE enrich.requests SET state = 'done' WHERE submitted_by = 'eve';
 REVOKE ALL ON crm.people FROM eve;
 REVOKE ALL ON SCHEMA crm FROM eve;
 DROP ROLE eve;

@@ -275,7 +275,10 @@ COMMENT ON VIEW enrich.failures IS 'Failed requests by error code, with the late
 -- email (the address of a reverse lookup, requests_email_idx),
 -- source_table + source_id (requests_source_idx), request_id.  job_title
 -- and company fall back to employment.all[0] when employment.current is
--- sparse (the reference's data quirks).
+-- sparse (the reference's data quirks).  A request with a result is done
+-- (ingest and the reuse lookup set it in the statement that files the
+-- result, and no other state follows done); the condition on state says
+-- so to the planner, which then reaches the done-only indexes.
 CREATE VIEW enrich.enriched_contacts AS
 SELECT r.id AS request_id,
        r.source_table,
@@ -306,6 +309,7 @@ SELECT r.id AS request_id,
        r.kind,
        r.email
 FROM enrich.results res
-JOIN enrich.requests r ON r.id = res.request_id;
+JOIN enrich.requests r ON r.id = res.request_id
+WHERE r.state = 'done';
 
 COMMENT ON VIEW enrich.enriched_contacts IS 'Each enriched contact: the input, the extracted answers and the profile.';

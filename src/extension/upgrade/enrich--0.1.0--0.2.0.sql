@@ -1949,9 +1949,11 @@ CREATE INDEX batches_sending_idx ON enrich.batches ((coalesce(next_attempt_at, c
     WHERE state = 'sending';
 CREATE INDEX batches_sent_at_idx ON enrich.batches (sent_at) WHERE sent_at IS NOT NULL;
 CREATE INDEX batches_polled_idx ON enrich.batches (last_polled_at) WHERE last_polled_at IS NOT NULL;
-CREATE INDEX requests_domain_idx ON enrich.requests (domain) WHERE domain IS NOT NULL;
+-- Done requests only (enriched_contacts shows nothing else; see 00_schema.sql).
+CREATE INDEX requests_domain_idx ON enrich.requests (domain)
+    WHERE state = 'done' AND domain IS NOT NULL;
 CREATE INDEX requests_linkedin_idx ON enrich.requests (linkedin_url)
-    WHERE linkedin_url IS NOT NULL;
+    WHERE state = 'done' AND linkedin_url IS NOT NULL;
 CREATE INDEX requests_failed_idx ON enrich.requests (error_code, updated_at)
     WHERE state = 'failed';
 CREATE INDEX results_work_email_idx ON enrich.results (work_email)
@@ -4776,7 +4778,8 @@ SELECT r.id AS request_id,
        r.kind,
        r.email
 FROM enrich.results res
-JOIN enrich.requests r ON r.id = res.request_id;
+JOIN enrich.requests r ON r.id = res.request_id
+WHERE r.state = 'done';
 
 GRANT SELECT (kind) ON enrich.batches TO enrich_reader;
 
