@@ -32,6 +32,14 @@ CLUSTER_SETUP = receiverlib.CLUSTER_SETUP
 HEAD = b"POST /webhooks/%s/contact HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: "
 
 
+def server_closed(s):
+    """Read what waits on a readable socket: did the server close it?"""
+    try:
+        return not s.recv(4096)
+    except OSError:
+        return True
+
+
 class Tricklers:
     """n connections from the given source addresses, each sending one more
     header byte every `every` seconds; tracks when each one was closed."""
@@ -59,13 +67,8 @@ class Tricklers:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             for key, _ in self.sel.select(timeout=0.05):
-                s = key.fileobj
-                try:
-                    data = s.recv(4096)
-                except OSError:
-                    data = b""
-                if not data:
-                    self._close(s)
+                if server_closed(key.fileobj):
+                    self._close(key.fileobj)
             if time.monotonic() >= self.next_byte:
                 self.next_byte = time.monotonic() + self.every
                 for s in list(self.opened):
@@ -206,11 +209,7 @@ def burst_held(d, port, sources, n):
     while time.monotonic() - quiet_since < 0.1 and time.monotonic() - start < 2.0:
         ready, _, _ = select.select(list(open_), [], [], 0.02)
         for s in ready:
-            try:
-                data = s.recv(16)
-            except OSError:
-                data = b""
-            if not data:
+            if server_closed(s):
                 open_.discard(s)
                 quiet_since = time.monotonic()
     for s in socks:
