@@ -520,6 +520,19 @@ def ratio(kind, value, ref):
     return ref / value if value else 1.0
 
 
+def huge_pages_in_use():
+    """(huge pages mapped or reserved, vm.nr_hugepages) from /proc/meminfo:
+    with both clusters up, whether their shared memory got huge pages
+    (huge_pages = try, the default, falls back to 4 kB pages)."""
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            info[k] = int(v.split()[0])
+    total = info.get("HugePages_Total", 0)
+    return total - info.get("HugePages_Free", 0) + info.get("HugePages_Rsvd", 0), total
+
+
 def report(results, args, size_mb):
     """Print the table and the summary lines of [(size, reference figures,
     big figures)]."""
@@ -531,8 +544,11 @@ def report(results, args, size_mb):
     for size, _, _ in results:
         head += " %18s" % format(size, ",")
     print()
-    print("shared_buffers = %s%s" % (args.shared_buffers,
-                                     ", VACUUM before each size" if args.vacuum else ""))
+    used, total = getattr(args, "huge_pages", (0, 0))
+    print("shared_buffers = %s%s; huge pages: %d in use of %d (vm.nr_hugepages) with the "
+          "last size's two clusters up" % (args.shared_buffers,
+                                           ", VACUUM before each size" if args.vacuum else "",
+                                           used, total))
     print("empty: mean of the %d fresh reference clusters; each size: its figure (its ratio to the"
           % len(results))
     print("reference measured beside it, section by section; rates big/ref, times and pages ref/big)")
@@ -606,6 +622,7 @@ def main():
                   % (size, secs), flush=True)
             b.begin_size()
             fr, fb = measure_pair(ref, b, args)
+            args.huge_pages = huge_pages_in_use()
             results.append((size, fr, fb))
             ref.destroy()
             ref = None
