@@ -113,7 +113,8 @@ receiver_conn_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
 	unsigned	total;
 	Admitted   *mine = my_admit_slot();
 	double		now = receiver_now();
-	bool		admit;
+	bool		admit = false;
+	RejectReason reason = REJECT_CONNECTION_LIMIT;
 
 	addr_key(addr, key);
 	pthread_mutex_lock(&conn_lock);
@@ -133,9 +134,13 @@ receiver_conn_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
 		for (ConnInfo *c = conn_head; c != NULL; c = c->next)
 			if (memcmp(c->addr, key, 16) == 0)
 				same++;
-	admit = total < receiver_config.max_connections &&
-		(receiver_config.max_connections_per_ip == 0 ||
-		 same < receiver_config.max_connections_per_ip);
+	if (total >= receiver_config.max_connections)
+		reason = REJECT_CONNECTION_LIMIT;
+	else if (receiver_config.max_connections_per_ip > 0 &&
+			 same >= receiver_config.max_connections_per_ip)
+		reason = REJECT_PER_IP_LIMIT;
+	else
+		admit = true;
 	if (mine != NULL)
 	{
 		mine->held = admit;
@@ -144,18 +149,10 @@ receiver_conn_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
 	}
 	pthread_mutex_unlock(&conn_lock);
 
-	if (total >= receiver_config.max_connections)
-	{
-		metrics_rejected(REJECT_CONNECTION_LIMIT);
-		return MHD_NO;
-	}
-	if (receiver_config.max_connections_per_ip > 0 &&
-		same >= receiver_config.max_connections_per_ip)
-	{
-		metrics_rejected(REJECT_PER_IP_LIMIT);
-		return MHD_NO;
-	}
-	return MHD_YES;
+	if (admit)
+		return MHD_YES;
+	metrics_rejected(reason);
+	return MHD_NO;
 }
 
 /* libmicrohttpd's connection notification: keep the list, count for /metrics. */
