@@ -533,9 +533,9 @@ def huge_pages_in_use():
     return total - info.get("HugePages_Free", 0) + info.get("HugePages_Rsvd", 0), total
 
 
-def report(results, args, size_mb):
+def report(results, args, size_mb, huge_pages):
     """Print the table and the summary lines of [(size, reference figures,
-    big figures)]."""
+    big figures)]; huge_pages as huge_pages_in_use() gave it."""
     keys = list(results[0][2])
     refmean = {k: sum(fr[k][1] for _, fr, _ in results) / len(results) for k in keys}
     head = "%-44s %10s" % ("figure (fsync %s, jit %s, autovacuum off)" % ("on" if args.fsync else "off",
@@ -544,7 +544,7 @@ def report(results, args, size_mb):
     for size, _, _ in results:
         head += " %18s" % format(size, ",")
     print()
-    used, total = getattr(args, "huge_pages", (0, 0))
+    used, total = huge_pages
     print("shared_buffers = %s%s; huge pages: %d in use of %d (vm.nr_hugepages) with the "
           "last size's two clusters up" % (args.shared_buffers,
                                            ", VACUUM before each size" if args.vacuum else "",
@@ -622,7 +622,7 @@ def main():
                   % (size, secs), flush=True)
             b.begin_size()
             fr, fb = measure_pair(ref, b, args)
-            args.huge_pages = huge_pages_in_use()
+            huge_pages = huge_pages_in_use()
             results.append((size, fr, fb))
             ref.destroy()
             ref = None
@@ -636,7 +636,7 @@ def main():
         else:
             b.destroy()
 
-    report(results, args, size_mb)
+    report(results, args, size_mb, huge_pages)
 
 if __name__ == "__main__":
     main()
